@@ -1,0 +1,17 @@
+# Build: docker build -t herald .
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin herald
+
+FROM debian:bookworm-slim
+RUN useradd --system --home /var/lib/herald herald \
+    && mkdir -p /var/lib/herald/data /etc/herald \
+    && chown -R herald /var/lib/herald
+COPY --from=build /src/target/release/herald /usr/local/bin/herald
+COPY config/herald.toml /etc/herald/herald.toml
+USER herald
+WORKDIR /var/lib/herald
+EXPOSE 1883
+ENTRYPOINT ["herald"]
+CMD ["serve", "--config", "/etc/herald/herald.toml"]

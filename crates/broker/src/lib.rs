@@ -1,0 +1,102 @@
+//! Wiring: config in, a running broker out. Opens the store, starts the router and the
+//! listeners, and shuts them down in order. The `herald` binary is a thin CLI over this.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use herald_auth::Authenticator;
+use herald_config::Config;
+use herald_router::{Event, Router, RouterHandle};
+use herald_server::Context;
+use herald_store::RedbStore;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use herald_config as config;
+
+/// A running broker.
+pub struct Broker {
+    /// The address the TCP listener is bound to (useful with port 0).
+    pub tcp_addr: Option<SocketAddr>,
+    router: RouterHandle,
+    router_task: JoinHandle<()>,
+    stop_listeners: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Opens storage, starts the router and binds the listeners.
+    pub async fn start(config: Config) -> anyhow::Result<Broker> {
+        Broker::start_with_events(config, None).await
+    }
+
+    /// Like [`Broker::start`], with presence events copied to `events`.
+    pub async fn start_with_events(
+        config: Config,
+        events: Option<mpsc::Sender<Event>>,
+    ) -> anyhow::Result<Broker> {
+        for key in &config.demo_keys {
+            warn!(access_key = %key, "!!! access key {key:?} uses the shipped demo secret: anyone who has read the README can connect. Change it before exposing this broker. !!!");
+        }
+        let data_dir = config.storage.data_dir.clone();
+        let sync = config.storage.sync;
+        let store = tokio::task::spawn_blocking(move || RedbStore::open(&data_dir, sync))
+            .await
+            .context("storage thread failed")?
+            .with_context(|| {
+                format!(
+                    "cannot open storage in {}",
+                    config.storage.data_dir.display()
+                )
+            })?;
+        let (router, router_task) = Router::start(config.router.clone(), Box::new(store), events)?;
+        let context = Context::new(
+            config.server.clone(),
+            Authenticator::new(config.auth.clone()),
+            router.clone(),
+        );
+        let (stop_listeners, stopped) = watch::channel(false);
+        let mut listeners = Vec::new();
+        let mut tcp_addr = None;
+        if let Some(tcp) = &config.tcp {
+            let listener = TcpListener::bind(tcp.bind)
+                .await
+                .with_context(|| format!("cannot listen on {} (listeners.tcp.bind)", tcp.bind))?;
+            tcp_addr = Some(listener.local_addr()?);
+            listeners.push(tokio::spawn(herald_server::serve_tcp(
+                listener,
+                context.clone(),
+                stopped.clone(),
+            )));
+        }
+        if listeners.is_empty() {
+            warn!("no listener is configured: no client can connect");
+        }
+        info!(node = %config.node_id, tcp = ?tcp_addr, "herald started");
+        Ok(Broker {
+            tcp_addr,
+            router,
+            router_task,
+            stop_listeners,
+            listeners,
+        })
+    }
+
+    pub fn router(&self) -> &RouterHandle {
+        &self.router
+    }
+
+    /// Stops accepting, closes every channel, makes storage durable, and waits for the end.
+    pub async fn shutdown(self) {
+        let _ = self.stop_listeners.send(true);
+        for listener in self.listeners {
+            let _ = listener.await;
+        }
+        self.router.shutdown().await;
+        drop(self.router);
+        let _ = self.router_task.await;
+        info!("herald stopped");
+    }
+}

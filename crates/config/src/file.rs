@@ -1,0 +1,174 @@
+//! The config file as written: serde structs mirroring the TOML, with defaults. Unknown keys
+//! are errors.
+
+use serde::Deserialize;
+
+use crate::{ConfigError, ConfigErrors};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub node: Node,
+    pub listeners: Option<Listeners>,
+    #[serde(default)]
+    pub instance: Instance,
+    #[serde(default)]
+    pub access_keys: Vec<AccessKey>,
+    #[serde(default)]
+    pub groups: Vec<Group>,
+    #[serde(default)]
+    pub topics: Vec<ParentTopic>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub storage: Storage,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Node {
+    pub id: String,
+    pub data_dir: String,
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Node {
+            id: "herald-1".into(),
+            data_dir: "data".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListener {
+    #[serde(default = "default_tcp_bind")]
+    pub bind: String,
+}
+
+fn default_tcp_bind() -> String {
+    "0.0.0.0:1883".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Instance {
+    pub id: String,
+    pub allow_anonymous: bool,
+    /// "alibaba" or "any".
+    pub client_id_format: String,
+    pub legacy_signature: bool,
+}
+
+impl Default for Instance {
+    fn default() -> Self {
+        Instance {
+            id: "herald".into(),
+            allow_anonymous: false,
+            client_id_format: "alibaba".into(),
+            legacy_signature: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessKey {
+    pub id: String,
+    pub secret: Option<String>,
+    pub secret_env: Option<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentTopic {
+    pub parent: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_client_id_len: u64,
+    pub max_topic_len: u64,
+    pub max_subscriptions: u64,
+    pub max_packet_size: u64,
+    pub max_inflight: u64,
+    pub max_queued_messages: u64,
+    pub max_queue_age_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub max_connections: u64,
+    /// "disconnect" or "ignore".
+    pub on_denied_publish: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_client_id_len: 64,
+            max_topic_len: 128,
+            max_subscriptions: 30,
+            max_packet_size: 64 * 1024,
+            max_inflight: 64,
+            max_queued_messages: 10_000,
+            max_queue_age_secs: 3 * 24 * 3600,
+            connect_timeout_secs: 10,
+            max_connections: 100_000,
+            on_denied_publish: "disconnect".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// "always" or "interval".
+    pub sync: String,
+    pub interval_ms: u64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            sync: "always".into(),
+            interval_ms: 100,
+        }
+    }
+}
+
+/// Parses TOML into the file structs; a syntax or type error comes back with its key path.
+pub fn parse(text: &str) -> Result<ConfigFile, ConfigErrors> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("TOML syntax: {}", e.message()),
+        }])
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().message().to_string();
+        ConfigErrors(vec![ConfigError {
+            path: if path == "." { String::new() } else { path },
+            message,
+        }])
+    })
+}

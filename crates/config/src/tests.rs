@@ -1,0 +1,118 @@
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match Config::parse(text, &no_env) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn the_shipped_config_parses_to_the_demo() {
+    let text = include_str!("../../../config/herald.toml");
+    let config = Config::parse(text, &no_env).expect("shipped config is valid");
+    assert_eq!(config.auth.instance_id, "herald-demo");
+    assert_eq!(config.auth.groups, vec!["GID_demo".to_string()]);
+    assert_eq!(config.auth.parent_topics, vec!["demo".to_string()]);
+    assert!(!config.auth.allow_anonymous);
+    assert_eq!(
+        config.auth.client_id_format,
+        herald_auth::ClientIdFormat::Alibaba
+    );
+    let key = &config.auth.access_keys[0];
+    assert_eq!(key.id, "demo");
+    assert_eq!(key.secret.expose(), "demo-secret");
+    assert_eq!(key.publish, vec!["demo/#".to_string()]);
+    assert_eq!(key.subscribe, vec!["demo/#".to_string()]);
+    assert_eq!(
+        config.tcp.as_ref().map(|t| t.bind.to_string()),
+        Some("0.0.0.0:1883".into())
+    );
+    assert_eq!(config.storage.data_dir, std::path::PathBuf::from("data"));
+    assert_eq!(config.storage.sync, herald_store::SyncMode::Always);
+    assert_eq!(config.demo_keys, vec!["demo".to_string()]);
+    assert_eq!(config.server.max_packet_size, 65536);
+    assert_eq!(config.router.max_inflight, 64);
+}
+
+#[test]
+fn builtin_defaults_are_valid_and_local() {
+    let config = Config::builtin();
+    assert!(config.auth.allow_anonymous);
+    assert_eq!(
+        config.tcp.map(|t| t.bind.to_string()),
+        Some("127.0.0.1:1883".into())
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_with_their_path() {
+    let errs = errors("[limits]\nmax_topics_len = 3\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("limits"), "{errs:?}");
+    assert!(errs[0].contains("max_topics_len"), "{errs:?}");
+    let errs = errors("[[access_keys]]\nid = \"a\"\nsecret = \"s\"\nadmn = true\n");
+    assert!(errs[0].starts_with("access_keys[0]"), "{errs:?}");
+}
+
+#[test]
+fn every_validation_error_is_reported_at_once() {
+    let text = r#"
+        [instance]
+        client_id_format = "weird"
+        [[access_keys]]
+        id = "a"
+        publish = ["a/#/b"]
+        [[groups]]
+        id = "GID"
+        [[topics]]
+        parent = "a/b"
+        [limits]
+        max_inflight = 0
+        on_denied_publish = "explode"
+        [storage]
+        sync = "sometimes"
+        [listeners.tcp]
+        bind = "nowhere"
+    "#;
+    let errs = errors(text);
+    for path in [
+        "instance.client_id_format",
+        "access_keys[0].secret",
+        "access_keys[0].publish[0]",
+        "groups[0].id",
+        "topics[0].parent",
+        "limits.max_inflight",
+        "limits.on_denied_publish",
+        "storage.sync",
+        "listeners.tcp.bind",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(path)),
+            "missing {path} in {errs:#?}"
+        );
+    }
+}
+
+#[test]
+fn secrets_come_from_the_environment() {
+    let text = "[[access_keys]]\nid = \"a\"\nsecret_env = \"HERALD_TEST_SECRET\"\n";
+    let env = |name: &str| (name == "HERALD_TEST_SECRET").then(|| "s3cret".to_string());
+    let config = Config::parse(text, &env).expect("valid");
+    assert_eq!(config.auth.access_keys[0].secret.expose(), "s3cret");
+    let errs = errors(text);
+    assert!(errs[0].starts_with("access_keys[0].secret_env"), "{errs:?}");
+    assert!(format!("{:?}", config.auth.access_keys[0]).contains("REDACTED"));
+}
+
+#[test]
+fn syntax_errors_are_reported() {
+    let errs = errors("[limits\n");
+    assert!(errs[0].contains("TOML"), "{errs:?}");
+    let errs = errors("[limits]\nmax_inflight = \"many\"\n");
+    assert!(errs[0].starts_with("limits.max_inflight"), "{errs:?}");
+}

@@ -1,0 +1,327 @@
+//! From the file as written to validated settings: every error collected, each with its path.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use herald_auth::{AccessKey, AuthSettings, ClientIdFormat, Secret};
+use herald_protocol::client_id::is_valid_group_id;
+use herald_protocol::topic::validate_filter;
+use herald_router::RouterSettings;
+use herald_server::{DeniedPublish, ServerSettings};
+use herald_store::SyncMode;
+
+use crate::file::{self, ConfigFile};
+use crate::{Config, ConfigError, ConfigErrors, StorageSettings, TcpListenerSettings};
+
+/// The secret shipped in `config/herald.toml`, which must never guard a real deployment.
+pub const DEMO_SECRET: &str = "demo-secret";
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Checks `value` lies in `min..=max`; returns it as usize.
+    fn range(&mut self, path: &str, value: u64, min: u64, max: u64) -> usize {
+        if value < min || value > max {
+            self.add(
+                path,
+                format!("must be between {min} and {max}, got {value}"),
+            );
+        }
+        value.clamp(min, max) as usize
+    }
+}
+
+fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+pub fn validate(
+    file: ConfigFile,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut errors = Errors::default();
+    if !is_id(&file.node.id) {
+        errors.add("node.id", "must be 1+ chars of [A-Za-z0-9_.-]");
+    }
+    if file.node.data_dir.is_empty() {
+        errors.add("node.data_dir", "must not be empty");
+    }
+    let tcp = listeners(&file, &mut errors);
+    let limits = &file.limits;
+    let max_topic_len = errors.range("limits.max_topic_len", limits.max_topic_len, 1, 65_535);
+    let auth = auth(&file, max_topic_len, env, &mut errors);
+    let max_inflight = errors.range("limits.max_inflight", limits.max_inflight, 1, 65_535);
+    let router = RouterSettings {
+        max_subscriptions: errors.range(
+            "limits.max_subscriptions",
+            limits.max_subscriptions,
+            1,
+            100_000,
+        ),
+        max_inflight,
+        max_queued_messages: errors.range(
+            "limits.max_queued_messages",
+            limits.max_queued_messages,
+            1,
+            10_000_000,
+        ),
+        max_queue_age: Duration::from_secs(limits.max_queue_age_secs.max(1)),
+        max_incoming_qos2: max_inflight,
+        flush_interval: None,
+    };
+    if limits.max_queue_age_secs == 0 {
+        errors.add("limits.max_queue_age_secs", "must be at least 1");
+    }
+    let on_denied_publish = match limits.on_denied_publish.as_str() {
+        "disconnect" => DeniedPublish::Disconnect,
+        "ignore" => DeniedPublish::Ignore,
+        other => {
+            errors.add(
+                "limits.on_denied_publish",
+                format!("must be \"disconnect\" or \"ignore\", got {other:?}"),
+            );
+            DeniedPublish::Disconnect
+        }
+    };
+    let server = ServerSettings {
+        connect_timeout: Duration::from_secs(limits.connect_timeout_secs),
+        max_connections: errors.range(
+            "limits.max_connections",
+            limits.max_connections,
+            1,
+            10_000_000,
+        ),
+        max_packet_size: errors.range(
+            "limits.max_packet_size",
+            limits.max_packet_size,
+            64,
+            268_435_455,
+        ) as u32,
+        max_topic_len,
+        on_denied_publish,
+        ..ServerSettings::default()
+    };
+    if limits.connect_timeout_secs == 0 {
+        errors.add("limits.connect_timeout_secs", "must be at least 1");
+    }
+    let sync = match file.storage.sync.as_str() {
+        "always" => SyncMode::Always,
+        "interval" => {
+            let millis =
+                errors.range("storage.interval_ms", file.storage.interval_ms, 1, 60_000) as u64;
+            SyncMode::Interval { millis }
+        }
+        other => {
+            errors.add(
+                "storage.sync",
+                format!("must be \"always\" or \"interval\", got {other:?}"),
+            );
+            SyncMode::Always
+        }
+    };
+    let router = RouterSettings {
+        flush_interval: match sync {
+            SyncMode::Interval { millis } => Some(Duration::from_millis(millis)),
+            SyncMode::Always => None,
+        },
+        ..router
+    };
+    let demo_keys = auth
+        .access_keys
+        .iter()
+        .filter(|k| k.secret.expose() == DEMO_SECRET)
+        .map(|k| k.id.clone())
+        .collect();
+    if !errors.0.is_empty() {
+        return Err(ConfigErrors(errors.0));
+    }
+    Ok(Config {
+        node_id: file.node.id,
+        tcp,
+        auth,
+        router,
+        server,
+        storage: StorageSettings {
+            data_dir: PathBuf::from(file.node.data_dir),
+            sync,
+        },
+        demo_keys,
+    })
+}
+
+fn listeners(file: &ConfigFile, errors: &mut Errors) -> Option<TcpListenerSettings> {
+    let Some(listeners) = &file.listeners else {
+        return Some(TcpListenerSettings {
+            bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+        });
+    };
+    let tcp = listeners.tcp.as_ref()?;
+    match tcp.bind.parse::<SocketAddr>() {
+        Ok(bind) => Some(TcpListenerSettings { bind }),
+        Err(_) => {
+            errors.add(
+                "listeners.tcp.bind",
+                format!("not an address:port: {:?}", tcp.bind),
+            );
+            None
+        }
+    }
+}
+
+fn auth(
+    file: &ConfigFile,
+    max_topic_len: usize,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) -> AuthSettings {
+    let instance = &file.instance;
+    if !is_id(&instance.id) {
+        errors.add("instance.id", "must be 1+ chars of [A-Za-z0-9_.-]");
+    }
+    let client_id_format = match instance.client_id_format.as_str() {
+        "alibaba" => ClientIdFormat::Alibaba,
+        "any" => ClientIdFormat::Any,
+        other => {
+            errors.add(
+                "instance.client_id_format",
+                format!("must be \"alibaba\" or \"any\", got {other:?}"),
+            );
+            ClientIdFormat::Alibaba
+        }
+    };
+    let mut seen = HashSet::new();
+    let mut access_keys = Vec::new();
+    for (i, key) in file.access_keys.iter().enumerate() {
+        if let Some(key) = access_key(i, key, max_topic_len, env, errors) {
+            if !seen.insert(key.id.clone()) {
+                errors.add(
+                    format!("access_keys[{i}].id"),
+                    format!("duplicate access key {:?}", key.id),
+                );
+            }
+            access_keys.push(key);
+        }
+    }
+    let mut groups = Vec::new();
+    for (i, group) in file.groups.iter().enumerate() {
+        if !is_valid_group_id(&group.id) {
+            errors.add(
+                format!("groups[{i}].id"),
+                "must be 7-64 chars of [A-Za-z0-9_-]",
+            );
+        } else if groups.contains(&group.id) {
+            errors.add(
+                format!("groups[{i}].id"),
+                format!("duplicate group {:?}", group.id),
+            );
+        }
+        groups.push(group.id.clone());
+    }
+    let mut parent_topics = Vec::new();
+    for (i, topic) in file.topics.iter().enumerate() {
+        let p = &topic.parent;
+        if p.is_empty()
+            || p.contains(['/', '+', '#', '\0'])
+            || p.starts_with('$')
+            || p.len() > max_topic_len
+        {
+            errors.add(
+                format!("topics[{i}].parent"),
+                "must be one topic level: no '/', '+', '#', leading '$'",
+            );
+        } else if parent_topics.contains(p) {
+            errors.add(
+                format!("topics[{i}].parent"),
+                format!("duplicate parent topic {p:?}"),
+            );
+        }
+        parent_topics.push(p.clone());
+    }
+    AuthSettings {
+        instance_id: instance.id.clone(),
+        allow_anonymous: instance.allow_anonymous,
+        client_id_format,
+        legacy_signature: instance.legacy_signature,
+        access_keys,
+        groups,
+        parent_topics,
+        max_client_id_len: errors.range(
+            "limits.max_client_id_len",
+            file.limits.max_client_id_len,
+            1,
+            65_535,
+        ),
+    }
+}
+
+fn access_key(
+    i: usize,
+    key: &file::AccessKey,
+    max_topic_len: usize,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) -> Option<AccessKey> {
+    let path = format!("access_keys[{i}]");
+    if !is_id(&key.id) {
+        errors.add(format!("{path}.id"), "must be 1+ chars of [A-Za-z0-9_.-]");
+    }
+    let secret = match (&key.secret, &key.secret_env) {
+        (Some(secret), None) => Some(secret.clone()),
+        (None, Some(var)) => match env(var) {
+            Some(value) if !value.is_empty() => Some(value),
+            _ => {
+                errors.add(
+                    format!("{path}.secret_env"),
+                    format!("environment variable {var} is not set or empty"),
+                );
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            errors.add(
+                format!("{path}.secret"),
+                "give either secret or secret_env, not both",
+            );
+            None
+        }
+        (None, None) => {
+            errors.add(
+                format!("{path}.secret"),
+                "missing: give secret or secret_env",
+            );
+            None
+        }
+    };
+    if secret.as_ref().is_some_and(|s| s.is_empty()) {
+        errors.add(format!("{path}.secret"), "must not be empty");
+    }
+    for (list, filters) in [("publish", &key.publish), ("subscribe", &key.subscribe)] {
+        for (j, filter) in filters.iter().enumerate() {
+            if let Err(e) = validate_filter(filter, max_topic_len) {
+                errors.add(
+                    format!("{path}.{list}[{j}]"),
+                    format!("invalid topic filter {filter:?}: {e}"),
+                );
+            }
+        }
+    }
+    Some(AccessKey {
+        id: key.id.clone(),
+        secret: Secret::new(secret?),
+        publish: key.publish.clone(),
+        subscribe: key.subscribe.clone(),
+        admin: key.admin,
+    })
+}

@@ -1,0 +1,185 @@
+//! Client ids: `<GroupID>@@@<DeviceID>` as Alibaba's MQTT service defines them, parsed once.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The separator between the group and the device.
+pub const SEPARATOR: &str = "@@@";
+
+/// Why a client id is refused (CONNACK 2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientIdError {
+    #[error("empty client id")]
+    Empty,
+    #[error("client id is {len} chars, over the limit of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("client id is not of the form GroupID@@@DeviceID")]
+    NoSeparator,
+    #[error("group id must be 7-64 chars of [A-Za-z0-9_-]")]
+    BadGroup,
+    #[error("device id must be 1+ chars of [A-Za-z0-9_-]")]
+    BadDevice,
+}
+
+/// A client id, with its group and device halves when it has the Alibaba form.
+/// Cheap to clone. Compares, orders and hashes as its text, so maps keyed by it can be
+/// looked up with a `&str`.
+#[derive(Clone)]
+pub struct ClientId {
+    id: Arc<str>,
+    /// Byte offset of the separator, when the id is `Group@@@Device`.
+    split: Option<usize>,
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+/// Whether `group` is a well-formed Group ID: 7-64 chars of `[A-Za-z0-9_-]`.
+pub fn is_valid_group_id(group: &str) -> bool {
+    (7..=64).contains(&group.len()) && group.chars().all(is_id_char)
+}
+
+impl ClientId {
+    /// Parses a client id of the form `GroupID@@@DeviceID`, at most `max_len` chars.
+    pub fn parse_alibaba(id: &str, max_len: usize) -> Result<ClientId, ClientIdError> {
+        check_len(id, max_len)?;
+        let split = id.find(SEPARATOR).ok_or(ClientIdError::NoSeparator)?;
+        let (group, device) = (&id[..split], &id[split + SEPARATOR.len()..]);
+        if !is_valid_group_id(group) {
+            return Err(ClientIdError::BadGroup);
+        }
+        if device.is_empty() || !device.chars().all(is_id_char) {
+            return Err(ClientIdError::BadDevice);
+        }
+        Ok(ClientId {
+            id: id.into(),
+            split: Some(split),
+        })
+    }
+
+    /// Accepts any non-empty id of at most `max_len` chars (plain MQTT clients). The group and
+    /// device halves are still recognised when the id happens to have the Alibaba form.
+    pub fn parse_any(id: &str, max_len: usize) -> Result<ClientId, ClientIdError> {
+        check_len(id, max_len)?;
+        if let Ok(parsed) = ClientId::parse_alibaba(id, max_len) {
+            return Ok(parsed);
+        }
+        Ok(ClientId {
+            id: id.into(),
+            split: None,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.id
+    }
+
+    /// The Group ID, when the id has the `Group@@@Device` form.
+    pub fn group(&self) -> Option<&str> {
+        self.split.map(|s| &self.id[..s])
+    }
+
+    /// The Device ID, when the id has the `Group@@@Device` form.
+    pub fn device(&self) -> Option<&str> {
+        self.split.map(|s| &self.id[s + SEPARATOR.len()..])
+    }
+}
+
+fn check_len(id: &str, max_len: usize) -> Result<(), ClientIdError> {
+    if id.is_empty() {
+        return Err(ClientIdError::Empty);
+    }
+    let len = id.chars().count();
+    if len > max_len {
+        return Err(ClientIdError::TooLong { len, max: max_len });
+    }
+    Ok(())
+}
+
+impl PartialEq for ClientId {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for ClientId {}
+
+impl std::hash::Hash for ClientId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state)
+    }
+}
+
+impl PartialOrd for ClientId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ClientId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.id.cmp(&other.id)
+    }
+}
+
+impl std::borrow::Borrow<str> for ClientId {
+    fn borrow(&self) -> &str {
+        &self.id
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.id, f)
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibaba_ids_split_into_group_and_device() {
+        let id = ClientId::parse_alibaba("GID_demo@@@dev-1", 64).expect("valid");
+        assert_eq!(id.group(), Some("GID_demo"));
+        assert_eq!(id.device(), Some("dev-1"));
+        assert_eq!(id.as_str(), "GID_demo@@@dev-1");
+    }
+
+    #[test]
+    fn malformed_ids_are_refused() {
+        use ClientIdError::*;
+        let cases = [
+            ("", Empty),
+            ("GID_demo", NoSeparator),
+            ("GID@@@dev", BadGroup),
+            ("GID demo@@@dev", BadGroup),
+            ("GID_demo@@@", BadDevice),
+            ("GID_demo@@@a/b", BadDevice),
+        ];
+        for (id, err) in cases {
+            assert_eq!(ClientId::parse_alibaba(id, 64), Err(err), "{id}");
+        }
+        let long = format!("GID_demo@@@{}", "x".repeat(60));
+        assert!(matches!(
+            ClientId::parse_alibaba(&long, 64),
+            Err(TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn any_format_takes_plain_ids() {
+        let id = ClientId::parse_any("sensor 7", 64).expect("valid");
+        assert_eq!(id.group(), None);
+        let id = ClientId::parse_any("GID_demo@@@d", 64).expect("valid");
+        assert_eq!(id.group(), Some("GID_demo"));
+        assert_eq!(ClientId::parse_any("", 64), Err(ClientIdError::Empty));
+    }
+}

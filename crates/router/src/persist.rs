@@ -1,0 +1,152 @@
+//! Group commit: one thread owns the [`Store`] and writes every batch that queued up while it
+//! was busy in one transaction. The router stages ops under a ticket, sends the batch without
+//! blocking on the disk, and learns through a [`Report`] when tickets are durable; only then
+//! does it send the acknowledgements that depend on them.
+
+use std::thread::JoinHandle;
+
+use herald_store::{Op, Store};
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+/// How many queued requests one commit may take at most.
+const MAX_REQUESTS_PER_COMMIT: usize = 512;
+
+enum Request {
+    Apply { ticket: u64, ops: Vec<Op> },
+    Flush { done: Option<oneshot::Sender<()>> },
+}
+
+/// What the writer thread tells the router after each commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Every ticket up to and including `up_to` is durable.
+    Committed { up_to: u64 },
+    /// Tickets `from..=to` could not be written; their acknowledgements must not be sent.
+    Failed { from: u64, to: u64, error: String },
+}
+
+/// The router's side of the writer thread.
+pub struct Persister {
+    tx: mpsc::Sender<Request>,
+    staged: Vec<Op>,
+    /// The ticket the staged ops will be sent under.
+    next_ticket: u64,
+}
+
+/// Starts the writer thread. Reports arrive on the returned receiver; the thread ends, after a
+/// final flush, when the `Persister` is dropped.
+#[allow(clippy::type_complexity)]
+pub fn start(
+    mut store: Box<dyn Store>,
+) -> std::io::Result<(Persister, mpsc::UnboundedReceiver<Report>, JoinHandle<()>)> {
+    let (tx, mut rx) = mpsc::channel::<Request>(1024);
+    let (report_tx, report_rx) = mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("herald-store".into())
+        .spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let mut requests = vec![first];
+                while requests.len() < MAX_REQUESTS_PER_COMMIT {
+                    match rx.try_recv() {
+                        Ok(request) => requests.push(request),
+                        Err(_) => break,
+                    }
+                }
+                commit(store.as_mut(), requests, &report_tx);
+            }
+            if let Err(e) = store.flush() {
+                error!(error = %e, "storage flush at shutdown failed");
+            }
+        })?;
+    let persister = Persister {
+        tx,
+        staged: Vec::new(),
+        next_ticket: 1,
+    };
+    Ok((persister, report_rx, thread))
+}
+
+fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::UnboundedSender<Report>) {
+    let mut ops = Vec::new();
+    let mut tickets: Option<(u64, u64)> = None;
+    let mut flushes = Vec::new();
+    for request in requests {
+        match request {
+            Request::Apply { ticket, ops: batch } => {
+                ops.extend(batch);
+                tickets = Some(tickets.map_or((ticket, ticket), |(from, _)| (from, ticket)));
+            }
+            Request::Flush { done } => flushes.push(done),
+        }
+    }
+    if let Some((from, to)) = tickets {
+        let report = match store.apply(&ops) {
+            Ok(()) => Report::Committed { up_to: to },
+            Err(e) => {
+                error!(error = %e, from, to, ops = ops.len(), "storage write failed; the affected acknowledgements are withheld");
+                Report::Failed {
+                    from,
+                    to,
+                    error: e.to_string(),
+                }
+            }
+        };
+        // The router may be gone at shutdown; nothing is left to tell then.
+        let _ = reports.send(report);
+    }
+    if !flushes.is_empty() {
+        if let Err(e) = store.flush() {
+            error!(error = %e, "storage flush failed");
+        }
+        for done in flushes.into_iter().flatten() {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Persister {
+    /// Adds an op to the open batch and returns the ticket it will be durable under.
+    pub fn stage(&mut self, op: Op) -> u64 {
+        self.staged.push(op);
+        self.next_ticket
+    }
+
+    /// The ticket of the open batch, if it has ops.
+    pub fn open_ticket(&self) -> Option<u64> {
+        (!self.staged.is_empty()).then_some(self.next_ticket)
+    }
+
+    /// The last ticket sent to the writer (0 if none).
+    pub fn last_sent_ticket(&self) -> u64 {
+        self.next_ticket - 1
+    }
+
+    /// Sends the open batch to the writer. Waits only when the writer is 1024 batches behind:
+    /// that is the backpressure of a slow disk.
+    pub async fn send_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.staged);
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        if self.tx.send(Request::Apply { ticket, ops }).await.is_err() {
+            error!(ticket, "storage thread is gone; batch not written");
+        }
+    }
+
+    /// Asks the writer to make everything durable against power loss; answers when done.
+    pub async fn flush(&mut self) -> oneshot::Receiver<()> {
+        self.send_staged().await;
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Request::Flush { done: Some(done) }).await;
+        rx
+    }
+
+    /// A flush that nobody waits for (the interval timer).
+    pub async fn flush_in_background(&mut self) {
+        self.send_staged().await;
+        let _ = self.tx.send(Request::Flush { done: None }).await;
+    }
+}

@@ -1,0 +1,198 @@
+//! PUBLISH and its acknowledgements in both directions, and routing a message to sessions.
+
+use std::collections::HashMap;
+
+use herald_protocol::topic::p2p_target;
+use herald_protocol::{ClientId, Packet, PacketId, Publish, QoS};
+use herald_store::Op;
+use tracing::warn;
+
+use crate::router::{Deferred, Router, RouterStats, to_stored};
+use crate::session::{InflightState, Queued, publish_packet};
+use crate::types::{ChannelId, CloseReason, Message, now_ms};
+
+impl Router {
+    pub(crate) fn handle_publish(&mut self, channel: ChannelId, publish: Publish) {
+        let max_incoming = self.settings.max_incoming_qos2;
+        let Some(session) = self.session_of(channel) else {
+            return;
+        };
+        let packet_id = publish.packet_id;
+        if publish.qos == QoS::ExactlyOnce {
+            let Some(id) = packet_id else { return };
+            if session.incoming_qos2.contains(&id) {
+                // A retransmission of a message already routed: acknowledge, do not route again.
+                self.reply(channel, Deferred::Send(Packet::PubRec(id)), false);
+                return;
+            }
+            if session.incoming_qos2.len() >= max_incoming {
+                warn!(%channel, limit = "limits.max_inflight", "too many QoS 2 messages awaiting PUBREL; closing");
+                self.end_channel(channel, CloseReason::ProtocolError);
+                return;
+            }
+            session.incoming_qos2.insert(id);
+        }
+        RouterStats::add(&self.stats.messages_received, 1);
+        self.route(Message {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            published_at_ms: now_ms(),
+        });
+        match (publish.qos, packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => {
+                self.reply(channel, Deferred::Send(Packet::PubAck(id)), true)
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                self.reply(channel, Deferred::Send(Packet::PubRec(id)), true)
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) fn handle_pubrel(&mut self, channel: ChannelId, packet_id: PacketId) {
+        let Some(session) = self.session_of(channel) else {
+            return;
+        };
+        session.incoming_qos2.remove(&packet_id);
+        self.reply(channel, Deferred::Send(Packet::PubComp(packet_id)), false);
+    }
+
+    pub(crate) fn handle_puback(&mut self, channel: ChannelId, packet_id: PacketId) {
+        self.complete(channel, packet_id, InflightState::AwaitPubAck);
+    }
+
+    pub(crate) fn handle_pubcomp(&mut self, channel: ChannelId, packet_id: PacketId) {
+        self.complete(channel, packet_id, InflightState::AwaitPubComp);
+    }
+
+    pub(crate) fn handle_pubrec(&mut self, channel: ChannelId, packet_id: PacketId) {
+        let Some(session) = self.session_of(channel) else {
+            return;
+        };
+        if let Some(inflight) = session
+            .inflight
+            .iter_mut()
+            .find(|i| i.packet_id == packet_id && i.state == InflightState::AwaitPubRec)
+        {
+            inflight.state = InflightState::AwaitPubComp;
+        }
+        self.reply(channel, Deferred::Send(Packet::PubRel(packet_id)), false);
+    }
+
+    /// The last acknowledgement of an outgoing message: forget it and send the next ones.
+    fn complete(&mut self, channel: ChannelId, packet_id: PacketId, state: InflightState) {
+        let settings = self.settings.clone();
+        let Some(session) = self.session_of(channel) else {
+            return;
+        };
+        let mut ops = Vec::new();
+        if let Some(done) = session.take_inflight(packet_id, state)
+            && let Some(seq) = done.queued.seq
+        {
+            ops.push(Op::Dequeue {
+                client_id: session.client_id.to_string(),
+                seq,
+            });
+        }
+        let outcome = session.pump(&settings, &mut ops);
+        self.stage_all(ops);
+        RouterStats::add(&self.stats.queue_expired, outcome.expired);
+        if outcome.slow_consumer {
+            self.slow_consumer(channel);
+        }
+    }
+
+    /// Delivers a message to every session it reaches, and keeps it if retained. Stages every
+    /// store op it needs in the open batch.
+    pub(crate) fn route(&mut self, message: Message) {
+        if message.retain {
+            self.retain(&message);
+        }
+        let mut targets: HashMap<ClientId, QoS> = HashMap::new();
+        if let Some(target) = p2p_target(message.topic.as_str()) {
+            // P2P: only the named client, whether or not it subscribed.
+            if let Some((client, _)) = self.sessions.get_key_value(target) {
+                targets.insert(client.clone(), message.qos);
+            }
+        } else {
+            self.tree.matches(message.topic.as_str(), &mut targets);
+        }
+        for (client, granted) in targets {
+            self.deliver(&client, &message, granted, false);
+        }
+    }
+
+    fn retain(&mut self, message: &Message) {
+        let topic = message.topic.to_string();
+        if message.payload.is_empty() {
+            if self.retained.remove(&topic).is_some() {
+                self.persister.stage(Op::DeleteRetained { topic });
+            }
+        } else {
+            self.persister.stage(Op::PutRetained {
+                message: to_stored(message),
+            });
+            self.retained.insert(topic, message.clone());
+        }
+    }
+
+    /// Delivers one copy to one session at `min(granted, message QoS)`. `retained` marks a
+    /// delivery of a retained message to a new subscription (retain flag set).
+    pub(crate) fn deliver(
+        &mut self,
+        client: &ClientId,
+        message: &Message,
+        granted: QoS,
+        retained: bool,
+    ) {
+        let settings = self.settings.clone();
+        let Some(session) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let mut copy = message.clone();
+        copy.qos = granted.min(message.qos);
+        copy.retain = retained;
+        if copy.qos == QoS::AtMostOnce {
+            if session.send(publish_packet(&copy, None, false)) {
+                RouterStats::add(&self.stats.messages_sent, 1);
+            } else {
+                RouterStats::add(&self.stats.qos0_dropped, 1);
+            }
+            return;
+        }
+        let mut ops = Vec::new();
+        let seq = session.persistent.then(|| {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            ops.push(Op::Enqueue {
+                client_id: client.to_string(),
+                seq,
+                message: to_stored(&copy),
+            });
+            seq
+        });
+        let queued = Queued {
+            seq,
+            message: copy,
+            dup: false,
+        };
+        if session.enqueue(queued, &settings, &mut ops) {
+            RouterStats::add(&self.stats.queue_dropped, 1);
+            warn!(client_id = %client, limit = "limits.max_queued_messages", "session queue full; dropped its oldest message");
+        }
+        let before = session.inflight.len();
+        let outcome = session.pump(&settings, &mut ops);
+        let sent = session.inflight.len().saturating_sub(before);
+        let channel = session.channel_id();
+        self.stage_all(ops);
+        RouterStats::add(&self.stats.messages_sent, sent as u64);
+        RouterStats::add(&self.stats.queue_expired, outcome.expired);
+        if outcome.slow_consumer
+            && let Some(channel) = channel
+        {
+            self.slow_consumer(channel);
+        }
+    }
+}

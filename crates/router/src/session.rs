@@ -1,0 +1,236 @@
+//! One client id's session: its subscriptions, the channel it is attached to, and its QoS 1/2
+//! state (messages queued, messages in flight, incoming QoS 2 ids awaiting PUBREL).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+
+use herald_protocol::{ClientId, Packet, PacketId, Protocol, Publish, QoS, Will};
+use herald_store::Op;
+
+use crate::RouterSettings;
+use crate::types::{ChannelId, Message, Outbox, Outgoing, Transport, now_ms};
+
+/// The live channel a session is attached to.
+#[derive(Debug)]
+pub struct Attached {
+    pub id: ChannelId,
+    pub outbox: Outbox,
+    pub will: Option<Will>,
+    pub peer: SocketAddr,
+    pub protocol: Protocol,
+    pub username: Option<String>,
+    pub transport: Transport,
+}
+
+/// A QoS 1/2 message waiting to be sent. `seq` is its key in the store, for persistent sessions.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub seq: Option<u64>,
+    pub message: Message,
+    /// Set when the message may have been sent before (redelivery after a broker restart).
+    pub dup: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    AwaitPubAck,
+    AwaitPubRec,
+    AwaitPubComp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub packet_id: PacketId,
+    pub queued: Queued,
+    pub state: InflightState,
+}
+
+/// What happened when the session tried to send.
+#[derive(Debug, Default)]
+pub struct SendOutcome {
+    /// The outbox was full: the client is not reading.
+    pub slow_consumer: bool,
+    /// Queued messages dropped for their age.
+    pub expired: u64,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: ClientId,
+    /// cleanSession=false: kept across channels and restarts.
+    pub persistent: bool,
+    pub subscriptions: HashMap<String, QoS>,
+    pub attached: Option<Attached>,
+    pub queue: VecDeque<Queued>,
+    pub inflight: VecDeque<Inflight>,
+    pub incoming_qos2: HashSet<PacketId>,
+    next_packet_id: u16,
+    pub created_at_ms: u64,
+}
+
+impl Session {
+    pub fn new(client_id: ClientId, persistent: bool) -> Session {
+        Session {
+            client_id,
+            persistent,
+            subscriptions: HashMap::new(),
+            attached: None,
+            queue: VecDeque::new(),
+            inflight: VecDeque::new(),
+            incoming_qos2: HashSet::new(),
+            next_packet_id: 0,
+            created_at_ms: now_ms(),
+        }
+    }
+
+    pub fn record(&self) -> herald_store::SessionRecord {
+        let mut subscriptions: Vec<(String, u8)> = self
+            .subscriptions
+            .iter()
+            .map(|(f, q)| (f.clone(), q.as_u8()))
+            .collect();
+        subscriptions.sort();
+        herald_store::SessionRecord {
+            subscriptions,
+            created_at_ms: self.created_at_ms,
+        }
+    }
+
+    pub fn channel_id(&self) -> Option<ChannelId> {
+        self.attached.as_ref().map(|a| a.id)
+    }
+
+    /// Sends a packet on the attached channel. `false` when the outbox is full or closed.
+    pub fn send(&self, packet: Packet) -> bool {
+        match &self.attached {
+            Some(a) => a.outbox.try_send(Outgoing::Packet(packet)).is_ok(),
+            None => false,
+        }
+    }
+
+    fn allocate_packet_id(&mut self) -> PacketId {
+        loop {
+            self.next_packet_id = self.next_packet_id.wrapping_add(1);
+            if let Some(id) = PacketId::new(self.next_packet_id)
+                && !self.inflight.iter().any(|i| i.packet_id == id)
+            {
+                return id;
+            }
+        }
+    }
+
+    /// Queues a QoS 1/2 message, dropping the oldest queued one when the queue is full.
+    /// Returns the dropped message's store op, if any.
+    pub fn enqueue(
+        &mut self,
+        queued: Queued,
+        settings: &RouterSettings,
+        ops: &mut Vec<Op>,
+    ) -> bool {
+        let mut dropped = false;
+        if self.queue.len() + self.inflight.len() >= settings.max_queued_messages {
+            if let Some(old) = self.queue.pop_front() {
+                if let Some(seq) = old.seq {
+                    ops.push(Op::Dequeue {
+                        client_id: self.client_id.to_string(),
+                        seq,
+                    });
+                }
+                dropped = true;
+            } else {
+                // Everything is in flight: the new message is the one that cannot be kept.
+                if let Some(seq) = queued.seq {
+                    ops.push(Op::Dequeue {
+                        client_id: self.client_id.to_string(),
+                        seq,
+                    });
+                }
+                return true;
+            }
+        }
+        self.queue.push_back(queued);
+        dropped
+    }
+
+    /// Resends what was in flight (DUP set, or PUBREL where PUBREC came), after a reconnect.
+    pub fn resend_inflight(&mut self) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        let packets: Vec<Packet> = self
+            .inflight
+            .iter()
+            .map(|i| match i.state {
+                InflightState::AwaitPubComp => Packet::PubRel(i.packet_id),
+                _ => publish_packet(&i.queued.message, Some(i.packet_id), true),
+            })
+            .collect();
+        for packet in packets {
+            if !self.send(packet) {
+                outcome.slow_consumer = true;
+                break;
+            }
+        }
+        outcome
+    }
+
+    /// Moves queued messages into flight while the window allows.
+    pub fn pump(&mut self, settings: &RouterSettings, ops: &mut Vec<Op>) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        if self.attached.is_none() {
+            return outcome;
+        }
+        let oldest_allowed = now_ms().saturating_sub(settings.max_queue_age.as_millis() as u64);
+        while self.inflight.len() < settings.max_inflight {
+            let Some(queued) = self.queue.pop_front() else {
+                break;
+            };
+            if queued.message.published_at_ms < oldest_allowed {
+                if let Some(seq) = queued.seq {
+                    ops.push(Op::Dequeue {
+                        client_id: self.client_id.to_string(),
+                        seq,
+                    });
+                }
+                outcome.expired += 1;
+                continue;
+            }
+            let packet_id = self.allocate_packet_id();
+            let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
+            let state = if queued.message.qos == QoS::ExactlyOnce {
+                InflightState::AwaitPubRec
+            } else {
+                InflightState::AwaitPubAck
+            };
+            self.inflight.push_back(Inflight {
+                packet_id,
+                queued,
+                state,
+            });
+            if !self.send(packet) {
+                outcome.slow_consumer = true;
+                break;
+            }
+        }
+        outcome
+    }
+
+    /// Removes the inflight message `packet_id` if it is in `state`; returns it.
+    pub fn take_inflight(&mut self, packet_id: PacketId, state: InflightState) -> Option<Inflight> {
+        let index = self
+            .inflight
+            .iter()
+            .position(|i| i.packet_id == packet_id && i.state == state)?;
+        self.inflight.remove(index)
+    }
+}
+
+/// The PUBLISH packet that delivers `message` (retain flag as given in the message).
+pub fn publish_packet(message: &Message, packet_id: Option<PacketId>, dup: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup: dup && message.qos != QoS::AtMostOnce,
+        qos: message.qos,
+        retain: message.retain,
+        topic: message.topic.clone(),
+        packet_id,
+        payload: message.payload.clone(),
+    })
+}

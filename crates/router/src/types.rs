@@ -1,0 +1,268 @@
+//! The router's vocabulary: inputs from connections, outputs to them, events, settings.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use herald_protocol::{ClientId, Packet, PacketId, Protocol, QoS, Topic, Will};
+use tokio::sync::{mpsc, oneshot};
+
+/// A channel's unique 128-bit id, printed as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId(pub u128);
+
+impl ChannelId {
+    pub fn random() -> ChannelId {
+        ChannelId(rand::random())
+    }
+}
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Why a channel ended. Every channel ends exactly once, with one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The socket closed or failed without a DISCONNECT.
+    SocketClosed,
+    /// Nothing arrived within 1.5x the keepalive.
+    KeepaliveTimeout,
+    /// A newer connection with the same client id took over.
+    TakenOver,
+    /// The client broke the protocol (malformed packet, second CONNECT, a limit).
+    ProtocolError,
+    /// The admin API closed the connection.
+    Kicked,
+    /// The credentials the connection relied on were revoked or expired.
+    AuthRevoked,
+    /// The broker is shutting down.
+    ServerShutdown,
+    /// The broker died with the channel open; reported at its next start.
+    BrokerRestart,
+    /// The client did not read fast enough and its outbox filled.
+    SlowConsumer,
+    /// The client published where its permissions do not allow.
+    NotAuthorized,
+    /// The broker could not make the client's messages durable.
+    StorageFailure,
+}
+
+impl CloseReason {
+    /// The reason as it appears in presence events and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientDisconnect => "client_disconnect",
+            CloseReason::SocketClosed => "socket_closed",
+            CloseReason::KeepaliveTimeout => "keepalive_timeout",
+            CloseReason::TakenOver => "taken_over",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::Kicked => "kicked",
+            CloseReason::AuthRevoked => "auth_revoked",
+            CloseReason::ServerShutdown => "server_shutdown",
+            CloseReason::BrokerRestart => "broker_restart",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::NotAuthorized => "not_authorized",
+            CloseReason::StorageFailure => "storage_failure",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transport a channel arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        }
+    }
+}
+
+/// What the router sends to a connection task.
+#[derive(Debug)]
+pub enum Outgoing {
+    Packet(Packet),
+    /// Flush what is queued, then close the socket.
+    Close(CloseReason),
+}
+
+/// The router's handle on one connection's outbox.
+pub type Outbox = mpsc::Sender<Outgoing>;
+
+/// An application message as the router routes it. Cloning shares the payload.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Topic,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// When the broker received it, ms since the Unix epoch.
+    pub published_at_ms: u64,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("topic", &self.topic)
+            .field("payload", &format_args!("<{} bytes>", self.payload.len()))
+            .field("qos", &self.qos)
+            .field("retain", &self.retain)
+            .finish()
+    }
+}
+
+/// An accepted CONNECT, after authentication, handed to the router.
+#[derive(Debug)]
+pub struct ConnectRequest {
+    pub channel: ChannelId,
+    pub client_id: ClientId,
+    pub clean_session: bool,
+    pub keep_alive: u16,
+    pub will: Option<Will>,
+    pub username: Option<String>,
+    pub protocol: Protocol,
+    pub peer: SocketAddr,
+    pub transport: Transport,
+    pub outbox: Outbox,
+}
+
+/// What connection tasks (and the admin side) tell the router.
+#[derive(Debug)]
+pub enum Input {
+    Connect(Box<ConnectRequest>),
+    Publish {
+        channel: ChannelId,
+        publish: herald_protocol::Publish,
+    },
+    PubAck {
+        channel: ChannelId,
+        packet_id: PacketId,
+    },
+    PubRec {
+        channel: ChannelId,
+        packet_id: PacketId,
+    },
+    PubRel {
+        channel: ChannelId,
+        packet_id: PacketId,
+    },
+    PubComp {
+        channel: ChannelId,
+        packet_id: PacketId,
+    },
+    /// Filters with the QoS asked for, or `None` where the connection refused the filter
+    /// (permissions, limits): those get 0x80.
+    Subscribe {
+        channel: ChannelId,
+        packet_id: PacketId,
+        filters: Vec<(String, Option<QoS>)>,
+    },
+    Unsubscribe {
+        channel: ChannelId,
+        packet_id: PacketId,
+        filters: Vec<String>,
+    },
+    /// The one exit path of every channel.
+    Closed {
+        channel: ChannelId,
+        reason: CloseReason,
+    },
+    /// Close every channel, make everything durable, then answer.
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The kinds of presence event (DESIGN.md 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Connect,
+    Disconnect,
+    TcpClean,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Connect => "connect",
+            EventKind::Disconnect => "disconnect",
+            EventKind::TcpClean => "tcpclean",
+        }
+    }
+}
+
+/// One presence event for one channel, as plain data.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventKind,
+    pub client_id: ClientId,
+    pub channel: ChannelId,
+    pub peer: SocketAddr,
+    pub time_ms: u64,
+    pub reason: Option<CloseReason>,
+    pub clean_session: bool,
+    pub protocol: Protocol,
+    pub username: Option<String>,
+    pub transport: Transport,
+}
+
+/// Limits and policies the router enforces (DESIGN.md 2 and 4).
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    pub max_subscriptions: usize,
+    pub max_inflight: usize,
+    pub max_queued_messages: usize,
+    pub max_queue_age: Duration,
+    /// Incoming QoS 2 messages awaiting PUBREL, per client.
+    pub max_incoming_qos2: usize,
+    /// With `storage.sync = "interval"`: how often the store is made durable.
+    pub flush_interval: Option<Duration>,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        RouterSettings {
+            max_subscriptions: 30,
+            max_inflight: 64,
+            max_queued_messages: 10_000,
+            max_queue_age: Duration::from_secs(3 * 24 * 3600),
+            max_incoming_qos2: 64,
+            flush_interval: None,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,165 @@
+//! The CONNECT handshake: the first packet within the deadline, the client id, credentials and
+//! the will, each refusal answered with its CONNACK code and one log line.
+
+use std::net::SocketAddr;
+
+use herald_auth::Principal;
+use herald_protocol::{ConnAck, Connect, ConnectReturnCode, DecodeError, Packet};
+use herald_router::{ChannelId, ConnectRequest, Outbox, Transport};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{info, warn};
+
+use crate::Context;
+use crate::connection::{Framed, ReadError};
+
+pub(crate) struct Accepted {
+    pub connect: Connect,
+    pub principal: Principal,
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S>,
+    peer: SocketAddr,
+    client_id: &str,
+    code: ConnectReturnCode,
+    why: &str,
+) {
+    warn!(%peer, client_id, code = code.as_u8(), refusal = code.as_str(), why, "connection refused");
+    let _ = framed
+        .write(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+        }))
+        .await;
+}
+
+/// Reads and checks the CONNECT. `None` means the connection was refused (and told so where
+/// the protocol allows).
+pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S>,
+    peer: SocketAddr,
+    context: &Context,
+) -> Option<Accepted> {
+    let deadline = context.settings.connect_timeout;
+    let first = match tokio::time::timeout(deadline, framed.read_packet()).await {
+        Ok(first) => first,
+        Err(_) => {
+            warn!(%peer, limit = "limits.connect_timeout_secs", secs = deadline.as_secs(), "connection refused: no CONNECT before the deadline");
+            return None;
+        }
+    };
+    let mut connect = match first {
+        Ok(Packet::Connect(connect)) => *connect,
+        Ok(other) => {
+            warn!(%peer, packet = other.name(), "connection refused: first packet is not CONNECT");
+            return None;
+        }
+        Err(ReadError::Decode(DecodeError::UnsupportedProtocolLevel)) => {
+            let code = ConnectReturnCode::UnacceptableProtocolVersion;
+            refuse(framed, peer, "", code, "protocol level is not 3 or 4").await;
+            return None;
+        }
+        Err(ReadError::Decode(DecodeError::EmptyClientIdWithoutCleanSession)) => {
+            let code = ConnectReturnCode::IdentifierRejected;
+            refuse(
+                framed,
+                peer,
+                "",
+                code,
+                "empty client id needs clean session",
+            )
+            .await;
+            return None;
+        }
+        Err(ReadError::Decode(e)) => {
+            warn!(%peer, error = %e, "connection refused: bad CONNECT");
+            return None;
+        }
+        Err(ReadError::Closed) | Err(ReadError::Io(_)) => {
+            info!(%peer, "socket closed before CONNECT");
+            return None;
+        }
+    };
+    if connect.client_id.is_empty() && context.auth.assigns_client_ids() {
+        connect.client_id = format!("auto-{:032x}", rand::random::<u128>());
+    }
+    let client_id = match context.auth.check_client_id(&connect.client_id) {
+        Ok(id) => id,
+        Err(refusal) => {
+            let id = connect.client_id.clone();
+            refuse(
+                framed,
+                peer,
+                &id,
+                refusal.return_code(),
+                &refusal.to_string(),
+            )
+            .await;
+            return None;
+        }
+    };
+    let principal = match context.auth.authenticate(
+        &client_id,
+        connect.username.as_deref(),
+        connect.password.as_deref(),
+    ) {
+        Ok(principal) => principal,
+        Err(refusal) => {
+            refuse(
+                framed,
+                peer,
+                client_id.as_str(),
+                refusal.return_code(),
+                &refusal.to_string(),
+            )
+            .await;
+            return None;
+        }
+    };
+    if let Some(will) = &connect.will {
+        let topic = will.topic.as_str();
+        let max = context.settings.max_topic_len;
+        let why = if topic.len() > max {
+            Some("will topic longer than limits.max_topic_len")
+        } else if !principal.can_publish(topic) {
+            Some("will topic not allowed for this client")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            refuse(
+                framed,
+                peer,
+                client_id.as_str(),
+                ConnectReturnCode::NotAuthorized,
+                why,
+            )
+            .await;
+            return None;
+        }
+    }
+    Some(Accepted { connect, principal })
+}
+
+/// The router's view of an accepted CONNECT.
+pub(crate) fn connect_request(
+    connect: Connect,
+    channel: ChannelId,
+    principal: &Principal,
+    peer: SocketAddr,
+    transport: Transport,
+    outbox: Outbox,
+) -> ConnectRequest {
+    ConnectRequest {
+        channel,
+        client_id: principal.client_id.clone(),
+        clean_session: connect.clean_session,
+        keep_alive: connect.keep_alive,
+        will: connect.will,
+        username: connect.username,
+        protocol: connect.protocol,
+        peer,
+        transport,
+        outbox,
+    }
+}

@@ -1,0 +1,472 @@
+//! The binary encoding of stored values and of write-ahead log batches.
+//!
+//! Owns the byte layout of a [`StoredMessage`], a [`SessionRecord`] and a batch of [`Op`]s.
+//! Keys are not encoded here: redb orders them itself (see `redb_store`). Each encoded value
+//! starts with a version byte, so a later layout can be read next to this one. Integers are
+//! big-endian; strings and byte strings are a `u32` length followed by the bytes.
+//!
+//! Decoding never trusts a length: a truncated or garbage input gives a [`DecodeError`], never a
+//! panic or a large allocation. Trailing bytes are an error too.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::{Op, SessionRecord, StoredMessage};
+
+/// The layout version written in front of every value and batch.
+const LAYOUT_VERSION: u8 = 1;
+
+const TAG_PUT_SESSION: u8 = 1;
+const TAG_DELETE_SESSION: u8 = 2;
+const TAG_ENQUEUE: u8 = 3;
+const TAG_DEQUEUE: u8 = 4;
+const TAG_PUT_RETAINED: u8 = 5;
+const TAG_DELETE_RETAINED: u8 = 6;
+
+/// Why bytes could not be decoded. The caller adds which file and key they came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodeError(String);
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A string or byte string too long for its `u32` length prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TooLarge(pub(crate) usize);
+
+pub(crate) fn encode_message(message: &StoredMessage) -> Result<Vec<u8>, TooLarge> {
+    let mut out = Vec::with_capacity(32 + message.topic.len() + message.payload.len());
+    out.push(LAYOUT_VERSION);
+    put_message(&mut out, message)?;
+    Ok(out)
+}
+
+pub(crate) fn decode_message(bytes: &[u8]) -> Result<StoredMessage, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    reader.version()?;
+    let message = reader.message()?;
+    reader.finish()?;
+    Ok(message)
+}
+
+pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, TooLarge> {
+    let mut out = Vec::with_capacity(16 + 32 * record.subscriptions.len());
+    out.push(LAYOUT_VERSION);
+    put_session(&mut out, record)?;
+    Ok(out)
+}
+
+pub(crate) fn decode_session(bytes: &[u8]) -> Result<SessionRecord, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    reader.version()?;
+    let record = reader.session()?;
+    reader.finish()?;
+    Ok(record)
+}
+
+pub(crate) fn encode_batch(ops: &[Op]) -> Result<Vec<u8>, TooLarge> {
+    let mut out = Vec::with_capacity(64 * ops.len() + 8);
+    out.push(LAYOUT_VERSION);
+    put_len(&mut out, ops.len())?;
+    for op in ops {
+        put_op(&mut out, op)?;
+    }
+    Ok(out)
+}
+
+pub(crate) fn decode_batch(bytes: &[u8]) -> Result<Vec<Op>, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    reader.version()?;
+    let count = reader.u32()? as usize;
+    // Each op takes at least 5 bytes, so a garbage count cannot make us reserve much.
+    let mut ops = Vec::with_capacity(count.min(reader.remaining() / 5));
+    for _ in 0..count {
+        ops.push(reader.op()?);
+    }
+    reader.finish()?;
+    Ok(ops)
+}
+
+fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
+    match op {
+        Op::PutSession { client_id, record } => {
+            out.push(TAG_PUT_SESSION);
+            put_str(out, client_id)?;
+            put_session(out, record)
+        }
+        Op::DeleteSession { client_id } => {
+            out.push(TAG_DELETE_SESSION);
+            put_str(out, client_id)
+        }
+        Op::Enqueue {
+            client_id,
+            seq,
+            message,
+        } => {
+            out.push(TAG_ENQUEUE);
+            put_str(out, client_id)?;
+            out.extend_from_slice(&seq.to_be_bytes());
+            put_message(out, message)
+        }
+        Op::Dequeue { client_id, seq } => {
+            out.push(TAG_DEQUEUE);
+            put_str(out, client_id)?;
+            out.extend_from_slice(&seq.to_be_bytes());
+            Ok(())
+        }
+        Op::PutRetained { message } => {
+            out.push(TAG_PUT_RETAINED);
+            put_message(out, message)
+        }
+        Op::DeleteRetained { topic } => {
+            out.push(TAG_DELETE_RETAINED);
+            put_str(out, topic)
+        }
+    }
+}
+
+fn put_message(out: &mut Vec<u8>, message: &StoredMessage) -> Result<(), TooLarge> {
+    put_str(out, &message.topic)?;
+    put_bytes(out, &message.payload)?;
+    out.push(message.qos);
+    out.push(u8::from(message.retain));
+    out.extend_from_slice(&message.published_at_ms.to_be_bytes());
+    Ok(())
+}
+
+fn put_session(out: &mut Vec<u8>, record: &SessionRecord) -> Result<(), TooLarge> {
+    out.extend_from_slice(&record.created_at_ms.to_be_bytes());
+    put_len(out, record.subscriptions.len())?;
+    for (filter, qos) in &record.subscriptions {
+        put_str(out, filter)?;
+        out.push(*qos);
+    }
+    Ok(())
+}
+
+fn put_len(out: &mut Vec<u8>, len: usize) -> Result<(), TooLarge> {
+    let len32 = u32::try_from(len).map_err(|_| TooLarge(len))?;
+    out.extend_from_slice(&len32.to_be_bytes());
+    Ok(())
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), TooLarge> {
+    put_len(out, bytes.len())?;
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) -> Result<(), TooLarge> {
+    put_bytes(out, text.as_bytes())
+}
+
+/// A cursor over untrusted bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, offset: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.offset
+    }
+
+    fn error(&self, what: &str) -> DecodeError {
+        DecodeError(format!(
+            "{what} at byte {} of {}",
+            self.offset,
+            self.bytes.len()
+        ))
+    }
+
+    fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], DecodeError> {
+        if len > self.remaining() {
+            return Err(self.error(&format!("truncated {what} (needs {len} bytes)")));
+        }
+        let taken = &self.bytes[self.offset..self.offset + len];
+        self.offset += len;
+        Ok(taken)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], DecodeError> {
+        let mut array = [0; N];
+        array.copy_from_slice(self.take(N, what)?);
+        Ok(array)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.array("length")?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array(what)?))
+    }
+
+    fn bytes(&mut self, what: &str) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32()? as usize;
+        self.take(len, what)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, DecodeError> {
+        let start = self.offset;
+        let bytes = self.bytes(what)?;
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Ok(text.to_owned()),
+            Err(_) => Err(DecodeError(format!("{what} at byte {start} is not UTF-8"))),
+        }
+    }
+
+    fn qos(&mut self) -> Result<u8, DecodeError> {
+        let qos = self.u8("qos")?;
+        if qos > 2 {
+            return Err(self.error(&format!("qos {qos} out of range")));
+        }
+        Ok(qos)
+    }
+
+    fn version(&mut self) -> Result<(), DecodeError> {
+        let version = self.u8("version byte")?;
+        if version != LAYOUT_VERSION {
+            return Err(DecodeError(format!(
+                "unknown layout version {version} (this Herald writes {LAYOUT_VERSION})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.remaining() != 0 {
+            return Err(self.error(&format!("{} trailing bytes", self.remaining())));
+        }
+        Ok(())
+    }
+
+    fn message(&mut self) -> Result<StoredMessage, DecodeError> {
+        let topic = self.string("topic")?;
+        let payload = Bytes::copy_from_slice(self.bytes("payload")?);
+        let qos = self.qos()?;
+        let retain = match self.u8("retain flag")? {
+            0 => false,
+            1 => true,
+            other => return Err(self.error(&format!("retain flag {other} is not 0 or 1"))),
+        };
+        let published_at_ms = self.u64("publish time")?;
+        Ok(StoredMessage {
+            topic,
+            payload,
+            qos,
+            retain,
+            published_at_ms,
+        })
+    }
+
+    fn session(&mut self) -> Result<SessionRecord, DecodeError> {
+        let created_at_ms = self.u64("creation time")?;
+        let count = self.u32()? as usize;
+        // Each subscription takes at least 5 bytes.
+        let mut subscriptions = Vec::with_capacity(count.min(self.remaining() / 5));
+        for _ in 0..count {
+            let filter = self.string("filter")?;
+            let qos = self.qos()?;
+            subscriptions.push((filter, qos));
+        }
+        Ok(SessionRecord {
+            subscriptions,
+            created_at_ms,
+        })
+    }
+
+    fn op(&mut self) -> Result<Op, DecodeError> {
+        let op = match self.u8("op tag")? {
+            TAG_PUT_SESSION => Op::PutSession {
+                client_id: self.string("client id")?,
+                record: self.session()?,
+            },
+            TAG_DELETE_SESSION => Op::DeleteSession {
+                client_id: self.string("client id")?,
+            },
+            TAG_ENQUEUE => Op::Enqueue {
+                client_id: self.string("client id")?,
+                seq: self.u64("seq")?,
+                message: self.message()?,
+            },
+            TAG_DEQUEUE => Op::Dequeue {
+                client_id: self.string("client id")?,
+                seq: self.u64("seq")?,
+            },
+            TAG_PUT_RETAINED => Op::PutRetained {
+                message: self.message()?,
+            },
+            TAG_DELETE_RETAINED => Op::DeleteRetained {
+                topic: self.string("topic")?,
+            },
+            other => return Err(self.error(&format!("unknown op tag {other}"))),
+        };
+        Ok(op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(topic: &str, payload: &'static [u8]) -> StoredMessage {
+        StoredMessage {
+            topic: topic.to_owned(),
+            payload: Bytes::from_static(payload),
+            qos: 1,
+            retain: true,
+            published_at_ms: 1_700_000_000_123,
+        }
+    }
+
+    fn every_op() -> Vec<Op> {
+        vec![
+            Op::PutSession {
+                client_id: "GID@@@dev-1".into(),
+                record: SessionRecord {
+                    subscriptions: vec![("a/+".into(), 1), ("b/#".into(), 2)],
+                    created_at_ms: 42,
+                },
+            },
+            Op::DeleteSession {
+                client_id: "gone".into(),
+            },
+            Op::Enqueue {
+                client_id: "GID@@@dev-1".into(),
+                seq: u64::MAX - 1,
+                message: message("a/b", b"\x00\xffpayload"),
+            },
+            Op::Dequeue {
+                client_id: "c".into(),
+                seq: 7,
+            },
+            Op::PutRetained {
+                message: message("r/é", b""),
+            },
+            Op::DeleteRetained {
+                topic: "r/x".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn values_and_batches_round_trip() {
+        let m = message("t/1", b"hello");
+        assert_eq!(decode_message(&encode_message(&m).expect("encode")), Ok(m));
+        let s = SessionRecord {
+            subscriptions: vec![("x/#".into(), 0)],
+            created_at_ms: 9,
+        };
+        assert_eq!(decode_session(&encode_session(&s).expect("encode")), Ok(s));
+        let ops = every_op();
+        assert_eq!(decode_batch(&encode_batch(&ops).expect("encode")), Ok(ops));
+        assert_eq!(
+            decode_batch(&encode_batch(&[]).expect("encode")),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let batch = encode_batch(&every_op()).expect("encode");
+        for len in 0..batch.len() {
+            assert!(
+                decode_batch(&batch[..len]).is_err(),
+                "prefix of {len} bytes"
+            );
+        }
+        let value = encode_message(&message("t", b"xyz")).expect("encode");
+        for len in 0..value.len() {
+            assert!(
+                decode_message(&value[..len]).is_err(),
+                "prefix of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        // A deterministic xorshift stream; every byte position also flipped in a valid batch.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in 0..200 {
+            let garbage: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = decode_batch(&garbage);
+            let _ = decode_message(&garbage);
+            let _ = decode_session(&garbage);
+        }
+        let batch = encode_batch(&every_op()).expect("encode");
+        for i in 0..batch.len() {
+            let mut flipped = batch.clone();
+            flipped[i] ^= 0xA5;
+            let _ = decode_batch(&flipped);
+        }
+        // Huge lengths and counts are refused without allocating.
+        assert!(decode_batch(&[LAYOUT_VERSION, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(
+            decode_session(&[
+                LAYOUT_VERSION,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0xff,
+                0xff,
+                0xff,
+                0xff
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_refused() {
+        let mut bytes = encode_message(&message("t", b"p")).expect("encode");
+        assert!(
+            decode_message(&[&bytes[..], &[0]].concat()).is_err(),
+            "trailing byte"
+        );
+        bytes[0] = 2;
+        let error = decode_message(&bytes).expect_err("newer layout");
+        assert!(error.to_string().contains("layout version 2"), "{error}");
+        // qos is after version(1) + topic(4 + 1) + payload(4 + 1).
+        let mut bytes = encode_message(&message("t", b"p")).expect("encode");
+        bytes[11] = 3;
+        assert!(decode_message(&bytes).is_err(), "qos 3");
+        bytes[11] = 1;
+        bytes[12] = 2;
+        assert!(decode_message(&bytes).is_err(), "retain 2");
+        let mut bytes = encode_message(&message("t", b"p")).expect("encode");
+        bytes[5] = 0xff;
+        assert!(decode_message(&bytes).is_err(), "topic not UTF-8");
+    }
+
+    #[test]
+    fn debug_does_not_show_the_payload() {
+        let shown = format!("{:?}", message("t", b"secret-bytes"));
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("payload_len: 12"), "{shown}");
+    }
+}

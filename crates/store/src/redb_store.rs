@@ -1,0 +1,504 @@
+//! [`RedbStore`]: the [`Store`] on disk, in one redb file `herald.redb` in the data directory,
+//! plus the write-ahead log `herald.wal` in interval mode (see `wal`).
+//!
+//! Owns the key schema, the format version check, start-up recovery (integrity check, log
+//! replay, compaction) and the mapping of [`Op`]s onto tables. It does not own the value
+//! layout (`codec`) nor the log's file format (`wal`).
+//!
+//! Tables:
+//! - `meta`: `&str → u64`; `format_version` ([`FORMAT_VERSION`]) and `next_seq` (one more than
+//!   the largest seq ever enqueued).
+//! - `sessions`: client id → encoded [`crate::SessionRecord`].
+//! - `queue`: `(client id, seq)` → encoded [`crate::StoredMessage`]. redb compares tuple keys
+//!   field by field and `u64` keys as numbers, so a client's messages are contiguous and iterate
+//!   in seq (delivery) order; deleting a session is one range delete.
+//! - `retained`: topic → encoded [`crate::StoredMessage`].
+//!
+//! Durability: [`SyncMode::Always`] commits every batch with `Durability::Immediate` (fsync).
+//! [`SyncMode::Interval`] appends the batch to the log (survives a process crash), then commits
+//! with `Durability::None`; [`Store::flush`] commits durably and empties the log. [`RedbStore::open`]
+//! replays the log in either mode, so a directory can switch modes between runs.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Builder, Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    TableError, TableHandle,
+};
+use tracing::{debug, info, warn};
+
+use crate::codec::{self, TooLarge};
+use crate::error::EngineContext;
+use crate::wal::{Recovered, Wal};
+use crate::{Op, Snapshot, Store, StoreError, StoredMessage, SyncMode};
+
+/// The layout of the data directory this Herald reads and writes. A directory with a larger
+/// version is refused with [`StoreError::NewerFormat`].
+pub const FORMAT_VERSION: u64 = 1;
+
+pub(crate) const DB_FILE: &str = "herald.redb";
+
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+
+pub(crate) const KEY_FORMAT_VERSION: &str = "format_version";
+const KEY_NEXT_SEQ: &str = "next_seq";
+
+/// redb's page cache. Its default (1 GiB) is sized for a database server; the broker's working
+/// set is the queues of offline sessions, which it reads once at start-up.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// In interval mode, a log that grows past this is flushed by `apply` itself, so that a caller
+/// that rarely flushes does not make start-up replay unbounded.
+const WAL_FLUSH_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A [`Store`] in a redb database.
+pub struct RedbStore {
+    db: Database,
+    db_path: PathBuf,
+    sync: SyncMode,
+    /// The open log in interval mode; `None` in always mode.
+    wal: Option<Wal>,
+    /// Interval mode: batches were applied since the last durable commit.
+    unflushed: bool,
+    /// Set when a failed write could not be undone; see [`StoreError::Unusable`].
+    unusable: bool,
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.db_path)
+            .field("sync", &self.sync)
+            .field("unflushed", &self.unflushed)
+            .field("unusable", &self.unusable)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The four tables, open in one write transaction.
+struct Tables<'txn> {
+    meta: Table<'txn, &'static str, u64>,
+    sessions: Table<'txn, &'static str, &'static [u8]>,
+    queue: Table<'txn, (&'static str, u64), &'static [u8]>,
+    retained: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl RedbStore {
+    /// Opens the store in `data_dir` (created if missing), or creates it.
+    ///
+    /// Start-up work, in order: check every page's checksum (a file redb did not write is
+    /// refused rather than trusted), check the format version, replay the write-ahead log and
+    /// commit it durably, compact the file (redb otherwise keeps it at its high-water mark),
+    /// then start an empty log in interval mode or remove it in always mode.
+    pub fn open(data_dir: &Path, sync: SyncMode) -> Result<RedbStore, StoreError> {
+        fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir, e))?;
+        let db_path = data_dir.join(DB_FILE);
+        let log = Wal::read(data_dir)?;
+        let pending = log.as_ref().filter(|log| !log.records.is_empty());
+        // Checked before redb creates a file, so that a refused start leaves the directory as
+        // it was.
+        if let Some(pending) = pending
+            && !has_bytes(&db_path)?
+        {
+            return Err(orphan_log(pending, &db_path));
+        }
+        let mut db = Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .set_check_integrity_on_open(true)
+            .create(&db_path)
+            .at(&db_path, "opening the database")?;
+
+        let fresh = check_format(&db, &db_path)?;
+        if fresh {
+            if let Some(pending) = pending {
+                return Err(orphan_log(pending, &db_path));
+            }
+            initialize(&db, &db_path)?;
+        }
+        let recovered = match log {
+            Some(log) => Some(replay_log(&db, &db_path, log)?),
+            None => None,
+        };
+        let compacted = db.compact().at(&db_path, "compacting")?;
+        debug!(path = %db_path.display(), compacted, "compaction at start-up done");
+
+        let wal = match sync {
+            SyncMode::Always => {
+                if recovered.is_some() {
+                    Wal::remove(data_dir)?;
+                }
+                None
+            }
+            SyncMode::Interval { .. } => {
+                let generation = recovered.map_or(1, |generation| generation.wrapping_add(1));
+                Some(Wal::create(data_dir, generation)?)
+            }
+        };
+        info!(path = %db_path.display(), ?sync, fresh, "store open");
+        Ok(RedbStore {
+            db,
+            db_path,
+            sync,
+            wal,
+            unflushed: false,
+            unusable: false,
+        })
+    }
+
+    fn apply_logged(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let Some(wal) = self.wal.as_mut() else {
+            return commit(&self.db, &self.db_path, ops, Durability::Immediate);
+        };
+        let payload = codec::encode_batch(ops).map_err(|e| too_large(&self.db_path, &e))?;
+        let mark = wal.len();
+        let written = wal
+            .append(&payload)
+            .and_then(|()| commit(&self.db, &self.db_path, ops, Durability::None));
+        if let Err(error) = written {
+            // Undo the record, or a later replay would apply a batch reported as failed.
+            if let Err(undo) = wal.truncate(mark) {
+                warn!(
+                    path = %wal.path().display(),
+                    %error,
+                    %undo,
+                    "could not remove a failed batch from the write-ahead log"
+                );
+                self.unusable = true;
+            }
+            return Err(error);
+        }
+        self.unflushed = true;
+        if wal.len() > WAL_FLUSH_BYTES {
+            // The batch is applied and logged: a failure here is retried by the next flush.
+            if let Err(error) = self.flush() {
+                warn!(%error, "flushing a full write-ahead log failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn unusable_error(&self) -> StoreError {
+        StoreError::Unusable {
+            path: self.db_path.clone(),
+        }
+    }
+}
+
+impl Store for RedbStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        load(&self.db, &self.db_path)
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        if self.unusable {
+            return Err(self.unusable_error());
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.apply_logged(ops)
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.unusable {
+            return Err(self.unusable_error());
+        }
+        let Some(wal) = self.wal.as_mut() else {
+            return Ok(());
+        };
+        if !self.unflushed {
+            return Ok(());
+        }
+        // An empty commit with Immediate durability makes the earlier Durability::None commits
+        // durable too.
+        commit(&self.db, &self.db_path, &[], Durability::Immediate)?;
+        self.unflushed = false;
+        wal.reset()
+    }
+}
+
+/// Returns whether the database is new (has no table at all), after checking that an existing
+/// one was written by a Herald that uses this format.
+fn check_format(db: &Database, path: &Path) -> Result<bool, StoreError> {
+    let txn = db.begin_read().at(path, "reading")?;
+    let tables: Vec<String> = txn
+        .list_tables()
+        .at(path, "listing tables")?
+        .map(|table| table.name().to_owned())
+        .collect();
+    if tables.is_empty() {
+        return Ok(true);
+    }
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(TableError::TableDoesNotExist(_)) => {
+            return Err(StoreError::Corrupt(format!(
+                "{}: a redb database with tables {tables:?} but no format version: not written \
+                 by Herald",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(e).at(path, "reading the format version"),
+    };
+    let version = meta
+        .get(KEY_FORMAT_VERSION)
+        .at(path, "reading the format version")?
+        .map(|guard| guard.value());
+    match version {
+        Some(FORMAT_VERSION) => Ok(false),
+        Some(found) if found > FORMAT_VERSION => Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found,
+            supported: FORMAT_VERSION,
+        }),
+        Some(found) => Err(StoreError::Corrupt(format!(
+            "{}: unknown format version {found}",
+            path.display()
+        ))),
+        None => Err(StoreError::Corrupt(format!(
+            "{}: the meta table has no format version",
+            path.display()
+        ))),
+    }
+}
+
+/// Creates every table and writes the format version, durably.
+fn initialize(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let txn = db.begin_write().at(path, "starting a write")?;
+    {
+        let mut tables = Tables::open(&txn, path)?;
+        tables
+            .meta
+            .insert(KEY_FORMAT_VERSION, FORMAT_VERSION)
+            .at(path, "writing the format version")?;
+    }
+    txn.commit().at(path, "creating the tables")?;
+    info!(path = %path.display(), version = FORMAT_VERSION, "created a new store");
+    Ok(())
+}
+
+/// Replays the complete records of the write-ahead log into the database in one durable
+/// commit. Returns the log's generation.
+fn replay_log(db: &Database, db_path: &Path, log: Recovered) -> Result<u64, StoreError> {
+    if log.ignored_bytes > 0 {
+        warn!(
+            path = %log.path.display(),
+            ignored_bytes = log.ignored_bytes,
+            "ignored the torn or unsynced tail of the write-ahead log (it was never flushed)"
+        );
+    }
+    if log.records.is_empty() {
+        return Ok(log.generation);
+    }
+    let mut ops = Vec::new();
+    for (index, record) in log.records.iter().enumerate() {
+        let batch = codec::decode_batch(record).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "{}: record {index} passed its checksum but does not decode: {e}",
+                log.path.display()
+            ))
+        })?;
+        ops.extend(batch);
+    }
+    // Ops are idempotent, so replaying batches redb already has (say, after a crash between
+    // a flush's commit and its log reset) is harmless.
+    commit(db, db_path, &ops, Durability::Immediate)?;
+    info!(
+        path = %log.path.display(),
+        batches = log.records.len(),
+        ops = ops.len(),
+        "replayed the write-ahead log"
+    );
+    Ok(log.generation)
+}
+
+/// The error for a log with batches next to a database that is missing, empty or new.
+fn orphan_log(log: &Recovered, db_path: &Path) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{} holds {} unflushed batch(es) but {} is missing or empty (was it removed?)",
+        log.path.display(),
+        log.records.len(),
+        db_path.display()
+    ))
+}
+
+fn has_bytes(path: &Path) -> Result<bool, StoreError> {
+    match fs::metadata(path) {
+        Ok(metadata) => Ok(metadata.len() > 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::io(path, e)),
+    }
+}
+
+/// Applies `ops` in one write transaction: all of them, or none if any step fails.
+fn commit(
+    db: &Database,
+    path: &Path,
+    ops: &[Op],
+    durability: Durability,
+) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().at(path, "starting a write")?;
+    txn.set_durability(durability)
+        .at(path, "setting durability")?;
+    if !ops.is_empty() {
+        let mut tables = Tables::open(&txn, path)?;
+        let stored_next_seq = tables
+            .meta
+            .get(KEY_NEXT_SEQ)
+            .at(path, "reading next_seq")?
+            .map_or(0, |guard| guard.value());
+        let mut next_seq = stored_next_seq;
+        for op in ops {
+            tables.apply(op, path, &mut next_seq)?;
+        }
+        if next_seq != stored_next_seq {
+            tables
+                .meta
+                .insert(KEY_NEXT_SEQ, next_seq)
+                .at(path, "writing next_seq")?;
+        }
+    }
+    // An error above drops `txn`, which aborts it.
+    txn.commit().at(path, "committing")
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction, path: &Path) -> Result<Self, StoreError> {
+        Ok(Tables {
+            meta: txn.open_table(META).at(path, "opening table meta")?,
+            sessions: txn
+                .open_table(SESSIONS)
+                .at(path, "opening table sessions")?,
+            queue: txn.open_table(QUEUE).at(path, "opening table queue")?,
+            retained: txn
+                .open_table(RETAINED)
+                .at(path, "opening table retained")?,
+        })
+    }
+
+    fn apply(&mut self, op: &Op, path: &Path, next_seq: &mut u64) -> Result<(), StoreError> {
+        match op {
+            Op::PutSession { client_id, record } => {
+                let value = codec::encode_session(record).map_err(|e| too_large(path, &e))?;
+                self.sessions
+                    .insert(client_id.as_str(), value.as_slice())
+                    .at(path, "writing a session")?;
+            }
+            Op::DeleteSession { client_id } => {
+                self.sessions
+                    .remove(client_id.as_str())
+                    .at(path, "deleting a session")?;
+                let client = client_id.as_str();
+                self.queue
+                    .retain_in((client, 0)..=(client, u64::MAX), |_, _| false)
+                    .at(path, "deleting a session's queue")?;
+            }
+            Op::Enqueue {
+                client_id,
+                seq,
+                message,
+            } => {
+                let value = codec::encode_message(message).map_err(|e| too_large(path, &e))?;
+                self.queue
+                    .insert((client_id.as_str(), *seq), value.as_slice())
+                    .at(path, "queueing a message")?;
+                *next_seq = (*next_seq).max(seq.saturating_add(1));
+            }
+            Op::Dequeue { client_id, seq } => {
+                self.queue
+                    .remove((client_id.as_str(), *seq))
+                    .at(path, "removing a queued message")?;
+            }
+            Op::PutRetained { message } => {
+                let value = codec::encode_message(message).map_err(|e| too_large(path, &e))?;
+                self.retained
+                    .insert(message.topic.as_str(), value.as_slice())
+                    .at(path, "writing a retained message")?;
+            }
+            Op::DeleteRetained { topic } => {
+                self.retained
+                    .remove(topic.as_str())
+                    .at(path, "deleting a retained message")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn load(db: &Database, path: &Path) -> Result<Snapshot, StoreError> {
+    let txn = db.begin_read().at(path, "reading")?;
+    let corrupt = |table: &str, key: &dyn fmt::Debug, error: codec::DecodeError| {
+        StoreError::Corrupt(format!(
+            "{}: table {table}, key {key:?}: {error}",
+            path.display()
+        ))
+    };
+    let mut snapshot = Snapshot::default();
+
+    let sessions = txn
+        .open_table(SESSIONS)
+        .at(path, "opening table sessions")?;
+    for entry in sessions.iter().at(path, "reading sessions")? {
+        let (key, value) = entry.at(path, "reading sessions")?;
+        let record = codec::decode_session(value.value())
+            .map_err(|e| corrupt("sessions", &key.value(), e))?;
+        snapshot.sessions.push((key.value().to_owned(), record));
+    }
+
+    let queue = txn.open_table(QUEUE).at(path, "opening table queue")?;
+    let mut largest_seq = None;
+    for entry in queue.iter().at(path, "reading the queue")? {
+        let (key, value) = entry.at(path, "reading the queue")?;
+        let (client_id, seq) = key.value();
+        let message =
+            codec::decode_message(value.value()).map_err(|e| corrupt("queue", &key.value(), e))?;
+        largest_seq = largest_seq.max(Some(seq));
+        push_queued(&mut snapshot.queues, client_id, seq, message);
+    }
+
+    let retained = txn
+        .open_table(RETAINED)
+        .at(path, "opening table retained")?;
+    for entry in retained.iter().at(path, "reading retained messages")? {
+        let (key, value) = entry.at(path, "reading retained messages")?;
+        let message = codec::decode_message(value.value())
+            .map_err(|e| corrupt("retained", &key.value(), e))?;
+        snapshot.retained.push(message);
+    }
+
+    let meta = txn.open_table(META).at(path, "opening table meta")?;
+    let stored_next_seq = meta
+        .get(KEY_NEXT_SEQ)
+        .at(path, "reading next_seq")?
+        .map_or(0, |guard| guard.value());
+    // next_seq is written with every Enqueue; the max is only a guard against a future bug.
+    let after_largest = largest_seq.map_or(0, |seq: u64| seq.saturating_add(1));
+    snapshot.next_seq = stored_next_seq.max(after_largest);
+    Ok(snapshot)
+}
+
+/// Appends to the last client's queue, or starts a new one: the table iterates by client.
+fn push_queued(
+    queues: &mut Vec<(String, Vec<(u64, StoredMessage)>)>,
+    client_id: &str,
+    seq: u64,
+    message: StoredMessage,
+) {
+    match queues.last_mut() {
+        Some((last, messages)) if last == client_id => messages.push((seq, message)),
+        _ => queues.push((client_id.to_owned(), vec![(seq, message)])),
+    }
+}
+
+fn too_large(path: &Path, error: &TooLarge) -> StoreError {
+    StoreError::Engine(format!(
+        "{}: a field of {} bytes is too large to store",
+        path.display(),
+        error.0
+    ))
+}

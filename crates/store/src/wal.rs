@@ -1,0 +1,380 @@
+//! The write-ahead log of [`crate::SyncMode::Interval`]: the file `herald.wal`.
+//!
+//! Owns the log's layout, its checksum, appending and undoing a record, reading the records back
+//! after a crash, and replacing the log with an empty one. It does not know what a record means
+//! (that is `codec`) nor apply it (that is `redb_store`).
+//!
+//! Why it exists: in interval mode redb commits with `Durability::None`, and such a commit is
+//! lost if the *process* dies before the next durable commit. DESIGN.md allows losing the last
+//! interval on power loss, never on a process crash. So each batch is first appended here with
+//! one `write` (no fsync): once `write` returns, the bytes are in the kernel and survive the
+//! process. At the next flush redb commits durably and the log is replaced by an empty one.
+//!
+//! Layout: a 17-byte header, `b"HRLDWAL\n"`, a version byte, and a big-endian `u64` generation;
+//! then records of `len: u32`, `crc: u32` (both big-endian) and `len` bytes of payload. The CRC-32
+//! covers the generation, `len` and the payload, so a record left over from an older log (say,
+//! in blocks a crashed file system hands back) never passes as one of this log's.
+//!
+//! Reading stops at the first record that is incomplete or fails its checksum: that is the tail
+//! a crash tore off in the middle of a `write`, or, after a power loss, blocks that never reached
+//! the disk. Either way it was never flushed, so DESIGN.md allows losing it.
+//!
+//! The log is replaced atomically: an empty log is written to `herald.wal.tmp`, fsynced, and
+//! renamed over `herald.wal`, and the directory is fsynced. A crash at any point leaves either
+//! the old log (replaying it again is harmless: ops are idempotent) or the new empty one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::StoreError;
+
+pub(crate) const WAL_FILE: &str = "herald.wal";
+const TMP_FILE: &str = "herald.wal.tmp";
+const MAGIC: [u8; 8] = *b"HRLDWAL\n";
+const WAL_VERSION: u8 = 1;
+pub(crate) const HEADER_LEN: u64 = 17;
+const RECORD_HEADER_LEN: usize = 8;
+
+/// An open log, positioned at its end.
+pub(crate) struct Wal {
+    path: PathBuf,
+    dir: PathBuf,
+    file: File,
+    generation: u64,
+    /// Bytes of complete records plus the header: where the next record goes.
+    len: u64,
+}
+
+/// What [`Wal::read`] found.
+pub(crate) struct Recovered {
+    pub(crate) path: PathBuf,
+    pub(crate) generation: u64,
+    /// Payloads of the complete, checksum-valid records, in order.
+    pub(crate) records: Vec<Vec<u8>>,
+    /// Bytes after the last valid record (a torn or never-synced tail).
+    pub(crate) ignored_bytes: u64,
+}
+
+impl Wal {
+    /// Replaces any log in `dir` with an empty one of `generation`.
+    pub(crate) fn create(dir: &Path, generation: u64) -> Result<Wal, StoreError> {
+        let (wal, dir_synced) = Wal::replace(dir, generation)?;
+        dir_synced?;
+        Ok(wal)
+    }
+
+    /// Writes an empty log and renames it over the old one. An error before the rename leaves
+    /// the old log in place; after it, the new log is returned with the result of syncing the
+    /// directory, since the old file handle then points at an unlinked file.
+    fn replace(dir: &Path, generation: u64) -> Result<(Wal, Result<(), StoreError>), StoreError> {
+        let path = dir.join(WAL_FILE);
+        let tmp = dir.join(TMP_FILE);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::io(&tmp, e))?;
+        let mut header = Vec::with_capacity(HEADER_LEN as usize);
+        header.extend_from_slice(&MAGIC);
+        header.push(WAL_VERSION);
+        header.extend_from_slice(&generation.to_be_bytes());
+        file.write_all(&header)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| StoreError::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
+        let wal = Wal {
+            path,
+            dir: dir.to_path_buf(),
+            file,
+            generation,
+            len: HEADER_LEN,
+        };
+        Ok((wal, sync_dir(dir)))
+    }
+
+    /// Removes the log of `dir` (and a leftover temporary one), durably.
+    pub(crate) fn remove(dir: &Path) -> Result<(), StoreError> {
+        for name in [WAL_FILE, TMP_FILE] {
+            let path = dir.join(name);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(&path, e)),
+            }
+        }
+        sync_dir(dir)
+    }
+
+    /// Reads the log of `dir`, if there is one.
+    pub(crate) fn read(dir: &Path) -> Result<Option<Recovered>, StoreError> {
+        let path = dir.join(WAL_FILE);
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        let (version, generation) = match parse_header(&data) {
+            Some(header) => header,
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: not a Herald write-ahead log (bad header)",
+                    path.display()
+                )));
+            }
+        };
+        if version > WAL_VERSION {
+            return Err(StoreError::NewerFormat {
+                path,
+                found: u64::from(version),
+                supported: u64::from(WAL_VERSION),
+            });
+        }
+        if version != WAL_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "{}: unknown write-ahead log version {version}",
+                path.display()
+            )));
+        }
+        let (records, valid_len) = parse_records(&data, generation);
+        Ok(Some(Recovered {
+            path,
+            generation,
+            records,
+            ignored_bytes: (data.len() - valid_len) as u64,
+        }))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes in the log, header included.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends one record with a single `write_all`, without fsync. On error the file may hold
+    /// part of the record: call [`Wal::truncate`] with the length from before.
+    pub(crate) fn append(&mut self, payload: &[u8]) -> Result<(), StoreError> {
+        let len = u32::try_from(payload.len()).map_err(|_| {
+            StoreError::Engine(format!(
+                "{}: a batch of {} bytes is too large for one log record",
+                self.path.display(),
+                payload.len()
+            ))
+        })?;
+        let len_bytes = len.to_be_bytes();
+        let crc = crc32(&[&self.generation.to_be_bytes(), &len_bytes, payload]);
+        let mut record = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
+        record.extend_from_slice(&len_bytes);
+        record.extend_from_slice(&crc.to_be_bytes());
+        record.extend_from_slice(payload);
+        self.file
+            .write_all(&record)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.len += record.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts the log back to `len` bytes, dropping the records appended since.
+    pub(crate) fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
+        self.file
+            .set_len(len)
+            .and_then(|()| self.file.seek(SeekFrom::Start(len)))
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// Replaces the log with an empty one of the next generation (see the module docs).
+    pub(crate) fn reset(&mut self) -> Result<(), StoreError> {
+        let (fresh, dir_synced) = Wal::replace(&self.dir, self.generation.wrapping_add(1))?;
+        *self = fresh;
+        dir_synced
+    }
+}
+
+fn parse_header(data: &[u8]) -> Option<(u8, u64)> {
+    let header = data.get(..HEADER_LEN as usize)?;
+    if header[..8] != MAGIC {
+        return None;
+    }
+    let generation = u64::from_be_bytes(header[9..17].try_into().ok()?);
+    Some((header[8], generation))
+}
+
+/// Returns the payloads of the valid records and the length of the valid prefix of `data`.
+fn parse_records(data: &[u8], generation: u64) -> (Vec<Vec<u8>>, usize) {
+    let generation = generation.to_be_bytes();
+    let mut records = Vec::new();
+    let mut offset = HEADER_LEN as usize;
+    while let Some(record_header) = data.get(offset..offset + RECORD_HEADER_LEN) {
+        let (len_bytes, crc_bytes) = record_header.split_at(4);
+        let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+        let crc = u32::from_be_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
+        let start = offset + RECORD_HEADER_LEN;
+        let Some(payload) = data.get(start..start + len as usize) else {
+            break;
+        };
+        if crc32(&[&generation, len_bytes, payload]) != crc {
+            break;
+        }
+        records.push(payload.to_vec());
+        offset = start + payload.len();
+    }
+    (records, offset)
+}
+
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}
+
+// Other systems cannot open a directory to sync it; the rename is as durable as they make it.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// CRC-32 (IEEE 802.3, the one of zlib and Ethernet) of the concatenation of `parts`.
+fn crc32(parts: &[&[u8]]) -> u32 {
+    let mut crc = !0_u32;
+    for part in parts {
+        for &byte in *part {
+            crc = CRC_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
+        }
+    }
+    !crc
+}
+
+const CRC_TABLE: [u32; 256] = crc_table();
+
+const fn crc_table() -> [u32; 256] {
+    let mut table = [0_u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 == 1 {
+                0xEDB8_8320 ^ (crc >> 1)
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(&[b"123456789"]), 0xCBF4_3926);
+        assert_eq!(crc32(&[b"1234", b"56789"]), 0xCBF4_3926);
+        assert_eq!(crc32(&[]), 0);
+    }
+
+    #[test]
+    fn records_come_back_and_a_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::create(dir.path(), 7).expect("create");
+        wal.append(b"first").expect("append");
+        wal.append(b"second").expect("append");
+        let full = fs::read(wal.path()).expect("read");
+
+        let read = Wal::read(dir.path()).expect("read").expect("present");
+        assert_eq!(read.generation, 7);
+        assert_eq!(read.records, vec![b"first".to_vec(), b"second".to_vec()]);
+        assert_eq!(read.ignored_bytes, 0);
+
+        // Every cut inside the second record loses that record only.
+        let second_start = HEADER_LEN as usize + RECORD_HEADER_LEN + 5;
+        for cut in second_start..full.len() {
+            fs::write(dir.path().join(WAL_FILE), &full[..cut]).expect("write");
+            let read = Wal::read(dir.path()).expect("read").expect("present");
+            assert_eq!(read.records, vec![b"first".to_vec()], "cut at {cut}");
+            assert_eq!(read.ignored_bytes, (cut - second_start) as u64);
+        }
+        // So does a flipped bit in its payload.
+        let mut flipped = full.clone();
+        flipped[full.len() - 1] ^= 1;
+        fs::write(dir.path().join(WAL_FILE), &flipped).expect("write");
+        let read = Wal::read(dir.path()).expect("read").expect("present");
+        assert_eq!(read.records, vec![b"first".to_vec()]);
+    }
+
+    #[test]
+    fn records_of_another_generation_are_not_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::create(dir.path(), 1).expect("create");
+        wal.append(b"old").expect("append");
+        let old = fs::read(wal.path()).expect("read");
+        wal.reset().expect("reset");
+        assert_eq!(fs::metadata(wal.path()).expect("stat").len(), HEADER_LEN);
+        // Stale bytes of generation 1 after the header of generation 2.
+        let mut stale = fs::read(wal.path()).expect("read");
+        stale.extend_from_slice(&old[HEADER_LEN as usize..]);
+        fs::write(wal.path(), &stale).expect("write");
+        let read = Wal::read(dir.path()).expect("read").expect("present");
+        assert_eq!(read.generation, 2);
+        assert!(read.records.is_empty());
+    }
+
+    #[test]
+    fn truncate_drops_the_last_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::create(dir.path(), 1).expect("create");
+        wal.append(b"kept").expect("append");
+        let mark = wal.len();
+        wal.append(b"undone").expect("append");
+        wal.truncate(mark).expect("truncate");
+        wal.append(b"next").expect("append");
+        let read = Wal::read(dir.path()).expect("read").expect("present");
+        assert_eq!(read.records, vec![b"kept".to_vec(), b"next".to_vec()]);
+    }
+
+    #[test]
+    fn a_bad_header_or_newer_version_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(WAL_FILE);
+        fs::write(&path, b"not a log at all, but long enough").expect("write");
+        let error = Wal::read(dir.path()).err().expect("bad header refused");
+        assert!(matches!(error, StoreError::Corrupt(_)), "{error}");
+        assert!(
+            error.to_string().contains(&path.display().to_string()),
+            "{error}"
+        );
+
+        Wal::create(dir.path(), 1).expect("create");
+        let mut data = fs::read(&path).expect("read");
+        data[8] = WAL_VERSION + 1;
+        fs::write(&path, &data).expect("write");
+        let error = Wal::read(dir.path()).err().expect("newer refused");
+        assert!(
+            matches!(
+                error,
+                StoreError::NewerFormat {
+                    found: 2,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(
+            Wal::read(&dir.path().join("missing"))
+                .expect("read")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! Test helpers: start Herald on 127.0.0.1:0 (in this process, or as a real process that can be
+//! SIGKILLed), talk raw MQTT bytes, or use `rumqttc` clients with Signature credentials.
+
+mod client;
+mod process;
+mod raw;
+
+pub use client::{TestClient, options, signed_options};
+pub use process::BrokerProcess;
+pub use raw::RawClient;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use herald::Broker;
+use herald::config::Config;
+use tempfile::TempDir;
+
+/// The demo instance of the shipped config, with the data in `data_dir` and TCP on port 0.
+/// `extra` is appended (it may add `[limits]`, `[storage]`, more keys, groups or topics).
+pub fn demo_config(data_dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[node]
+id = "test-node"
+data_dir = "{dir}"
+
+[listeners.tcp]
+bind = "127.0.0.1:0"
+
+[instance]
+id = "herald-demo"
+
+[[access_keys]]
+id = "demo"
+secret = "demo-secret"
+publish = ["demo/#"]
+subscribe = ["demo/#"]
+
+[[groups]]
+id = "GID_demo"
+
+[[topics]]
+parent = "demo"
+{extra}
+"#,
+        dir = data_dir.display()
+    )
+}
+
+/// An open broker for plain MQTT clients: anonymous, any client id, any topic.
+pub fn open_config(data_dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[node]
+id = "test-node"
+data_dir = "{dir}"
+
+[listeners.tcp]
+bind = "127.0.0.1:0"
+
+[instance]
+id = "herald-demo"
+allow_anonymous = true
+client_id_format = "any"
+{extra}
+"#,
+        dir = data_dir.display()
+    )
+}
+
+/// The demo secret's Signature password for `client_id`.
+pub fn signature(client_id: &str) -> String {
+    herald_auth::sign("demo-secret", client_id)
+}
+
+/// The Signature user name of the demo key.
+pub const DEMO_USER: &str = "Signature|demo|herald-demo";
+
+/// A broker running in this process, with its own data directory.
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    broker: Option<Broker>,
+    dir: TempDir,
+    config_text: String,
+}
+
+impl TestBroker {
+    /// Starts the demo config plus `extra`.
+    pub async fn demo(extra: &str) -> TestBroker {
+        let dir = TempDir::new().expect("temp dir");
+        let text = demo_config(&dir.path().join("data"), extra);
+        TestBroker::start_in(dir, text).await
+    }
+
+    /// Starts the open config plus `extra`.
+    pub async fn open(extra: &str) -> TestBroker {
+        let dir = TempDir::new().expect("temp dir");
+        let text = open_config(&dir.path().join("data"), extra);
+        TestBroker::start_in(dir, text).await
+    }
+
+    async fn start_in(dir: TempDir, config_text: String) -> TestBroker {
+        // Logs show with RUST_LOG set (e.g. RUST_LOG=debug cargo test ... -- --nocapture).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let config = Config::parse(&config_text, &|_| None)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let broker = Broker::start(config).await.expect("broker starts");
+        TestBroker {
+            addr: broker.tcp_addr.expect("tcp listener"),
+            broker: Some(broker),
+            dir,
+            config_text,
+        }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        self.broker.as_ref().expect("running")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Shuts down cleanly and starts again on the same data (on a new port).
+    pub async fn restart(mut self) -> TestBroker {
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await;
+        }
+        let TestBroker {
+            dir, config_text, ..
+        } = self;
+        TestBroker::start_in(dir, config_text).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Limits of DESIGN.md 2, each with its refusal.
+
+use std::num::NonZeroU16;
+
+use herald_protocol::{ConnAck, ConnectReturnCode, Packet, QoS as WireQoS, SubAckCode};
+use herald_testkit::{RawClient, TestBroker, TestClient, options};
+use rumqttc::{QoS, SubscribeReasonCode};
+
+use crate::QUIET;
+
+fn pid(n: u16) -> NonZeroU16 {
+    NonZeroU16::new(n).expect("non-zero")
+}
+
+#[tokio::test]
+async fn client_id_longer_than_the_limit_gets_code_2() {
+    let broker = TestBroker::open("[limits]\nmax_client_id_len = 10\n").await;
+    let mut raw = RawClient::connect(broker.addr).await;
+    raw.send(RawClient::connect_packet("abcdefghijk", None, None, true))
+        .await;
+    assert_eq!(
+        raw.recv().await,
+        Some(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::IdentifierRejected
+        }))
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn topic_longer_than_the_limit() {
+    let broker = TestBroker::open("[limits]\nmax_topic_len = 16\n").await;
+    let mut client = TestClient::connected(options(broker.addr, "long", true)).await;
+    let codes = client.subscribe(&"f".repeat(17), QoS::AtMostOnce).await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
+    client
+        .client
+        .publish("t".repeat(17), QoS::AtMostOnce, false, b"x".to_vec())
+        .await
+        .expect("queue");
+    client.closed().await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn subscriptions_beyond_the_limit_get_0x80() {
+    let broker = TestBroker::open("[limits]\nmax_subscriptions = 2\n").await;
+    let mut client = TestClient::connected(options(broker.addr, "many", true)).await;
+    assert_eq!(
+        client.subscribe("a", QoS::AtMostOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        client.subscribe("b", QoS::AtMostOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        client.subscribe("c", QoS::AtMostOnce).await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    // Re-subscribing to an existing filter is a replacement, not a new subscription.
+    assert_eq!(
+        client.subscribe("a", QoS::AtLeastOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn packets_over_the_size_limit_close_the_connection() {
+    let broker = TestBroker::open("[limits]\nmax_packet_size = 1024\n").await;
+    let mut client = TestClient::connected(options(broker.addr, "big", true)).await;
+    client
+        .client
+        .publish("big", QoS::AtMostOnce, false, vec![0u8; 2000])
+        .await
+        .expect("queue");
+    client.closed().await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn no_more_than_max_inflight_unacknowledged_messages() {
+    let broker = TestBroker::open("[limits]\nmax_inflight = 3\n").await;
+    let mut sub = RawClient::connect(broker.addr).await;
+    sub.send(RawClient::connect_packet("slow", None, None, true))
+        .await;
+    assert!(matches!(sub.recv().await, Some(Packet::ConnAck(_))));
+    sub.send(Packet::Subscribe {
+        packet_id: pid(1),
+        filters: vec![("w".into(), WireQoS::AtLeastOnce)],
+    })
+    .await;
+    assert_eq!(
+        sub.recv().await,
+        Some(Packet::SubAck {
+            packet_id: pid(1),
+            codes: vec![SubAckCode::Granted(WireQoS::AtLeastOnce)]
+        })
+    );
+    let mut publisher = TestClient::connected(options(broker.addr, "fast", true)).await;
+    for i in 0..5u8 {
+        publisher.publish("w", QoS::AtLeastOnce, false, &[i]).await;
+    }
+    let mut ids = Vec::new();
+    for expected in 0..3u8 {
+        let Some(Packet::Publish(p)) = sub.recv().await else {
+            panic!("publish")
+        };
+        assert_eq!(&p.payload[..], &[expected]);
+        ids.push(p.packet_id.expect("id"));
+    }
+    sub.expect_silence(QUIET).await;
+    sub.send(Packet::PubAck(ids[0])).await;
+    let Some(Packet::Publish(p)) = sub.recv().await else {
+        panic!("publish")
+    };
+    assert_eq!(&p.payload[..], &[3]);
+    sub.expect_silence(QUIET).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn the_offline_queue_keeps_the_newest_messages_up_to_its_bound() {
+    let broker = TestBroker::open("[limits]\nmax_queued_messages = 3\n").await;
+    let sub = TestClient::connected(options(broker.addr, "away", false)).await;
+    let mut sub = sub;
+    sub.subscribe("q", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut publisher = TestClient::connected(options(broker.addr, "pub", true)).await;
+    for i in 0..5u8 {
+        publisher.publish("q", QoS::AtLeastOnce, false, &[i]).await;
+    }
+    let mut sub = TestClient::connected(options(broker.addr, "away", false)).await;
+    for expected in 2..5u8 {
+        assert_eq!(&sub.next_publish().await.payload[..], &[expected]);
+    }
+    sub.expect_no_publish(QUIET).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed() {
+    let broker = TestBroker::open("[limits]\nmax_connections = 2\n").await;
+    let _a = TestClient::connected(options(broker.addr, "a", true)).await;
+    let _b = TestClient::connected(options(broker.addr, "b", true)).await;
+    let mut raw = RawClient::connect(broker.addr).await;
+    raw.send(RawClient::connect_packet("c", None, None, true))
+        .await;
+    raw.expect_closed().await;
+    broker.stop().await;
+}

@@ -1,0 +1,18 @@
+//! Integration tests: the real broker on 127.0.0.1:0, real clients (rumqttc), raw bytes where a
+//! client library would hide the behaviour, and the real binary for signals and SIGKILL.
+
+mod cli;
+mod connect;
+mod crash;
+mod limits;
+mod malformed;
+mod permissions;
+mod pubsub;
+mod retained;
+mod sessions;
+mod will;
+
+use std::time::Duration;
+
+/// Short waits for "nothing arrives" assertions.
+pub const QUIET: Duration = Duration::from_millis(300);

@@ -1,0 +1,73 @@
+//! Will messages: published on every end but a DISCONNECT.
+
+use std::time::Duration;
+
+use herald_testkit::{TestBroker, TestClient, options};
+use rumqttc::{LastWill, QoS};
+
+use crate::QUIET;
+
+fn with_will(broker: &TestBroker, id: &str, keep_alive: u64) -> rumqttc::MqttOptions {
+    let mut o = options(broker.addr, id, true);
+    o.set_last_will(LastWill::new(
+        "wills",
+        format!("{id} gone"),
+        QoS::AtLeastOnce,
+        false,
+    ));
+    o.set_keep_alive(Duration::from_secs(keep_alive));
+    o
+}
+
+#[tokio::test]
+async fn a_dropped_socket_publishes_the_will() {
+    let broker = TestBroker::open("").await;
+    let mut watcher = TestClient::connected(options(broker.addr, "watcher", true)).await;
+    watcher.subscribe("wills", QoS::AtLeastOnce).await;
+    let client = TestClient::connected(with_will(&broker, "dropper", 30)).await;
+    client.drop_connection();
+    let got = watcher.next_publish().await;
+    assert_eq!(&got.payload[..], b"dropper gone");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn disconnect_discards_the_will() {
+    let broker = TestBroker::open("").await;
+    let mut watcher = TestClient::connected(options(broker.addr, "watcher", true)).await;
+    watcher.subscribe("wills", QoS::AtLeastOnce).await;
+    let client = TestClient::connected(with_will(&broker, "polite", 30)).await;
+    client.disconnect().await;
+    watcher.expect_no_publish(QUIET * 2).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn takeover_publishes_the_old_channels_will() {
+    let broker = TestBroker::open("").await;
+    let mut watcher = TestClient::connected(options(broker.addr, "watcher", true)).await;
+    watcher.subscribe("wills", QoS::AtLeastOnce).await;
+    let _first = TestClient::connected(with_will(&broker, "twin", 30)).await;
+    let _second = TestClient::connected(options(broker.addr, "twin", true)).await;
+    assert_eq!(&watcher.next_publish().await.payload[..], b"twin gone");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_protocol_error_publishes_the_will() {
+    let broker = TestBroker::open("").await;
+    let mut watcher = TestClient::connected(options(broker.addr, "watcher", true)).await;
+    watcher.subscribe("wills", QoS::AtLeastOnce).await;
+    let mut raw = herald_testkit::RawClient::connect(broker.addr).await;
+    // CONNECT with will topic "wills", payload "bye", QoS 0.
+    raw.send_bytes(b"\x10\x1b\x00\x04MQTT\x04\x06\x00\x3c\x00\x03raw\x00\x05wills\x00\x03bye")
+        .await;
+    assert!(matches!(
+        raw.recv().await,
+        Some(herald_protocol::Packet::ConnAck(_))
+    ));
+    raw.send_bytes(b"\x36\x05\x00\x01a\x00\x01").await; // QoS 3
+    raw.expect_closed().await;
+    assert_eq!(&watcher.next_publish().await.payload[..], b"bye");
+    broker.stop().await;
+}
