@@ -34,6 +34,9 @@ async fn sigkill_loses_no_acknowledged_message() {
     let mut offline = TestClient::connected(options(broker.addr, "offline-sub", false)).await;
     offline.subscribe("crash/#", QoS::AtLeastOnce).await;
     offline.disconnect().await;
+    // Let the broker take the DISCONNECT in before publishing starts, so that nothing is
+    // delivered to (and acknowledged by) the "offline" subscriber while it is still online.
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let acked = Arc::new(Mutex::new(Vec::<u32>::new()));
     let mut publisher = TestClient::connected(options(broker.addr, "crash-pub", true)).await;

@@ -82,7 +82,7 @@ async fn a_password_without_a_user_name_is_malformed() {
     let broker = TestBroker::open("").await;
     let mut raw = RawClient::connect(broker.addr).await;
     // Flags 0x42: password + clean session, no user name.
-    raw.send_bytes(b"\x10\x14\x00\x04MQTT\x04\x42\x00\x3c\x00\x02id\x00\x02pw")
+    raw.send_bytes(b"\x10\x12\x00\x04MQTT\x04\x42\x00\x3c\x00\x02id\x00\x02pw")
         .await;
     raw.expect_closed().await;
     broker.stop().await;

@@ -88,3 +88,29 @@ async fn session_present_reflects_stored_state() {
     second.disconnect().await;
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn more_than_the_inflight_window_is_drained_on_reconnect() {
+    let broker = TestBroker::open("").await;
+    let mut sub = TestClient::connected(options(broker.addr, "big-queue", false)).await;
+    sub.subscribe("bulk", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    tokio::time::sleep(QUIET).await;
+    let mut publisher = TestClient::connected(options(broker.addr, "pub", true)).await;
+    for i in 0..300u16 {
+        publisher
+            .publish("bulk", QoS::AtLeastOnce, false, &i.to_be_bytes())
+            .await;
+    }
+    let broker = broker.restart().await;
+    let mut sub = TestClient::connected(options(broker.addr, "big-queue", false)).await;
+    for i in 0..300u16 {
+        assert_eq!(
+            &sub.next_publish().await.payload[..],
+            &i.to_be_bytes(),
+            "message {i}"
+        );
+    }
+    sub.expect_no_publish(QUIET).await;
+    broker.stop().await;
+}

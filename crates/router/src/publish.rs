@@ -60,11 +60,11 @@ impl Router {
     }
 
     pub(crate) fn handle_puback(&mut self, channel: ChannelId, packet_id: PacketId) {
-        self.complete(channel, packet_id, InflightState::AwaitPubAck);
+        self.complete(channel, packet_id, InflightState::Ack);
     }
 
     pub(crate) fn handle_pubcomp(&mut self, channel: ChannelId, packet_id: PacketId) {
-        self.complete(channel, packet_id, InflightState::AwaitPubComp);
+        self.complete(channel, packet_id, InflightState::Complete);
     }
 
     pub(crate) fn handle_pubrec(&mut self, channel: ChannelId, packet_id: PacketId) {
@@ -74,9 +74,9 @@ impl Router {
         if let Some(inflight) = session
             .inflight
             .iter_mut()
-            .find(|i| i.packet_id == packet_id && i.state == InflightState::AwaitPubRec)
+            .find(|i| i.packet_id == packet_id && i.state == InflightState::Received)
         {
-            inflight.state = InflightState::AwaitPubComp;
+            inflight.state = InflightState::Complete;
         }
         self.reply(channel, Deferred::Send(Packet::PubRel(packet_id)), false);
     }

@@ -32,10 +32,14 @@ pub struct Queued {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The acknowledgement an outgoing QoS 1/2 message waits for.
 pub enum InflightState {
-    AwaitPubAck,
-    AwaitPubRec,
-    AwaitPubComp,
+    /// QoS 1: PUBACK.
+    Ack,
+    /// QoS 2, first half: PUBREC.
+    Received,
+    /// QoS 2, after our PUBREL: PUBCOMP.
+    Complete,
 }
 
 #[derive(Debug, Clone)]
@@ -159,7 +163,7 @@ impl Session {
             .inflight
             .iter()
             .map(|i| match i.state {
-                InflightState::AwaitPubComp => Packet::PubRel(i.packet_id),
+                InflightState::Complete => Packet::PubRel(i.packet_id),
                 _ => publish_packet(&i.queued.message, Some(i.packet_id), true),
             })
             .collect();
@@ -196,9 +200,9 @@ impl Session {
             let packet_id = self.allocate_packet_id();
             let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
             let state = if queued.message.qos == QoS::ExactlyOnce {
-                InflightState::AwaitPubRec
+                InflightState::Received
             } else {
-                InflightState::AwaitPubAck
+                InflightState::Ack
             };
             self.inflight.push_back(Inflight {
                 packet_id,

@@ -205,7 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     async fn write_outbox(&mut self, first: Option<Outgoing>) -> Option<CloseReason> {
         let mut next = first;
         let mut close = None;
-        for _ in 0..WRITE_BATCH {
+        for written in 1..=WRITE_BATCH {
             match next {
                 Some(Outgoing::Packet(packet)) => self.framed.queue(packet),
                 Some(Outgoing::Close(reason)) => {
@@ -217,6 +217,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                     close = Some(CloseReason::ServerShutdown);
                     break;
                 }
+            }
+            if written == WRITE_BATCH {
+                break;
             }
             match self.outbox_rx.try_recv() {
                 Ok(more) => next = Some(more),
