@@ -23,9 +23,20 @@ async fn drain(client: &mut TestClient, seen: &mut Vec<(u32, bool)>, wait: Durat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_loses_no_acknowledged_message() {
+async fn sigkill_loses_no_acknowledged_message_with_sync_always() {
+    sigkill_in_the_middle_of_qos1_traffic("[storage]\nsync = \"always\"\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_message_with_sync_interval() {
+    // A long interval: acknowledged batches live only in the write-ahead log when it dies.
+    sigkill_in_the_middle_of_qos1_traffic("[storage]\nsync = \"interval\"\ninterval_ms = 10000\n")
+        .await;
+}
+
+async fn sigkill_in_the_middle_of_qos1_traffic(storage: &str) {
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let config = open_config(&dir.path().join("data"), "");
+    let config = open_config(&dir.path().join("data"), storage);
     let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
 
     // One persistent subscriber online, one offline: both must get every acknowledged message.

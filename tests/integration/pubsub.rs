@@ -209,3 +209,20 @@ async fn a_publisher_receives_its_own_messages_when_subscribed() {
     assert_eq!(&client.next_publish().await.payload[..], b"echo");
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn leading_wildcards_do_not_match_dollar_topics() {
+    let broker = TestBroker::open("").await;
+    let mut everything = TestClient::connected(options(broker.addr, "all", true)).await;
+    everything.subscribe("#", QoS::AtLeastOnce).await;
+    everything.subscribe("+/B", QoS::AtLeastOnce).await;
+    let mut dollar = TestClient::connected(options(broker.addr, "dollar", true)).await;
+    dollar.subscribe("$TopicA/#", QoS::AtLeastOnce).await;
+    let mut publisher = TestClient::connected(options(broker.addr, "pub", true)).await;
+    publisher
+        .publish("$TopicA/B", QoS::AtLeastOnce, false, b"d")
+        .await;
+    assert_eq!(dollar.next_publish().await.topic, "$TopicA/B");
+    everything.expect_no_publish(QUIET).await;
+    broker.stop().await;
+}

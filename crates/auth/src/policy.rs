@@ -11,6 +11,9 @@ use crate::AccessKey;
 /// Topics that carry presence; only keys that list them may read them.
 const PRESENCE_PREFIXES: [&str; 2] = ["$notice", "$presence"];
 
+/// First levels that belong to the broker: no client publishes there.
+const BROKER_PREFIXES: [&str; 3] = ["$SYS", "$notice", "$presence"];
+
 /// What a connection is allowed by its credentials.
 #[derive(Debug, Clone)]
 pub enum Permissions {
@@ -54,9 +57,12 @@ impl Principal {
             || self.parents.iter().any(|p| p == parent)
     }
 
-    /// Whether this client may publish on `topic` (a valid topic name).
+    /// Whether this client may publish on `topic` (a valid topic name). The broker's own
+    /// `$SYS`, `$notice` and `$presence` topics are never writable; other `$` topics are
+    /// writable by anonymous clients and by keys that list them explicitly (a leading wildcard
+    /// does not reach them).
     pub fn can_publish(&self, topic: &str) -> bool {
-        if topic.starts_with('$') || !self.parent_declared(topic) {
+        if BROKER_PREFIXES.contains(&parent_of(topic)) || !self.parent_declared(topic) {
             return false;
         }
         match &self.permissions {

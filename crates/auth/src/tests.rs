@@ -101,6 +101,8 @@ fn anonymous_and_any_format_for_plain_clients() {
     assert!(!p.can_subscribe("$notice/#"));
     assert!(!p.can_subscribe("$presence/x"));
     assert!(!p.can_publish("$SYS/x"));
+    assert!(!p.can_publish("$notice/x"));
+    assert!(p.can_publish("$TopicA/B"));
     assert!(!p.can_subscribe("demo/p2p/other"));
     // Unknown credentials are anonymous in open mode, but a wrong signature is not.
     assert_eq!(code(auth(s.clone(), "plain", Some("user"), Some(b"pw"))), 0);
