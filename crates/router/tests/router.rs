@@ -1,0 +1,296 @@
+//! The router fed with `Input`s directly, no sockets: acknowledgements that wait for storage,
+//! storage failures, presence event order, slow readers.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_protocol::{
+    ClientId, ConnAck, ConnectReturnCode, Packet, Protocol, Publish, QoS, Topic,
+};
+use herald_router::{
+    ChannelId, CloseReason, ConnectRequest, Event, EventKind, Input, Outgoing, Router,
+    RouterHandle, RouterSettings, Transport,
+};
+use herald_store::{MemoryStore, Op, Snapshot, Store, StoreError};
+use tokio::sync::mpsc;
+
+/// A store that fails every write while `failing` is set, like a full disk.
+struct FlakyStore {
+    inner: MemoryStore,
+    failing: Arc<AtomicBool>,
+}
+
+impl Store for FlakyStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+    fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Engine("no space left on device".into()));
+        }
+        self.inner.apply(ops)
+    }
+    fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+struct Harness {
+    router: RouterHandle,
+    events: mpsc::Receiver<Event>,
+    failing: Arc<AtomicBool>,
+}
+
+fn start(settings: RouterSettings) -> Harness {
+    let failing = Arc::new(AtomicBool::new(false));
+    let store = FlakyStore {
+        inner: MemoryStore::new(),
+        failing: failing.clone(),
+    };
+    let (events_tx, events) = mpsc::channel(1024);
+    let (router, _task) =
+        Router::start(settings, Box::new(store), Some(events_tx)).expect("router starts");
+    Harness {
+        router,
+        events,
+        failing,
+    }
+}
+
+struct Conn {
+    channel: ChannelId,
+    outbox: mpsc::Receiver<Outgoing>,
+}
+
+fn peer() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 40000))
+}
+
+impl Harness {
+    async fn connect(&self, id: &str, clean: bool, capacity: usize) -> Conn {
+        let (outbox, rx) = mpsc::channel(capacity);
+        let channel = ChannelId::random();
+        let request = ConnectRequest {
+            channel,
+            client_id: ClientId::parse_any(id, 64).expect("id"),
+            clean_session: clean,
+            keep_alive: 30,
+            will: None,
+            username: None,
+            protocol: Protocol::V311,
+            peer: peer(),
+            transport: Transport::Tcp,
+            outbox,
+        };
+        self.send(Input::Connect(Box::new(request))).await;
+        let mut conn = Conn {
+            channel,
+            outbox: rx,
+        };
+        match conn.next().await {
+            Outgoing::Packet(Packet::ConnAck(ConnAck {
+                code: ConnectReturnCode::Accepted,
+                ..
+            })) => {}
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        conn
+    }
+
+    async fn send(&self, input: Input) {
+        self.router
+            .inputs
+            .send(input)
+            .await
+            .expect("router running");
+    }
+
+    async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(5), self.events.recv())
+            .await
+            .expect("event within 5 s")
+            .expect("events open")
+    }
+}
+
+impl Conn {
+    async fn next(&mut self) -> Outgoing {
+        tokio::time::timeout(Duration::from_secs(5), self.outbox.recv())
+            .await
+            .expect("output within 5 s")
+            .expect("outbox open")
+    }
+}
+
+fn pid(n: u16) -> NonZeroU16 {
+    NonZeroU16::new(n).expect("non-zero")
+}
+
+fn publish(topic: &str, qos: QoS, id: u16) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: Topic::new(topic, 128).expect("topic"),
+        packet_id: (qos != QoS::AtMostOnce).then(|| pid(id)),
+        payload: Bytes::from_static(b"x"),
+    }
+}
+
+#[tokio::test]
+async fn a_failed_write_withholds_the_puback_and_closes_the_publisher() {
+    let h = start(RouterSettings::default());
+    let mut sub = h.connect("sub", false, 64).await;
+    h.send(Input::Subscribe {
+        channel: sub.channel,
+        packet_id: pid(1),
+        filters: vec![("t".into(), Some(QoS::AtLeastOnce))],
+    })
+    .await;
+    assert!(matches!(
+        sub.next().await,
+        Outgoing::Packet(Packet::SubAck { .. })
+    ));
+    h.send(Input::Closed {
+        channel: sub.channel,
+        reason: CloseReason::SocketClosed,
+    })
+    .await;
+
+    let mut publisher = h.connect("pub", true, 64).await;
+    h.send(Input::Publish {
+        channel: publisher.channel,
+        publish: publish("t", QoS::AtLeastOnce, 7),
+    })
+    .await;
+    assert!(matches!(publisher.next().await, Outgoing::Packet(Packet::PubAck(id)) if id == pid(7)));
+
+    h.failing.store(true, Ordering::SeqCst);
+    h.send(Input::Publish {
+        channel: publisher.channel,
+        publish: publish("t", QoS::AtLeastOnce, 8),
+    })
+    .await;
+    match publisher.next().await {
+        Outgoing::Close(CloseReason::StorageFailure) => {}
+        other => panic!("expected the channel to close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn takeover_ends_the_old_channel_before_the_new_one_connects() {
+    let mut h = start(RouterSettings::default());
+    let mut old = h.connect("dev", true, 64).await;
+    let first = h.next_event().await;
+    assert_eq!(
+        (first.kind, first.channel),
+        (EventKind::Connect, old.channel)
+    );
+    let new = h.connect("dev", true, 64).await;
+    assert!(matches!(
+        old.next().await,
+        Outgoing::Close(CloseReason::TakenOver)
+    ));
+    let clean = h.next_event().await;
+    assert_eq!(
+        (clean.kind, clean.channel, clean.reason),
+        (
+            EventKind::TcpClean,
+            old.channel,
+            Some(CloseReason::TakenOver)
+        )
+    );
+    let connect = h.next_event().await;
+    assert_eq!(
+        (connect.kind, connect.channel),
+        (EventKind::Connect, new.channel)
+    );
+    // The old connection task reports its end later: no second event for it.
+    h.send(Input::Closed {
+        channel: old.channel,
+        reason: CloseReason::SocketClosed,
+    })
+    .await;
+    h.send(Input::Closed {
+        channel: new.channel,
+        reason: CloseReason::ClientDisconnect,
+    })
+    .await;
+    let disconnect = h.next_event().await;
+    assert_eq!(
+        (disconnect.kind, disconnect.channel),
+        (EventKind::Disconnect, new.channel)
+    );
+    let clean = h.next_event().await;
+    assert_eq!(
+        (clean.kind, clean.channel, clean.reason),
+        (
+            EventKind::TcpClean,
+            new.channel,
+            Some(CloseReason::ClientDisconnect)
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_reader_whose_outbox_fills_is_closed_as_a_slow_consumer() {
+    let mut h = start(RouterSettings::default());
+    let mut slow = h.connect("slow", true, 4).await;
+    h.send(Input::Subscribe {
+        channel: slow.channel,
+        packet_id: pid(1),
+        filters: vec![("s".into(), Some(QoS::AtLeastOnce))],
+    })
+    .await;
+    let publisher = h.connect("pub", true, 64).await;
+    for i in 1..=10 {
+        h.send(Input::Publish {
+            channel: publisher.channel,
+            publish: publish("s", QoS::AtLeastOnce, i),
+        })
+        .await;
+    }
+    let _connect_events = (h.next_event().await, h.next_event().await);
+    let ended = h.next_event().await;
+    assert_eq!(
+        (ended.kind, ended.reason),
+        (EventKind::TcpClean, Some(CloseReason::SlowConsumer))
+    );
+    // What was queued before the end is still readable; then the outbox closes.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), slow.outbox.recv()).await {
+    }
+}
+
+#[tokio::test]
+async fn qos0_to_an_offline_session_is_dropped_and_counted() {
+    let h = start(RouterSettings::default());
+    let sub = h.connect("sub0", false, 64).await;
+    h.send(Input::Subscribe {
+        channel: sub.channel,
+        packet_id: pid(1),
+        filters: vec![("z".into(), Some(QoS::AtMostOnce))],
+    })
+    .await;
+    h.send(Input::Closed {
+        channel: sub.channel,
+        reason: CloseReason::SocketClosed,
+    })
+    .await;
+    let publisher = h.connect("pub0", true, 64).await;
+    h.send(Input::Publish {
+        channel: publisher.channel,
+        publish: publish("z", QoS::AtMostOnce, 0),
+    })
+    .await;
+    for _ in 0..50 {
+        if herald_router::RouterStats::get(&h.router.stats.qos0_dropped) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("drop not counted");
+}
