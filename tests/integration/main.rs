@@ -4,6 +4,7 @@
 mod cli;
 mod connect;
 mod crash;
+mod deploy;
 mod interop;
 mod limits;
 mod malformed;

@@ -71,10 +71,11 @@ impl Router {
         let resent = session.resend_inflight();
         let pumped = session.pump(&self.settings, &mut ops);
         self.stage_all(ops);
-        RouterStats::add(&self.stats.queue_expired, pumped.expired);
-        if resent.slow_consumer || pumped.slow_consumer {
+        if resent.slow_consumer {
             self.slow_consumer(request.channel);
+            return;
         }
+        self.after_send(Some(request.channel), pumped);
     }
 
     /// Removes a session's subscriptions and, for a persistent one, its stored state.

@@ -98,10 +98,7 @@ impl Router {
         }
         let outcome = session.pump(&settings, &mut ops);
         self.stage_all(ops);
-        RouterStats::add(&self.stats.queue_expired, outcome.expired);
-        if outcome.slow_consumer {
-            self.slow_consumer(channel);
-        }
+        self.after_send(Some(channel), outcome);
     }
 
     /// Delivers a message to every session it reaches, and keeps it if retained. Stages every
@@ -188,11 +185,6 @@ impl Router {
         let channel = session.channel_id();
         self.stage_all(ops);
         RouterStats::add(&self.stats.messages_sent, sent as u64);
-        RouterStats::add(&self.stats.queue_expired, outcome.expired);
-        if outcome.slow_consumer
-            && let Some(channel) = channel
-        {
-            self.slow_consumer(channel);
-        }
+        self.after_send(channel, outcome);
     }
 }

@@ -322,6 +322,24 @@ impl Router {
         }
     }
 
+    /// Counts and logs what a send dropped for age, and closes a channel that could not take
+    /// what was sent.
+    pub(crate) fn after_send(
+        &mut self,
+        channel: Option<ChannelId>,
+        outcome: crate::session::SendOutcome,
+    ) {
+        if outcome.expired > 0 {
+            RouterStats::add(&self.stats.queue_expired, outcome.expired);
+            warn!(channel = ?channel, dropped = outcome.expired, limit = "limits.max_queue_age_secs", "queued messages expired before delivery");
+        }
+        if outcome.slow_consumer
+            && let Some(channel) = channel
+        {
+            self.slow_consumer(channel);
+        }
+    }
+
     pub(crate) fn slow_consumer(&mut self, channel: ChannelId) {
         warn!(%channel, "outbox full: the client does not read fast enough; closing");
         self.end_channel(channel, CloseReason::SlowConsumer);

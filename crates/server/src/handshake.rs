@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 
-use herald_auth::Principal;
-use herald_protocol::{ConnAck, Connect, ConnectReturnCode, DecodeError, Packet};
+use herald_auth::{Principal, Refusal};
+use herald_protocol::{ClientIdError, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet};
 use herald_router::{ChannelId, ConnectRequest, Outbox, Transport};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
@@ -87,14 +87,11 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(id) => id,
         Err(refusal) => {
             let id = connect.client_id.clone();
-            refuse(
-                framed,
-                peer,
-                &id,
-                refusal.return_code(),
-                &refusal.to_string(),
-            )
-            .await;
+            let mut why = refusal.to_string();
+            if matches!(refusal, Refusal::ClientId(ClientIdError::TooLong { .. })) {
+                why.push_str(" (limits.max_client_id_len)");
+            }
+            refuse(framed, peer, &id, refusal.return_code(), &why).await;
             return None;
         }
     };
