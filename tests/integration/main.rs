@@ -9,6 +9,7 @@ mod interop;
 mod limits;
 mod malformed;
 mod permissions;
+mod presence;
 mod pubsub;
 mod retained;
 mod sessions;

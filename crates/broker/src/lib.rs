@@ -2,11 +2,13 @@
 //! listeners, and shuts them down in order. The `herald` binary is a thin CLI over this.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use herald_auth::Authenticator;
 use herald_config::Config;
-use herald_router::{Event, Router, RouterHandle};
+use herald_router::{Event, Router, RouterHandle, SinkQueue};
 use herald_server::Context;
 use herald_store::RedbStore;
 use tokio::net::TcpListener;
@@ -24,7 +26,13 @@ pub struct Broker {
     router_task: JoinHandle<()>,
     stop_listeners: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
+    sinks: Vec<Arc<SinkQueue>>,
+    sink_tasks: Vec<JoinHandle<()>>,
 }
+
+/// How long shutdown waits for sinks to deliver what is in their outboxes (what is left stays
+/// in the store for the next start).
+const SINK_DRAIN: Duration = Duration::from_secs(5);
 
 impl Broker {
     /// Opens storage, starts the router and binds the listeners.
@@ -37,6 +45,8 @@ impl Broker {
         config: Config,
         events: Option<mpsc::Sender<Event>>,
     ) -> anyhow::Result<Broker> {
+        // reqwest (webhooks) uses rustls with ring; a second install is a harmless no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         for key in &config.demo_keys {
             warn!(access_key = %key, "!!! access key {key:?} uses the shipped demo secret: anyone who has read the README can connect. Change it before exposing this broker. !!!");
         }
@@ -51,7 +61,19 @@ impl Broker {
                     config.storage.data_dir.display()
                 )
             })?;
-        let (router, router_task) = Router::start(config.router.clone(), Box::new(store), events)?;
+        let queues: Vec<Arc<SinkQueue>> = config.sinks.iter().map(|s| s.queue()).collect();
+        let (router, router_task) = Router::start(
+            config.router.clone(),
+            Box::new(store),
+            queues.clone(),
+            events,
+        )?;
+        let mut sink_tasks = Vec::new();
+        for (settings, queue) in config.sinks.iter().zip(&queues) {
+            let task = herald_rules::start(settings, queue.clone(), router.clone())
+                .with_context(|| format!("cannot start sink {:?}", settings.id))?;
+            sink_tasks.push(task);
+        }
         let context = Context::new(
             config.server.clone(),
             Authenticator::new(config.auth.clone()),
@@ -81,11 +103,18 @@ impl Broker {
             router_task,
             stop_listeners,
             listeners,
+            sinks: queues,
+            sink_tasks,
         })
     }
 
     pub fn router(&self) -> &RouterHandle {
         &self.router
+    }
+
+    /// The sinks' outbox queues (depth and counters).
+    pub fn sinks(&self) -> &[Arc<SinkQueue>] {
+        &self.sinks
     }
 
     /// Stops accepting, closes every channel, makes storage durable, and waits for the end.
@@ -94,7 +123,24 @@ impl Broker {
         for listener in self.listeners {
             let _ = listener.await;
         }
+        self.router.close_all().await;
+        let drained = tokio::time::timeout(SINK_DRAIN, async {
+            while self.sinks.iter().any(|s| s.depth() > 0) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            let waiting: usize = self.sinks.iter().map(|s| s.depth()).sum();
+            warn!(
+                waiting,
+                "sinks did not drain before shutdown; their entries stay in the store"
+            );
+        }
         self.router.shutdown().await;
+        for task in self.sink_tasks {
+            task.abort();
+        }
         drop(self.router);
         let _ = self.router_task.await;
         info!("herald stopped");

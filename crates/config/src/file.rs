@@ -23,6 +23,66 @@ pub struct ConfigFile {
     pub limits: Limits,
     #[serde(default)]
     pub storage: Storage,
+    #[serde(default)]
+    pub presence: Presence,
+    #[serde(default)]
+    pub sinks: Vec<SinkDef>,
+    #[serde(default)]
+    pub rules: Vec<RuleDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    pub history_per_client: u64,
+    pub snapshot_topic: bool,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            history_per_client: 100,
+            snapshot_topic: true,
+        }
+    }
+}
+
+/// One `[[sinks]]` entry: common keys plus the keys of its type (checked in validation).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkDef {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub topic: Option<String>,
+    pub qos: Option<u8>,
+    pub url: Option<String>,
+    pub secret: Option<String>,
+    pub secret_env: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub path: Option<String>,
+    pub stream: Option<String>,
+    pub maxlen: Option<u64>,
+    pub outbox_max: Option<u64>,
+    pub outbox_max_age_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleDef {
+    pub id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub source: RuleSource,
+    pub sinks: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSource {
+    pub groups: Option<Vec<String>>,
+    pub events: Option<Vec<String>>,
+    pub topics: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

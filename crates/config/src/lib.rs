@@ -5,6 +5,7 @@
 //! `secret_env` are read from the environment passed in.
 
 mod file;
+mod rules;
 mod validate;
 
 use std::fmt;
@@ -76,6 +77,7 @@ pub struct Config {
     pub storage: StorageSettings,
     /// Access keys still set to the shipped demo secret (a loud warning at start).
     pub demo_keys: Vec<String>,
+    pub sinks: Vec<herald_rules::SinkSettings>,
 }
 
 impl Config {

@@ -19,10 +19,10 @@ use crate::{Config, ConfigError, ConfigErrors, StorageSettings, TcpListenerSetti
 pub const DEMO_SECRET: &str = "demo-secret";
 
 #[derive(Default)]
-struct Errors(Vec<ConfigError>);
+pub(crate) struct Errors(Vec<ConfigError>);
 
 impl Errors {
-    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError {
             path: path.into(),
             message: message.into(),
@@ -30,7 +30,7 @@ impl Errors {
     }
 
     /// Checks `value` lies in `min..=max`; returns it as usize.
-    fn range(&mut self, path: &str, value: u64, min: u64, max: u64) -> usize {
+    pub(crate) fn range(&mut self, path: &str, value: u64, min: u64, max: u64) -> usize {
         if value < min || value > max {
             self.add(
                 path,
@@ -80,6 +80,7 @@ pub fn validate(
         max_queue_age: Duration::from_secs(limits.max_queue_age_secs.max(1)),
         max_incoming_qos2: max_inflight,
         flush_interval: None,
+        presence: Default::default(),
     };
     if limits.max_queue_age_secs == 0 {
         errors.add("limits.max_queue_age_secs", "must be at least 1");
@@ -138,6 +139,8 @@ pub fn validate(
         },
         ..router
     };
+    let (presence, sinks) = crate::rules::validate(&file, &file.node.id, env, &mut errors);
+    let router = RouterSettings { presence, ..router };
     let demo_keys = auth
         .access_keys
         .iter()
@@ -158,6 +161,7 @@ pub fn validate(
             sync,
         },
         demo_keys,
+        sinks,
     })
 }
 

@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use crate::router::{Router, RouterStats};
 use crate::session::{Attached, Session};
-use crate::types::{ChannelId, CloseReason, ConnectRequest, Event, EventKind, Message, now_ms};
+use crate::types::{ChannelId, CloseReason, ConnectRequest, EventKind, Message, now_ms};
 
 impl Router {
     pub(crate) fn handle_connect(&mut self, request: ConnectRequest) {
@@ -88,33 +88,6 @@ impl Router {
                 client_id: session.client_id.to_string(),
             });
         }
-    }
-
-    fn emit_for(
-        &self,
-        channel: ChannelId,
-        kind: EventKind,
-        reason: Option<CloseReason>,
-        clean_session: bool,
-    ) {
-        let Some(client) = self.channels.get(&channel) else {
-            return;
-        };
-        let Some(attached) = self.sessions.get(client).and_then(|s| s.attached.as_ref()) else {
-            return;
-        };
-        self.emit(Event {
-            kind,
-            client_id: client.clone(),
-            channel,
-            peer: attached.peer,
-            time_ms: now_ms(),
-            reason,
-            clean_session,
-            protocol: attached.protocol,
-            username: attached.username.clone(),
-            transport: attached.transport,
-        });
     }
 
     /// The one exit path of every channel: ends it once, whoever noticed first.

@@ -6,7 +6,9 @@
 //! channel's life as [`Event`]s. It never touches a socket and never blocks on a client.
 
 mod connect;
+pub mod outbox;
 pub mod persist;
+mod presence;
 mod publish;
 mod router;
 mod session;
@@ -14,5 +16,7 @@ mod subscribe;
 pub mod tree;
 mod types;
 
+pub use outbox::{OutboxEntry, SinkQueue};
+pub use presence::PresenceEvent;
 pub use router::{Router, RouterHandle, RouterStats};
 pub use types::*;

@@ -8,12 +8,13 @@ use herald_protocol::{ClientId, Packet, QoS, Topic};
 use herald_store::{Op, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
+use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
 use crate::session::{Queued, Session};
 use crate::tree::SubscriptionTree;
-use crate::types::{ChannelId, CloseReason, Event, Input, Message, RouterSettings};
+use crate::types::{ChannelId, CloseReason, Event, Input, Message, RouterSettings, now_ms};
 
 /// Counters the router keeps; read by the admin side and the tests.
 #[derive(Debug, Default)]
@@ -49,6 +50,14 @@ pub struct RouterHandle {
 }
 
 impl RouterHandle {
+    /// Closes every channel and waits until their events are durable.
+    pub async fn close_all(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.inputs.send(Input::CloseAll { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Closes every channel, makes everything durable and waits for the router to stop.
     pub async fn shutdown(&self) {
         let (done, rx) = oneshot::channel();
@@ -64,11 +73,16 @@ pub(crate) enum Deferred {
     Send(Packet),
     /// A SUBACK, then the retained messages the new subscriptions match.
     SubAck(Packet, Vec<(Message, QoS)>),
+    /// A presence event and its outbox entries, for the sinks and the event listener.
+    Presence(Event, Vec<(Arc<SinkQueue>, OutboxEntry)>),
+    /// Tells an internal publisher (the admin API, the `mqtt` sink) that its message is durable.
+    Notify(oneshot::Sender<()>),
 }
 
 struct Pending {
     ticket: u64,
-    channel: ChannelId,
+    /// The channel the action answers, if any: its actions keep their order.
+    channel: Option<ChannelId>,
     action: Deferred,
 }
 
@@ -82,9 +96,15 @@ pub struct Router {
     pub(crate) persister: Persister,
     pub(crate) next_seq: u64,
     pub(crate) stats: Arc<RouterStats>,
-    events: Option<mpsc::Sender<Event>>,
+    pub(crate) events: Option<mpsc::Sender<Event>>,
+    /// Last presence seq per client id.
+    pub(crate) client_seqs: HashMap<ClientId, u64>,
+    pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
+    pub(crate) next_outbox_id: u64,
     pending: VecDeque<Pending>,
     pending_per_channel: HashMap<ChannelId, usize>,
+    /// The highest ticket known durable.
+    committed: u64,
 }
 
 impl Router {
@@ -92,6 +112,7 @@ impl Router {
     pub fn start(
         settings: RouterSettings,
         mut store: Box<dyn Store>,
+        sinks: Vec<Arc<SinkQueue>>,
         events: Option<mpsc::Sender<Event>>,
     ) -> Result<(RouterHandle, JoinHandle<()>), StoreError> {
         let snapshot = store.load()?;
@@ -108,8 +129,12 @@ impl Router {
             next_seq: snapshot.next_seq,
             stats: stats.clone(),
             events,
+            client_seqs: HashMap::new(),
+            sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            next_outbox_id: snapshot.next_outbox_id,
             pending: VecDeque::new(),
             pending_per_channel: HashMap::new(),
+            committed: 0,
         };
         router.restore(snapshot);
         let (tx, rx) = mpsc::channel(4096);
@@ -165,11 +190,42 @@ impl Router {
             let message = from_stored(stored);
             self.retained.insert(message.topic.to_string(), message);
         }
+        for (client, seq) in snapshot.client_seqs {
+            if let Ok(client) = ClientId::parse_any(&client, usize::MAX) {
+                self.client_seqs.insert(client, seq);
+            }
+        }
+        for (sink, entries) in snapshot.outboxes {
+            self.restore_outbox(sink, entries);
+        }
+        self.close_channels_left_open(snapshot.channels);
         info!(
             sessions = count,
             retained = self.retained.len(),
             "state restored from storage"
         );
+    }
+
+    fn restore_outbox(&mut self, sink: String, entries: Vec<(u64, bytes::Bytes)>) {
+        match self.sinks.get(&sink) {
+            Some(queue) => {
+                for (id, payload) in entries {
+                    let added_ms = now_ms();
+                    queue.push(OutboxEntry {
+                        id,
+                        payload,
+                        added_ms,
+                    });
+                }
+            }
+            None => {
+                warn!(sink = %sink, entries = entries.len(), "outbox of a sink that is no longer configured: its entries are dropped");
+                for (id, _) in entries {
+                    let sink = sink.clone();
+                    self.persister.stage(Op::DeleteOutbox { sink, id });
+                }
+            }
+        }
     }
 
     async fn run(
@@ -211,18 +267,24 @@ impl Router {
     }
 
     async fn shutdown(&mut self, reports: &mut mpsc::UnboundedReceiver<Report>) {
-        let channels: Vec<ChannelId> = self.channels.keys().copied().collect();
-        info!(
-            channels = channels.len(),
-            "closing every channel for shutdown"
-        );
-        for channel in channels {
-            self.end_channel(channel, CloseReason::ServerShutdown);
-        }
+        self.close_all();
         let flushed = self.persister.flush().await;
         let _ = flushed.await;
         while let Ok(report) = reports.try_recv() {
             self.on_report(report);
+        }
+    }
+
+    fn close_all(&mut self) {
+        let channels: Vec<ChannelId> = self.channels.keys().copied().collect();
+        if !channels.is_empty() {
+            info!(
+                channels = channels.len(),
+                "closing every channel for shutdown"
+            );
+        }
+        for channel in channels {
+            self.end_channel(channel, CloseReason::ServerShutdown);
         }
     }
 
@@ -246,6 +308,22 @@ impl Router {
                 filters,
             } => self.handle_unsubscribe(channel, packet_id, filters),
             Input::Closed { channel, reason } => self.end_channel(channel, reason),
+            Input::Deliver { message, done } => {
+                self.route(message);
+                if let Some(done) = done {
+                    self.defer(Deferred::Notify(done));
+                }
+            }
+            Input::CloseAll { done } => {
+                self.close_all();
+                self.defer(Deferred::Notify(done));
+            }
+            Input::OutboxDelivered { sink, ids } => {
+                for id in ids {
+                    let sink = sink.clone();
+                    self.persister.stage(Op::DeleteOutbox { sink, id });
+                }
+            }
             Input::Shutdown { done } => return Some(done),
         }
         None
@@ -265,15 +343,6 @@ impl Router {
         }
     }
 
-    pub(crate) fn emit(&self, event: Event) {
-        debug!(event = event.kind.as_str(), client_id = %event.client_id, channel = %event.channel, reason = ?event.reason, "presence event");
-        if let Some(events) = &self.events
-            && events.try_send(event).is_err()
-        {
-            RouterStats::add(&self.stats.events_dropped, 1);
-        }
-    }
-
     /// Sends `action` to `channel` now, or once the open batch is durable (`durable`), or after
     /// the channel's earlier deferred acknowledgements, whichever keeps the order.
     pub(crate) fn reply(&mut self, channel: ChannelId, action: Deferred, durable: bool) {
@@ -290,9 +359,10 @@ impl Router {
             })
         });
         match ticket {
-            None => self.execute(channel, action),
+            None => self.execute(Some(channel), action),
             Some(ticket) => {
                 *self.pending_per_channel.entry(channel).or_default() += 1;
+                let channel = Some(channel);
                 self.pending.push_back(Pending {
                     ticket,
                     channel,
@@ -302,13 +372,38 @@ impl Router {
         }
     }
 
-    fn execute(&mut self, channel: ChannelId, action: Deferred) {
-        let Some(session) = self.session_of(channel) else {
-            return;
-        };
+    /// Runs `action` once everything staged so far is durable, after every earlier deferred
+    /// action (at once if nothing is waiting).
+    pub(crate) fn defer(&mut self, action: Deferred) {
+        let ticket = self
+            .persister
+            .open_ticket()
+            .unwrap_or(self.persister.last_sent_ticket());
+        if self.pending.is_empty() && ticket <= self.committed {
+            self.execute(None, action);
+        } else {
+            let channel = None;
+            self.pending.push_back(Pending {
+                ticket,
+                channel,
+                action,
+            });
+        }
+    }
+
+    fn execute(&mut self, channel: Option<ChannelId>, action: Deferred) {
         let (packet, retained) = match action {
             Deferred::Send(packet) => (packet, Vec::new()),
             Deferred::SubAck(packet, retained) => (packet, retained),
+            Deferred::Presence(event, outboxes) => return self.hand_off(event, outboxes),
+            Deferred::Notify(done) => {
+                let _ = done.send(());
+                return;
+            }
+        };
+        let Some(channel) = channel else { return };
+        let Some(session) = self.session_of(channel) else {
+            return;
         };
         if !session.send(packet) {
             self.slow_consumer(channel);
@@ -350,6 +445,7 @@ impl Router {
             Report::Committed { up_to } => (up_to, None),
             Report::Failed { from, to, error } => (to, Some((from, error))),
         };
+        self.committed = self.committed.max(up_to);
         while self.pending.front().is_some_and(|p| p.ticket <= up_to) {
             let Some(Pending {
                 ticket,
@@ -359,16 +455,23 @@ impl Router {
             else {
                 break;
             };
-            if let Some(count) = self.pending_per_channel.get_mut(&channel) {
+            if let Some(channel) = channel
+                && let Some(count) = self.pending_per_channel.get_mut(&channel)
+            {
                 *count -= 1;
                 if *count == 0 {
                     self.pending_per_channel.remove(&channel);
                 }
             }
-            match &failed {
-                Some((from, error)) if ticket >= *from => {
+            match (&failed, channel) {
+                (Some((from, error)), Some(channel)) if ticket >= *from => {
                     error!(%channel, %error, "closing a channel whose messages could not be stored; the client will resend them");
                     self.end_channel(channel, CloseReason::StorageFailure);
+                }
+                (Some((from, error)), None) if ticket >= *from => {
+                    // A presence event whose seq was not stored is not handed on: its eventId
+                    // could be issued again.
+                    error!(%error, "an event or internal publish was dropped: its state could not be stored");
                 }
                 _ => self.execute(channel, action),
             }

@@ -194,6 +194,21 @@ pub enum Input {
         channel: ChannelId,
         reason: CloseReason,
     },
+    /// A message from inside the broker (the admin API, the `mqtt` sink). `done` is answered
+    /// once every copy that must be kept is durable.
+    Deliver {
+        message: Message,
+        done: Option<oneshot::Sender<()>>,
+    },
+    /// A sink's task delivered these outbox entries: delete them from the store.
+    OutboxDelivered {
+        sink: String,
+        ids: Vec<u64>,
+    },
+    /// Close every channel (reason `server_shutdown`); answer once their events are durable.
+    CloseAll {
+        done: oneshot::Sender<()>,
+    },
     /// Close every channel, make everything durable, then answer.
     Shutdown {
         done: oneshot::Sender<()>,
@@ -209,6 +224,16 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The kind named `name` in configs and events.
+    pub fn parse(name: &str) -> Option<EventKind> {
+        match name {
+            "connect" => Some(EventKind::Connect),
+            "disconnect" => Some(EventKind::Disconnect),
+            "tcpclean" => Some(EventKind::TcpClean),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Connect => "connect",
@@ -218,19 +243,51 @@ impl EventKind {
     }
 }
 
-/// One presence event for one channel, as plain data.
+/// One presence event for one channel: the typed parts the broker needs, and the event as
+/// DESIGN.md 5.1 JSON, exactly as sinks and subscribers receive it.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub kind: EventKind,
+    pub reason: Option<CloseReason>,
     pub client_id: ClientId,
     pub channel: ChannelId,
-    pub peer: SocketAddr,
+    /// Per client id, strictly increasing over all its events; survives restarts.
+    pub seq: u64,
     pub time_ms: u64,
-    pub reason: Option<CloseReason>,
-    pub clean_session: bool,
-    pub protocol: Protocol,
-    pub username: Option<String>,
-    pub transport: Transport,
+    pub json: Bytes,
+}
+
+/// A `status_notice` rule, as the router matches it: events of these groups (all when empty)
+/// and kinds (all when empty) go to these sinks.
+#[derive(Debug, Clone)]
+pub struct StatusRule {
+    pub id: String,
+    pub groups: Vec<String>,
+    pub events: Vec<EventKind>,
+    pub sinks: Vec<String>,
+}
+
+/// Presence settings (DESIGN.md 5 and 6).
+#[derive(Debug, Clone)]
+pub struct PresenceSettings {
+    /// Reported as `node` in every event.
+    pub node_id: String,
+    /// Events kept per client id for the history query.
+    pub history_per_client: u64,
+    /// Keep `$presence/<clientId>` retained with the client's current state.
+    pub snapshot_topic: bool,
+    pub rules: Vec<StatusRule>,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        PresenceSettings {
+            node_id: "herald-1".into(),
+            history_per_client: 100,
+            snapshot_topic: true,
+            rules: Vec::new(),
+        }
+    }
 }
 
 /// Limits and policies the router enforces (DESIGN.md 2 and 4).
@@ -244,6 +301,7 @@ pub struct RouterSettings {
     pub max_incoming_qos2: usize,
     /// With `storage.sync = "interval"`: how often the store is made durable.
     pub flush_interval: Option<Duration>,
+    pub presence: PresenceSettings,
 }
 
 impl Default for RouterSettings {
@@ -255,6 +313,7 @@ impl Default for RouterSettings {
             max_queue_age: Duration::from_secs(3 * 24 * 3600),
             max_incoming_qos2: 64,
             flush_interval: None,
+            presence: PresenceSettings::default(),
         }
     }
 }

@@ -37,6 +37,15 @@ impl Store for FlakyStore {
     fn flush(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
+    fn history(
+        &mut self,
+        client_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
+        self.inner.history(client_id, from_ms, to_ms, limit)
+    }
 }
 
 struct Harness {
@@ -52,8 +61,8 @@ fn start(settings: RouterSettings) -> Harness {
         failing: failing.clone(),
     };
     let (events_tx, events) = mpsc::channel(1024);
-    let (router, _task) =
-        Router::start(settings, Box::new(store), Some(events_tx)).expect("router starts");
+    let (router, _task) = Router::start(settings, Box::new(store), Vec::new(), Some(events_tx))
+        .expect("router starts");
     Harness {
         router,
         events,

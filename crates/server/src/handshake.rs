@@ -81,7 +81,8 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     if connect.client_id.is_empty() && context.auth.assigns_client_ids() {
-        connect.client_id = format!("auto-{:032x}", rand::random::<u128>());
+        // 21 characters: within MQTT 3.1's 23-character limit too.
+        connect.client_id = format!("auto-{:016x}", rand::random::<u64>());
     }
     let client_id = match context.auth.check_client_id(&connect.client_id) {
         Ok(id) => id,

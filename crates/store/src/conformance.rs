@@ -1,10 +1,12 @@
 //! Behavioural tests every [`Store`] must pass, written once and run against [`MemoryStore`]
 //! and [`crate::RedbStore`] in both sync modes. What only a disk can show (restart, crash,
-//! corrupt files) is in `redb_tests`.
+//! corrupt files) is in `redb_tests`. The tests of the presence ops are in `presence`.
+
+mod presence;
 
 use bytes::Bytes;
 
-use crate::{Op, SessionRecord, Snapshot, Store, StoredMessage};
+use crate::{ChannelRecord, Op, SessionRecord, Snapshot, Store, StoredMessage};
 
 /// Builds a fresh, empty store. The second value keeps its files alive.
 pub(crate) trait Fresh<S: Store, G>: Fn() -> (S, G) {}
@@ -33,6 +35,42 @@ pub(crate) fn enqueue(client: &str, seq: u64, payload: &str) -> Op {
         seq,
         message: message(&format!("t/{client}"), payload),
     }
+}
+
+pub(crate) fn channel(client: &str, info: &str) -> ChannelRecord {
+    ChannelRecord {
+        client_id: client.to_owned(),
+        info: Bytes::copy_from_slice(info.as_bytes()),
+    }
+}
+
+pub(crate) fn put_outbox(sink: &str, id: u64, payload: &str) -> Op {
+    Op::PutOutbox {
+        sink: sink.to_owned(),
+        id,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+    }
+}
+
+pub(crate) fn put_history(client: &str, seq: u64, time_ms: u64, payload: &str) -> Op {
+    Op::PutHistory {
+        client_id: client.to_owned(),
+        seq,
+        time_ms,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+    }
+}
+
+/// A history entry as [`Store::history`] returns it.
+pub(crate) fn entry(seq: u64, time_ms: u64, payload: &str) -> (u64, u64, Bytes) {
+    (seq, time_ms, Bytes::copy_from_slice(payload.as_bytes()))
+}
+
+/// The whole history of `client`.
+pub(crate) fn full_history(store: &mut impl Store, client: &str) -> Vec<(u64, u64, Bytes)> {
+    store
+        .history(client, 0, u64::MAX, usize::MAX)
+        .expect("history")
 }
 
 fn queued(store: &mut impl Store, client: &str) -> Vec<u64> {
@@ -84,6 +122,54 @@ pub(crate) fn mixed_batch() -> Vec<Op> {
         Op::DeleteSession {
             client_id: "c".into(),
         },
+        Op::PutClientSeq {
+            client_id: "a".into(),
+            seq: 3,
+        },
+        Op::PutClientSeq {
+            client_id: "ab".into(),
+            seq: 7,
+        },
+        Op::PutClientSeq {
+            client_id: "a".into(),
+            seq: 5,
+        },
+        Op::PutChannel {
+            channel_id: 1 << 64,
+            record: channel("a", "a-1"),
+        },
+        Op::PutChannel {
+            channel_id: 2,
+            record: channel("ab", "ab-2"),
+        },
+        Op::PutChannel {
+            channel_id: u128::MAX,
+            record: channel("b", "closed"),
+        },
+        Op::DeleteChannel {
+            channel_id: u128::MAX,
+        },
+        put_outbox("hook", 0, "h0"),
+        put_outbox("backend", 1, "b1"),
+        put_outbox("hook", 2, "h2"),
+        put_outbox("hook", 3, "h3"),
+        Op::DeleteOutbox {
+            sink: "hook".into(),
+            id: 2,
+        },
+        put_outbox("gone", 4, "g4"),
+        Op::DeleteOutbox {
+            sink: "gone".into(),
+            id: 4,
+        },
+        put_history("a", 1, 100, "a1"),
+        put_history("a", 2, 200, "a2"),
+        put_history("a", 3, 300, "a3"),
+        put_history("b", 1, 150, "b1"),
+        Op::PruneHistory {
+            client_id: "a".into(),
+            below_seq: 2,
+        },
     ]
 }
 
@@ -108,7 +194,30 @@ pub(crate) fn mixed_snapshot() -> Snapshot {
             ..message("r/1", "kept")
         }],
         next_seq: 5,
+        client_seqs: vec![("a".into(), 5), ("ab".into(), 7)],
+        channels: vec![(2, channel("ab", "ab-2")), (1 << 64, channel("a", "a-1"))],
+        outboxes: vec![
+            ("backend".into(), vec![(1, Bytes::from_static(b"b1"))]),
+            (
+                "hook".into(),
+                vec![
+                    (0, Bytes::from_static(b"h0")),
+                    (3, Bytes::from_static(b"h3")),
+                ],
+            ),
+        ],
+        next_outbox_id: 5,
     }
+}
+
+/// Asserts that `store` holds the history [`mixed_batch`] leaves in an empty store.
+pub(crate) fn assert_mixed_history(store: &mut impl Store) {
+    assert_eq!(
+        full_history(store, "a"),
+        [entry(2, 200, "a2"), entry(3, 300, "a3")]
+    );
+    assert_eq!(full_history(store, "b"), [entry(1, 150, "b1")]);
+    assert_eq!(full_history(store, "ab"), []);
 }
 
 pub(crate) fn empty_store_loads_empty<S: Store, G>(fresh: impl Fresh<S, G>) {
@@ -120,6 +229,7 @@ pub(crate) fn every_op_round_trips_through_load<S: Store, G>(fresh: impl Fresh<S
     let (mut store, _guard) = fresh();
     store.apply(&mixed_batch()).expect("apply");
     assert_eq!(store.load().expect("load"), mixed_snapshot());
+    assert_mixed_history(&mut store);
 }
 
 pub(crate) fn ops_are_idempotent<S: Store, G>(fresh: impl Fresh<S, G>) {
@@ -127,14 +237,37 @@ pub(crate) fn ops_are_idempotent<S: Store, G>(fresh: impl Fresh<S, G>) {
     store.apply(&mixed_batch()).expect("apply");
     store.apply(&mixed_batch()).expect("apply again");
     assert_eq!(store.load().expect("load"), mixed_snapshot());
+    assert_mixed_history(&mut store);
     // Replaying older batches over a later state converges too.
-    let later = [Op::DeleteSession {
-        client_id: "a".into(),
-    }];
+    let later = [
+        Op::DeleteSession {
+            client_id: "a".into(),
+        },
+        Op::PutClientSeq {
+            client_id: "a".into(),
+            seq: 6,
+        },
+        Op::DeleteChannel { channel_id: 2 },
+        Op::DeleteOutbox {
+            sink: "hook".into(),
+            id: 0,
+        },
+        put_history("a", 4, 400, "a4"),
+        Op::PruneHistory {
+            client_id: "a".into(),
+            below_seq: 3,
+        },
+    ];
     store.apply(&later).expect("apply");
     let after_later = store.load().expect("load");
+    let history_after_later = full_history(&mut store, "a");
+    assert_eq!(
+        history_after_later,
+        [entry(3, 300, "a3"), entry(4, 400, "a4")]
+    );
     store.apply(&later).expect("apply again");
     assert_eq!(store.load().expect("load"), after_later);
+    assert_eq!(full_history(&mut store, "a"), history_after_later);
 }
 
 pub(crate) fn queues_iterate_in_seq_order<S: Store, G>(fresh: impl Fresh<S, G>) {
@@ -273,6 +406,7 @@ pub(crate) fn flush_and_empty_batches_change_nothing<S: Store, G>(fresh: impl Fr
     store.flush().expect("flush again");
     store.apply(&[]).expect("empty batch");
     assert_eq!(store.load().expect("load"), mixed_snapshot());
+    assert_mixed_history(&mut store);
 }
 
 pub(crate) fn payloads_keep_every_byte<S: Store, G>(fresh: impl Fresh<S, G>) {
@@ -290,6 +424,10 @@ pub(crate) fn payloads_keep_every_byte<S: Store, G>(fresh: impl Fresh<S, G>) {
         qos: 0,
         ..message("empty", "")
     };
+    let big_channel = ChannelRecord {
+        client_id: "ü".into(),
+        info: big.payload.clone(),
+    };
     store
         .apply(&[
             Op::PutRetained {
@@ -300,11 +438,47 @@ pub(crate) fn payloads_keep_every_byte<S: Store, G>(fresh: impl Fresh<S, G>) {
                 seq: 0,
                 message: empty.clone(),
             },
+            Op::PutChannel {
+                channel_id: 0,
+                record: big_channel.clone(),
+            },
+            Op::PutChannel {
+                channel_id: 1,
+                record: channel("", ""),
+            },
+            Op::PutOutbox {
+                sink: "big".into(),
+                id: 0,
+                payload: big.payload.clone(),
+            },
+            put_outbox("empty", 1, ""),
+            Op::PutHistory {
+                client_id: "c".into(),
+                seq: 0,
+                time_ms: u64::MAX,
+                payload: big.payload.clone(),
+            },
+            put_history("c", 1, 0, ""),
         ])
         .expect("apply");
     let snapshot = store.load().expect("load");
-    assert_eq!(snapshot.retained, vec![big]);
+    assert_eq!(snapshot.retained, vec![big.clone()]);
     assert_eq!(snapshot.queues, vec![("c".into(), vec![(0, empty)])]);
+    assert_eq!(
+        snapshot.channels,
+        vec![(0, big_channel), (1, channel("", ""))]
+    );
+    assert_eq!(
+        snapshot.outboxes,
+        vec![
+            ("big".into(), vec![(0, big.payload.clone())]),
+            ("empty".into(), vec![(1, Bytes::new())]),
+        ]
+    );
+    assert_eq!(
+        full_history(&mut store, "c"),
+        [(0, u64::MAX, big.payload), entry(1, 0, "")]
+    );
 }
 
 /// Runs every behavioural test above against the stores that `fresh` builds.
@@ -346,6 +520,34 @@ macro_rules! conformance_tests {
             #[test]
             fn payloads_keep_every_byte() {
                 super::payloads_keep_every_byte($fresh)
+            }
+            #[test]
+            fn client_seqs_and_channels_are_kept_by_key() {
+                super::presence::client_seqs_and_channels_are_kept_by_key($fresh)
+            }
+            #[test]
+            fn delete_outbox_touches_only_its_own_entry() {
+                super::presence::delete_outbox_touches_only_its_own_entry($fresh)
+            }
+            #[test]
+            fn prune_history_touches_only_its_own_client() {
+                super::presence::prune_history_touches_only_its_own_client($fresh)
+            }
+            #[test]
+            fn next_outbox_id_is_one_past_the_largest_ever_stored() {
+                super::presence::next_outbox_id_is_one_past_the_largest_ever_stored($fresh)
+            }
+            #[test]
+            fn history_filters_by_time_and_limit() {
+                super::presence::history_filters_by_time_and_limit($fresh)
+            }
+            #[test]
+            fn history_is_not_in_the_snapshot() {
+                super::presence::history_is_not_in_the_snapshot($fresh)
+            }
+            #[test]
+            fn later_presence_ops_in_a_batch_win() {
+                super::presence::later_presence_ops_in_a_batch_win($fresh)
             }
         }
     };

@@ -1,18 +1,23 @@
 //! Herald's durable state: persistent sessions, the messages queued for them while they are
-//! offline, and retained messages.
+//! offline, and retained messages; and for presence, each client id's last event seq, the
+//! channels that are open, a durable outbox per sink and a bounded history of events per client.
 //!
 //! The rest of the broker sees only the [`Store`] trait and the plain data types defined here.
 //! The storage engine (redb) stays inside [`RedbStore`]; [`MemoryStore`] has the same semantics
 //! without a disk, for tests. This crate knows nothing of MQTT rules: it stores what it is given
-//! and does not check that a queued message belongs to a session that exists.
+//! and does not check that a queued message belongs to a session that exists, nor that an
+//! outbox belongs to a configured sink; bounding the outboxes and the history (by pruning) is
+//! the caller's job too.
 //!
 //! Writes arrive as batches of [`Op`]s. A batch is applied in one transaction, so the router's
 //! group commit (one batch per round of its storage thread) is atomic. Every op is idempotent,
 //! which is what lets [`RedbStore`] replay its write-ahead log after a crash.
 
 mod codec;
+mod debug;
 mod error;
 mod memory;
+mod redb_read;
 mod redb_store;
 #[cfg(test)]
 mod redb_tests;
@@ -58,9 +63,19 @@ pub struct SessionRecord {
     pub created_at_ms: u64,
 }
 
+/// A channel that was open, recorded at connect and deleted when it ends. After a crash, the
+/// records left are the channels that need a `tcpclean` with reason `broker_restart`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRecord {
+    pub client_id: String,
+    /// Opaque bytes the router needs to build the channel's tcpclean event (JSON).
+    pub info: bytes::Bytes,
+}
+
 /// One change to the stored state. All ops are idempotent: applying a batch twice leaves the
 /// same state as applying it once.
-#[derive(Debug, Clone, PartialEq, Eq)]
+// Debug is written by hand (in `debug`): outbox and history payloads may carry user data.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Op {
     /// Creates or replaces the session record of `client_id`.
     PutSession {
@@ -81,10 +96,40 @@ pub enum Op {
     PutRetained { message: StoredMessage },
     /// Removes the retained message of `topic`, if any.
     DeleteRetained { topic: String },
+    /// Sets the last presence event seq of `client_id` (replacing what was there; the store
+    /// does not check that it grows).
+    PutClientSeq { client_id: String, seq: u64 },
+    /// Records the open channel `channel_id` (replacing what was there).
+    PutChannel {
+        channel_id: u128,
+        record: ChannelRecord,
+    },
+    /// Forgets the channel `channel_id`, if recorded.
+    DeleteChannel { channel_id: u128 },
+    /// Puts `payload` in the outbox of `sink` under `id` (replacing what was there).
+    PutOutbox {
+        sink: String,
+        id: u64,
+        payload: bytes::Bytes,
+    },
+    /// Removes the entry `id` of the outbox of `sink`, if any.
+    DeleteOutbox { sink: String, id: u64 },
+    /// Adds the presence event `seq` of `client_id`, seen at `time_ms`, to its history
+    /// (replacing what was there).
+    PutHistory {
+        client_id: String,
+        seq: u64,
+        time_ms: u64,
+        payload: bytes::Bytes,
+    },
+    /// Deletes the history entries of `client_id` with a seq below `below_seq`.
+    PruneHistory { client_id: String, below_seq: u64 },
 }
 
-/// Everything in a store, as read at start-up.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Everything in a store, as read at start-up, except the presence history (read it with
+/// [`Store::history`]).
+// Debug is written by hand (in `debug`): outbox payloads may carry user data.
+#[derive(Default, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Sorted by client id.
     pub sessions: Vec<(String, SessionRecord)>,
@@ -96,6 +141,16 @@ pub struct Snapshot {
     /// One more than the largest seq ever stored (0 if none), even if that message has since
     /// been dequeued; seqs are global across clients.
     pub next_seq: u64,
+    /// The last presence event seq of each client id that has one, sorted by client id.
+    pub client_seqs: Vec<(String, u64)>,
+    /// The channels recorded as open, sorted by channel id.
+    pub channels: Vec<(u128, ChannelRecord)>,
+    /// Per sink id (sorted), its outbox entries in id order. Sinks with an empty outbox are
+    /// left out.
+    pub outboxes: Vec<(String, Vec<(u64, bytes::Bytes)>)>,
+    /// One more than the largest outbox id ever stored (0 if none), even if that entry has since
+    /// been deleted; ids are global across sinks.
+    pub next_outbox_id: u64,
 }
 
 /// When [`RedbStore`] makes a batch durable against power loss.
@@ -120,4 +175,17 @@ pub trait Store: Send + 'static {
     /// Makes everything applied so far durable against power loss (called on the interval timer
     /// and at shutdown). No-op for [`SyncMode::Always`].
     fn flush(&mut self) -> Result<(), StoreError>;
+
+    /// Presence history of one client: payloads of entries with
+    /// `from_ms <= time_ms <= to_ms`, oldest first, at most `limit`.
+    ///
+    /// Returns `(seq, time_ms, payload)` in seq order, i.e. the order the events were emitted
+    /// in, even where a clock step made `time_ms` go backwards. Reads everything applied so far.
+    fn history(
+        &mut self,
+        client_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, bytes::Bytes)>, StoreError>;
 }

@@ -5,17 +5,44 @@
 //! [`crate::RedbStore`].
 
 use std::collections::BTreeMap;
+use std::fmt;
 
-use crate::{Op, SessionRecord, Snapshot, Store, StoreError, StoredMessage};
+use bytes::Bytes;
+
+use crate::{ChannelRecord, Op, SessionRecord, Snapshot, Store, StoreError, StoredMessage};
 
 /// An in-memory [`Store`].
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct MemoryStore {
     sessions: BTreeMap<String, SessionRecord>,
     /// client id → seq → message; a client with no message has no entry.
     queues: BTreeMap<String, BTreeMap<u64, StoredMessage>>,
     retained: BTreeMap<String, StoredMessage>,
     next_seq: u64,
+    client_seqs: BTreeMap<String, u64>,
+    channels: BTreeMap<u128, ChannelRecord>,
+    /// sink id → outbox id → payload; a sink with an empty outbox has no entry.
+    outboxes: BTreeMap<String, BTreeMap<u64, Bytes>>,
+    next_outbox_id: u64,
+    /// client id → seq → (time, payload); a client with no history has no entry.
+    history: BTreeMap<String, BTreeMap<u64, (u64, Bytes)>>,
+}
+
+// Counts only: outbox and history payloads may carry user data.
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("sessions", &self.sessions.len())
+            .field("queues", &self.queues.len())
+            .field("retained", &self.retained.len())
+            .field("next_seq", &self.next_seq)
+            .field("client_seqs", &self.client_seqs.len())
+            .field("channels", &self.channels.len())
+            .field("outboxes", &self.outboxes.len())
+            .field("next_outbox_id", &self.next_outbox_id)
+            .field("history", &self.history.len())
+            .finish()
+    }
 }
 
 impl MemoryStore {
@@ -57,6 +84,56 @@ impl MemoryStore {
             Op::DeleteRetained { topic } => {
                 self.retained.remove(topic);
             }
+            Op::PutClientSeq { client_id, seq } => {
+                self.client_seqs.insert(client_id.clone(), *seq);
+            }
+            Op::PutChannel { channel_id, record } => {
+                self.channels.insert(*channel_id, record.clone());
+            }
+            Op::DeleteChannel { channel_id } => {
+                self.channels.remove(channel_id);
+            }
+            Op::PutOutbox { sink, id, payload } => {
+                self.outboxes
+                    .entry(sink.clone())
+                    .or_default()
+                    .insert(*id, payload.clone());
+                self.next_outbox_id = self.next_outbox_id.max(id.saturating_add(1));
+            }
+            Op::DeleteOutbox { sink, id } => remove_and_drop_empty(&mut self.outboxes, sink, |o| {
+                o.remove(id);
+            }),
+            Op::PutHistory {
+                client_id,
+                seq,
+                time_ms,
+                payload,
+            } => {
+                self.history
+                    .entry(client_id.clone())
+                    .or_default()
+                    .insert(*seq, (*time_ms, payload.clone()));
+            }
+            Op::PruneHistory {
+                client_id,
+                below_seq,
+            } => remove_and_drop_empty(&mut self.history, client_id, |entries| {
+                *entries = entries.split_off(below_seq);
+            }),
+        }
+    }
+}
+
+/// Runs `remove` on the inner map of `key`, then drops it if it is left empty.
+fn remove_and_drop_empty<V>(
+    maps: &mut BTreeMap<String, BTreeMap<u64, V>>,
+    key: &str,
+    remove: impl FnOnce(&mut BTreeMap<u64, V>),
+) {
+    if let Some(inner) = maps.get_mut(key) {
+        remove(inner);
+        if inner.is_empty() {
+            maps.remove(key);
         }
     }
 }
@@ -79,6 +156,25 @@ impl Store for MemoryStore {
                 .collect(),
             retained: self.retained.values().cloned().collect(),
             next_seq: self.next_seq,
+            client_seqs: self
+                .client_seqs
+                .iter()
+                .map(|(id, seq)| (id.clone(), *seq))
+                .collect(),
+            channels: self
+                .channels
+                .iter()
+                .map(|(id, record)| (*id, record.clone()))
+                .collect(),
+            outboxes: self
+                .outboxes
+                .iter()
+                .map(|(sink, outbox)| {
+                    let entries = outbox.iter().map(|(id, p)| (*id, p.clone())).collect();
+                    (sink.clone(), entries)
+                })
+                .collect(),
+            next_outbox_id: self.next_outbox_id,
         })
     }
 
@@ -92,5 +188,23 @@ impl Store for MemoryStore {
 
     fn flush(&mut self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn history(
+        &mut self,
+        client_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
+        let Some(entries) = self.history.get(client_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .iter()
+            .filter(|(_, (time_ms, _))| (from_ms..=to_ms).contains(time_ms))
+            .take(limit)
+            .map(|(seq, (time_ms, payload))| (*seq, *time_ms, payload.clone()))
+            .collect())
     }
 }

@@ -3,16 +3,25 @@
 //!
 //! Owns the key schema, the format version check, start-up recovery (integrity check, log
 //! replay, compaction) and the mapping of [`Op`]s onto tables. It does not own the value
-//! layout (`codec`) nor the log's file format (`wal`).
+//! layout (`codec`), the log's file format (`wal`) nor reading the tables back (`redb_read`).
 //!
 //! Tables:
-//! - `meta`: `&str → u64`; `format_version` ([`FORMAT_VERSION`]) and `next_seq` (one more than
-//!   the largest seq ever enqueued).
+//! - `meta`: `&str → u64`; `format_version` ([`FORMAT_VERSION`]), `next_seq` (one more than
+//!   the largest seq ever enqueued) and `next_outbox_id` (the same for outbox ids).
 //! - `sessions`: client id → encoded [`crate::SessionRecord`].
 //! - `queue`: `(client id, seq)` → encoded [`crate::StoredMessage`]. redb compares tuple keys
 //!   field by field and `u64` keys as numbers, so a client's messages are contiguous and iterate
 //!   in seq (delivery) order; deleting a session is one range delete.
 //! - `retained`: topic → encoded [`crate::StoredMessage`].
+//! - `client_seqs`: client id → its last presence event seq.
+//! - `channels`: channel id (`u128`, compared as a number) → encoded [`crate::ChannelRecord`].
+//! - `outbox`: `(sink id, outbox id)` → encoded payload; a sink's entries are contiguous, in id
+//!   order, as in `queue`.
+//! - `history`: `(client id, event seq)` → encoded time and payload; pruning a client's oldest
+//!   entries is one range delete.
+//!
+//! The last four came with presence, under the same [`FORMAT_VERSION`]: a Herald from before
+//! ignores them, and this one creates them when it opens a file that lacks them.
 //!
 //! Durability: [`SyncMode::Always`] commits every batch with `Durability::Immediate` (fsync).
 //! [`SyncMode::Interval`] appends the batch to the log (survives a process crash), then commits
@@ -27,12 +36,13 @@ use redb::{
     Builder, Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition,
     TableError, TableHandle,
 };
+use std::collections::BTreeSet;
 use tracing::{debug, info, warn};
 
 use crate::codec::{self, TooLarge};
 use crate::error::EngineContext;
 use crate::wal::{Recovered, Wal};
-use crate::{Op, Snapshot, Store, StoreError, StoredMessage, SyncMode};
+use crate::{Op, Snapshot, Store, StoreError, SyncMode, redb_read};
 
 /// The layout of the data directory this Herald reads and writes. A directory with a larger
 /// version is refused with [`StoreError::NewerFormat`].
@@ -42,11 +52,16 @@ pub(crate) const DB_FILE: &str = "herald.redb";
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
-const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
-const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+pub(crate) const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+pub(crate) const CLIENT_SEQS: TableDefinition<&str, u64> = TableDefinition::new("client_seqs");
+pub(crate) const CHANNELS: TableDefinition<u128, &[u8]> = TableDefinition::new("channels");
+pub(crate) const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
+pub(crate) const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 
 pub(crate) const KEY_FORMAT_VERSION: &str = "format_version";
-const KEY_NEXT_SEQ: &str = "next_seq";
+pub(crate) const KEY_NEXT_SEQ: &str = "next_seq";
+pub(crate) const KEY_NEXT_OUTBOX_ID: &str = "next_outbox_id";
 
 /// redb's page cache. Its default (1 GiB) is sized for a database server; the broker's working
 /// set is the queues of offline sessions, which it reads once at start-up.
@@ -80,21 +95,33 @@ impl fmt::Debug for RedbStore {
     }
 }
 
-/// The four tables, open in one write transaction.
+/// Every table, open in one write transaction.
 struct Tables<'txn> {
     meta: Table<'txn, &'static str, u64>,
     sessions: Table<'txn, &'static str, &'static [u8]>,
     queue: Table<'txn, (&'static str, u64), &'static [u8]>,
     retained: Table<'txn, &'static str, &'static [u8]>,
+    client_seqs: Table<'txn, &'static str, u64>,
+    channels: Table<'txn, u128, &'static [u8]>,
+    outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
+    history: Table<'txn, (&'static str, u64), &'static [u8]>,
+}
+
+/// The two counters of `meta` that ops move forward.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Counters {
+    next_seq: u64,
+    next_outbox_id: u64,
 }
 
 impl RedbStore {
     /// Opens the store in `data_dir` (created if missing), or creates it.
     ///
     /// Start-up work, in order: check every page's checksum (a file redb did not write is
-    /// refused rather than trusted), check the format version, replay the write-ahead log and
-    /// commit it durably, compact the file (redb otherwise keeps it at its high-water mark),
-    /// then start an empty log in interval mode or remove it in always mode.
+    /// refused rather than trusted), check the format version, create the tables a file from
+    /// before presence lacks, replay the write-ahead log and commit it durably, compact the file
+    /// (redb otherwise keeps it at its high-water mark), then start an empty log in interval
+    /// mode or remove it in always mode.
     pub fn open(data_dir: &Path, sync: SyncMode) -> Result<RedbStore, StoreError> {
         fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir, e))?;
         let db_path = data_dir.join(DB_FILE);
@@ -119,6 +146,8 @@ impl RedbStore {
                 return Err(orphan_log(pending, &db_path));
             }
             initialize(&db, &db_path)?;
+        } else {
+            add_missing_tables(&db, &db_path)?;
         }
         let recovered = match log {
             Some(log) => Some(replay_log(&db, &db_path, log)?),
@@ -191,7 +220,7 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        load(&self.db, &self.db_path)
+        redb_read::load(&self.db, &self.db_path)
     }
 
     fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
@@ -219,6 +248,16 @@ impl Store for RedbStore {
         commit(&self.db, &self.db_path, &[], Durability::Immediate)?;
         self.unflushed = false;
         wal.reset()
+    }
+
+    fn history(
+        &mut self,
+        client_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, bytes::Bytes)>, StoreError> {
+        redb_read::history(&self.db, &self.db_path, client_id, from_ms..=to_ms, limit)
     }
 }
 
@@ -279,6 +318,40 @@ fn initialize(db: &Database, path: &Path) -> Result<(), StoreError> {
     }
     txn.commit().at(path, "creating the tables")?;
     info!(path = %path.display(), version = FORMAT_VERSION, "created a new store");
+    Ok(())
+}
+
+/// Creates, durably, the tables that a store written by an earlier Herald (before presence) does
+/// not have yet. Existing tables and their data are left as they are.
+fn add_missing_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let existing: BTreeSet<String> = db
+        .begin_read()
+        .at(path, "reading")?
+        .list_tables()
+        .at(path, "listing tables")?
+        .map(|table| table.name().to_owned())
+        .collect();
+    let all = [
+        META.name(),
+        SESSIONS.name(),
+        QUEUE.name(),
+        RETAINED.name(),
+        CLIENT_SEQS.name(),
+        CHANNELS.name(),
+        OUTBOX.name(),
+        HISTORY.name(),
+    ];
+    let missing: Vec<&str> = all
+        .into_iter()
+        .filter(|name| !existing.contains(*name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let txn = db.begin_write().at(path, "starting a write")?;
+    Tables::open(&txn, path)?;
+    txn.commit().at(path, "creating the missing tables")?;
+    info!(path = %path.display(), ?missing, "created the tables this store did not have yet");
     Ok(())
 }
 
@@ -347,20 +420,13 @@ fn commit(
         .at(path, "setting durability")?;
     if !ops.is_empty() {
         let mut tables = Tables::open(&txn, path)?;
-        let stored_next_seq = tables
-            .meta
-            .get(KEY_NEXT_SEQ)
-            .at(path, "reading next_seq")?
-            .map_or(0, |guard| guard.value());
-        let mut next_seq = stored_next_seq;
+        let stored = tables.counters(path)?;
+        let mut counters = stored;
         for op in ops {
-            tables.apply(op, path, &mut next_seq)?;
+            tables.apply(op, path, &mut counters)?;
         }
-        if next_seq != stored_next_seq {
-            tables
-                .meta
-                .insert(KEY_NEXT_SEQ, next_seq)
-                .at(path, "writing next_seq")?;
+        if counters != stored {
+            tables.write_counters(path, counters)?;
         }
     }
     // An error above drops `txn`, which aborts it.
@@ -378,10 +444,40 @@ impl<'txn> Tables<'txn> {
             retained: txn
                 .open_table(RETAINED)
                 .at(path, "opening table retained")?,
+            client_seqs: txn
+                .open_table(CLIENT_SEQS)
+                .at(path, "opening table client_seqs")?,
+            channels: txn
+                .open_table(CHANNELS)
+                .at(path, "opening table channels")?,
+            outbox: txn.open_table(OUTBOX).at(path, "opening table outbox")?,
+            history: txn.open_table(HISTORY).at(path, "opening table history")?,
         })
     }
 
-    fn apply(&mut self, op: &Op, path: &Path, next_seq: &mut u64) -> Result<(), StoreError> {
+    fn counters(&self, path: &Path) -> Result<Counters, StoreError> {
+        let read = |key: &str| -> Result<u64, StoreError> {
+            let value = self.meta.get(key).at(path, "reading a counter")?;
+            Ok(value.map_or(0, |guard| guard.value()))
+        };
+        Ok(Counters {
+            next_seq: read(KEY_NEXT_SEQ)?,
+            next_outbox_id: read(KEY_NEXT_OUTBOX_ID)?,
+        })
+    }
+
+    fn write_counters(&mut self, path: &Path, counters: Counters) -> Result<(), StoreError> {
+        self.meta
+            .insert(KEY_NEXT_SEQ, counters.next_seq)
+            .at(path, "writing next_seq")?;
+        self.meta
+            .insert(KEY_NEXT_OUTBOX_ID, counters.next_outbox_id)
+            .at(path, "writing next_outbox_id")?;
+        Ok(())
+    }
+
+    /// Applies one op. The arms for MQTT state come first, then those for presence.
+    fn apply(&mut self, op: &Op, path: &Path, counters: &mut Counters) -> Result<(), StoreError> {
         match op {
             Op::PutSession { client_id, record } => {
                 let value = codec::encode_session(record).map_err(|e| too_large(path, &e))?;
@@ -407,7 +503,7 @@ impl<'txn> Tables<'txn> {
                 self.queue
                     .insert((client_id.as_str(), *seq), value.as_slice())
                     .at(path, "queueing a message")?;
-                *next_seq = (*next_seq).max(seq.saturating_add(1));
+                counters.next_seq = counters.next_seq.max(seq.saturating_add(1));
             }
             Op::Dequeue { client_id, seq } => {
                 self.queue
@@ -425,73 +521,57 @@ impl<'txn> Tables<'txn> {
                     .remove(topic.as_str())
                     .at(path, "deleting a retained message")?;
             }
+            Op::PutClientSeq { client_id, seq } => {
+                self.client_seqs
+                    .insert(client_id.as_str(), *seq)
+                    .at(path, "writing a client's presence seq")?;
+            }
+            Op::PutChannel { channel_id, record } => {
+                let value = codec::encode_channel(record).map_err(|e| too_large(path, &e))?;
+                self.channels
+                    .insert(*channel_id, value.as_slice())
+                    .at(path, "recording an open channel")?;
+            }
+            Op::DeleteChannel { channel_id } => {
+                self.channels
+                    .remove(*channel_id)
+                    .at(path, "deleting a channel")?;
+            }
+            Op::PutOutbox { sink, id, payload } => {
+                let value = codec::encode_outbox_entry(payload).map_err(|e| too_large(path, &e))?;
+                self.outbox
+                    .insert((sink.as_str(), *id), value.as_slice())
+                    .at(path, "writing an outbox entry")?;
+                counters.next_outbox_id = counters.next_outbox_id.max(id.saturating_add(1));
+            }
+            Op::DeleteOutbox { sink, id } => {
+                self.outbox
+                    .remove((sink.as_str(), *id))
+                    .at(path, "deleting an outbox entry")?;
+            }
+            Op::PutHistory {
+                client_id,
+                seq,
+                time_ms,
+                payload,
+            } => {
+                let value = codec::encode_history_entry(*time_ms, payload)
+                    .map_err(|e| too_large(path, &e))?;
+                self.history
+                    .insert((client_id.as_str(), *seq), value.as_slice())
+                    .at(path, "writing a history entry")?;
+            }
+            Op::PruneHistory {
+                client_id,
+                below_seq,
+            } => {
+                let client = client_id.as_str();
+                self.history
+                    .retain_in((client, 0)..(client, *below_seq), |_, _| false)
+                    .at(path, "pruning a client's history")?;
+            }
         }
         Ok(())
-    }
-}
-
-fn load(db: &Database, path: &Path) -> Result<Snapshot, StoreError> {
-    let txn = db.begin_read().at(path, "reading")?;
-    let corrupt = |table: &str, key: &dyn fmt::Debug, error: codec::DecodeError| {
-        StoreError::Corrupt(format!(
-            "{}: table {table}, key {key:?}: {error}",
-            path.display()
-        ))
-    };
-    let mut snapshot = Snapshot::default();
-
-    let sessions = txn
-        .open_table(SESSIONS)
-        .at(path, "opening table sessions")?;
-    for entry in sessions.iter().at(path, "reading sessions")? {
-        let (key, value) = entry.at(path, "reading sessions")?;
-        let record = codec::decode_session(value.value())
-            .map_err(|e| corrupt("sessions", &key.value(), e))?;
-        snapshot.sessions.push((key.value().to_owned(), record));
-    }
-
-    let queue = txn.open_table(QUEUE).at(path, "opening table queue")?;
-    let mut largest_seq = None;
-    for entry in queue.iter().at(path, "reading the queue")? {
-        let (key, value) = entry.at(path, "reading the queue")?;
-        let (client_id, seq) = key.value();
-        let message =
-            codec::decode_message(value.value()).map_err(|e| corrupt("queue", &key.value(), e))?;
-        largest_seq = largest_seq.max(Some(seq));
-        push_queued(&mut snapshot.queues, client_id, seq, message);
-    }
-
-    let retained = txn
-        .open_table(RETAINED)
-        .at(path, "opening table retained")?;
-    for entry in retained.iter().at(path, "reading retained messages")? {
-        let (key, value) = entry.at(path, "reading retained messages")?;
-        let message = codec::decode_message(value.value())
-            .map_err(|e| corrupt("retained", &key.value(), e))?;
-        snapshot.retained.push(message);
-    }
-
-    let meta = txn.open_table(META).at(path, "opening table meta")?;
-    let stored_next_seq = meta
-        .get(KEY_NEXT_SEQ)
-        .at(path, "reading next_seq")?
-        .map_or(0, |guard| guard.value());
-    // next_seq is written with every Enqueue; the max is only a guard against a future bug.
-    let after_largest = largest_seq.map_or(0, |seq: u64| seq.saturating_add(1));
-    snapshot.next_seq = stored_next_seq.max(after_largest);
-    Ok(snapshot)
-}
-
-/// Appends to the last client's queue, or starts a new one: the table iterates by client.
-fn push_queued(
-    queues: &mut Vec<(String, Vec<(u64, StoredMessage)>)>,
-    client_id: &str,
-    seq: u64,
-    message: StoredMessage,
-) {
-    match queues.last_mut() {
-        Some((last, messages)) if last == client_id => messages.push((seq, message)),
-        _ => queues.push((client_id.to_owned(), vec![(seq, message)])),
     }
 }
 

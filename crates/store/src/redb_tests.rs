@@ -10,13 +10,20 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, TableDefinition, TableHandle};
 use tempfile::TempDir;
 
-use crate::conformance::{enqueue, message, mixed_batch, mixed_snapshot, session};
-use crate::redb_store::{DB_FILE, KEY_FORMAT_VERSION, META, SESSIONS};
+use crate::codec;
+use crate::conformance::{
+    assert_mixed_history, channel, enqueue, full_history, message, mixed_batch, mixed_snapshot,
+    put_history, put_outbox, session,
+};
+use crate::redb_store::{
+    CHANNELS, CLIENT_SEQS, DB_FILE, HISTORY, KEY_FORMAT_VERSION, KEY_NEXT_SEQ, META, OUTBOX, QUEUE,
+    RETAINED, SESSIONS,
+};
 use crate::wal::{HEADER_LEN, WAL_FILE};
-use crate::{FORMAT_VERSION, Op, RedbStore, Snapshot, Store, StoreError, SyncMode};
+use crate::{FORMAT_VERSION, MemoryStore, Op, RedbStore, Snapshot, Store, StoreError, SyncMode};
 
 const INTERVAL: SyncMode = SyncMode::Interval { millis: 1000 };
 const CRASH_DIR_ENV: &str = "HERALD_STORE_CRASH_CHILD_DIR";
@@ -36,6 +43,11 @@ fn reopen(dir: &Path, sync: SyncMode) -> Snapshot {
         .expect("load")
 }
 
+/// The whole history of `client` after reopening `dir`.
+fn reopen_history(dir: &Path, sync: SyncMode, client: &str) -> Vec<(u64, u64, bytes::Bytes)> {
+    full_history(&mut RedbStore::open(dir, sync).expect("reopen"), client)
+}
+
 fn open_error(dir: &Path, sync: SyncMode) -> StoreError {
     RedbStore::open(dir, sync).expect_err("open must fail")
 }
@@ -45,7 +57,8 @@ fn assert_names(error: &StoreError, path: &Path) {
     assert!(shown.contains(&path.display().to_string()), "{shown}");
 }
 
-/// Batch `i` of the crash child.
+/// Batch `i` of the crash child: every kind of op but the deletes of sessions and retained
+/// messages, some undoing part of batch `i - 1`.
 fn crash_batch(i: u64) -> Vec<Op> {
     vec![
         Op::PutSession {
@@ -53,18 +66,53 @@ fn crash_batch(i: u64) -> Vec<Op> {
             record: session(&["t/#"]),
         },
         enqueue("c", i, &format!("m{i}")),
+        Op::Dequeue {
+            client_id: "c".into(),
+            seq: i.wrapping_sub(2),
+        },
         Op::PutRetained {
             message: message(&format!("r/{i}"), "kept"),
+        },
+        Op::PutClientSeq {
+            client_id: "c".into(),
+            seq: 10 * i,
+        },
+        Op::PutChannel {
+            channel_id: u128::from(i) << 64,
+            record: channel("c", &format!("channel {i}")),
+        },
+        Op::DeleteChannel {
+            channel_id: u128::from(i.wrapping_sub(1)) << 64,
+        },
+        put_outbox("hook", 2 * i, &format!("hook {i}")),
+        put_outbox("hook2", 2 * i + 1, &format!("hook2 {i}")),
+        Op::DeleteOutbox {
+            sink: "hook".into(),
+            id: (2 * i).wrapping_sub(2),
+        },
+        put_history("c", i, 1000 + i, &format!("event {i}")),
+        Op::PruneHistory {
+            client_id: "c".into(),
+            below_seq: i.saturating_sub(1),
         },
     ]
 }
 
-fn crash_snapshot(batches: u64) -> Snapshot {
-    let mut store = crate::MemoryStore::new();
+/// What the first `batches` crash batches leave: the snapshot and the history of "c".
+fn crash_state(batches: u64) -> (Snapshot, Vec<(u64, u64, bytes::Bytes)>) {
+    let mut store = MemoryStore::new();
     for i in 0..batches {
         store.apply(&crash_batch(i)).expect("apply");
     }
-    store.load().expect("load")
+    (store.load().expect("load"), full_history(&mut store, "c"))
+}
+
+/// Asserts that `dir`, reopened, holds what the first `batches` crash batches leave.
+fn assert_crash_state(dir: &Path, sync: SyncMode, batches: u64) {
+    let (snapshot, history) = crash_state(batches);
+    let mut store = RedbStore::open(dir, sync).expect("reopen");
+    assert_eq!(store.load().expect("load"), snapshot);
+    assert_eq!(full_history(&mut store, "c"), history);
 }
 
 /// The child half of [`crash_after`]: a no-op in a normal test run.
@@ -109,7 +157,9 @@ fn restart_keeps_data_in_both_modes() {
         drop(store);
         assert_eq!(reopen(dir.path(), sync), mixed_snapshot(), "{sync:?}");
         // And again, after a restart that changed nothing.
-        assert_eq!(reopen(dir.path(), sync), mixed_snapshot(), "{sync:?}");
+        let mut store = RedbStore::open(dir.path(), sync).expect("reopen");
+        assert_eq!(store.load().expect("load"), mixed_snapshot(), "{sync:?}");
+        assert_mixed_history(&mut store);
     }
 }
 
@@ -117,13 +167,29 @@ fn restart_keeps_data_in_both_modes() {
 fn interval_mode_survives_a_process_crash_without_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
     crash_after(dir.path(), 3);
-    assert_eq!(reopen(dir.path(), INTERVAL), crash_snapshot(3));
+    assert_crash_state(dir.path(), INTERVAL, 3);
     // The replay was committed durably and the log emptied: a second crash-free restart agrees.
     assert_eq!(
         fs::metadata(dir.path().join(WAL_FILE)).expect("log").len(),
         HEADER_LEN
     );
-    assert_eq!(reopen(dir.path(), INTERVAL), crash_snapshot(3));
+    assert_crash_state(dir.path(), INTERVAL, 3);
+}
+
+#[test]
+fn the_crash_batches_use_every_presence_op() {
+    let (snapshot, history) = crash_state(3);
+    assert_eq!(snapshot.client_seqs, [("c".to_owned(), 20)]);
+    assert_eq!(snapshot.channels, [(2 << 64, channel("c", "channel 2"))]);
+    let ids: Vec<(&str, Vec<u64>)> = snapshot
+        .outboxes
+        .iter()
+        .map(|(sink, entries)| (sink.as_str(), entries.iter().map(|(id, _)| *id).collect()))
+        .collect();
+    assert_eq!(ids, [("hook", vec![4]), ("hook2", vec![1, 3, 5])]);
+    assert_eq!(snapshot.next_outbox_id, 6);
+    let seqs: Vec<u64> = history.iter().map(|(seq, _, _)| *seq).collect();
+    assert_eq!(seqs, [1, 2]);
 }
 
 #[test]
@@ -133,6 +199,7 @@ fn without_the_log_a_crash_loses_unflushed_batches() {
     crash_after(dir.path(), 2);
     fs::remove_file(dir.path().join(WAL_FILE)).expect("remove log");
     assert_eq!(reopen(dir.path(), INTERVAL), Snapshot::default());
+    assert_eq!(reopen_history(dir.path(), INTERVAL, "c"), []);
 }
 
 #[test]
@@ -141,7 +208,7 @@ fn a_torn_log_tail_is_ignored() {
     crash_after(dir.path(), 2);
     let bytes = fs::read(log_in(dir.path())).expect("read log");
     fs::write(log_in(dir.path()), &bytes[..bytes.len() - 3]).expect("tear the last record");
-    assert_eq!(reopen(dir.path(), INTERVAL), crash_snapshot(1));
+    assert_crash_state(dir.path(), INTERVAL, 1);
 
     // Garbage after complete records (a power loss's unsynced blocks) is ignored the same way.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -149,7 +216,7 @@ fn a_torn_log_tail_is_ignored() {
     let mut bytes = fs::read(log_in(dir.path())).expect("read log");
     bytes.extend_from_slice(&[0xAB; 100]);
     fs::write(log_in(dir.path()), &bytes).expect("append garbage");
-    assert_eq!(reopen(dir.path(), INTERVAL), crash_snapshot(2));
+    assert_crash_state(dir.path(), INTERVAL, 2);
 }
 
 fn log_in(dir: &Path) -> std::path::PathBuf {
@@ -160,7 +227,7 @@ fn log_in(dir: &Path) -> std::path::PathBuf {
 fn always_mode_replays_a_log_left_by_interval_mode_and_removes_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     crash_after(dir.path(), 2);
-    assert_eq!(reopen(dir.path(), SyncMode::Always), crash_snapshot(2));
+    assert_crash_state(dir.path(), SyncMode::Always, 2);
     assert!(!log_in(dir.path()).exists());
 }
 
@@ -176,6 +243,7 @@ fn flush_makes_the_log_empty() {
     );
     drop(store);
     assert_eq!(reopen(dir.path(), INTERVAL), mixed_snapshot());
+    assert_mixed_history(&mut RedbStore::open(dir.path(), INTERVAL).expect("reopen"));
 
     let (_store, dir) = fresh_redb(SyncMode::Always);
     assert!(!log_in(dir.path()).exists(), "always mode keeps no log");
@@ -329,4 +397,160 @@ fn a_new_store_records_its_format_version() {
         .expect("get")
         .map(|v| v.value());
     assert_eq!(version, Some(FORMAT_VERSION));
+}
+
+/// Writes, with redb directly, the store a Herald from before presence left: format version 1,
+/// only the tables `meta`, `sessions`, `queue` and `retained`, and a little data in each.
+fn write_pre_presence_store(dir: &Path) {
+    let db = Database::create(dir.join(DB_FILE)).expect("raw create");
+    let txn = db.begin_write().expect("write");
+    {
+        let mut meta = txn.open_table(META).expect("meta");
+        meta.insert(KEY_FORMAT_VERSION, 1).expect("insert");
+        meta.insert(KEY_NEXT_SEQ, 8).expect("insert");
+        let session = codec::encode_session(&session(&["t/#"])).expect("encode");
+        txn.open_table(SESSIONS)
+            .expect("sessions")
+            .insert("old", session.as_slice())
+            .expect("insert");
+        let queued = codec::encode_message(&message("t/old", "m7")).expect("encode");
+        txn.open_table(QUEUE)
+            .expect("queue")
+            .insert(("old", 7), queued.as_slice())
+            .expect("insert");
+        let retained = codec::encode_message(&message("r", "kept")).expect("encode");
+        txn.open_table(RETAINED)
+            .expect("retained")
+            .insert("r", retained.as_slice())
+            .expect("insert");
+    }
+    txn.commit().expect("commit");
+}
+
+fn table_names(dir: &Path) -> Vec<String> {
+    let db = Database::create(dir.join(DB_FILE)).expect("raw open");
+    let txn = db.begin_read().expect("read");
+    txn.list_tables()
+        .expect("list")
+        .map(|table| table.name().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_store_from_before_presence_opens_and_gains_the_new_tables() {
+    for sync in [SyncMode::Always, INTERVAL] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pre_presence_store(dir.path());
+        let older = Snapshot {
+            sessions: vec![("old".into(), session(&["t/#"]))],
+            queues: vec![("old".into(), vec![(7, message("t/old", "m7"))])],
+            retained: vec![message("r", "kept")],
+            next_seq: 8,
+            ..Snapshot::default()
+        };
+        let mut store = RedbStore::open(dir.path(), sync).expect("open");
+        assert_eq!(store.load().expect("load"), older, "{sync:?}");
+        assert_eq!(full_history(&mut store, "old"), []);
+        drop(store);
+
+        let mut names = table_names(dir.path());
+        names.sort();
+        let expected = [
+            CHANNELS.name(),
+            CLIENT_SEQS.name(),
+            HISTORY.name(),
+            META.name(),
+            OUTBOX.name(),
+            QUEUE.name(),
+            RETAINED.name(),
+            SESSIONS.name(),
+        ];
+        assert_eq!(names, expected, "{sync:?}");
+
+        let mut store = RedbStore::open(dir.path(), sync).expect("reopen");
+        store
+            .apply(&[
+                Op::PutClientSeq {
+                    client_id: "old".into(),
+                    seq: 1,
+                },
+                put_outbox("hook", 0, "e"),
+                put_history("old", 1, 5, "e"),
+            ])
+            .expect("apply");
+        drop(store);
+        let snapshot = reopen(dir.path(), sync);
+        assert_eq!(snapshot.sessions, older.sessions);
+        assert_eq!(snapshot.client_seqs, [("old".to_owned(), 1)]);
+        assert_eq!(snapshot.next_outbox_id, 1);
+        assert_eq!(reopen_history(dir.path(), sync, "old").len(), 1);
+        // Nothing was bumped: an earlier Herald can still open the directory.
+        let db = Database::create(dir.path().join(DB_FILE)).expect("raw open");
+        let txn = db.begin_read().expect("read");
+        let meta = txn.open_table(META).expect("meta");
+        let version = meta
+            .get(KEY_FORMAT_VERSION)
+            .expect("get")
+            .map(|v| v.value());
+        assert_eq!(version, Some(1));
+    }
+}
+
+/// Puts bytes that do not decode under `key` in `table`, with redb directly.
+fn corrupt_value<K: redb::Key + 'static>(
+    dir: &Path,
+    table: TableDefinition<K, &'static [u8]>,
+    key: K::SelfType<'_>,
+) where
+    for<'a> K::SelfType<'a>: std::borrow::Borrow<K::SelfType<'a>>,
+{
+    let db = Database::create(dir.join(DB_FILE)).expect("raw open");
+    let txn = db.begin_write().expect("write");
+    txn.open_table(table)
+        .expect("table")
+        .insert(key, [1_u8, 0, 0].as_slice())
+        .expect("insert");
+    txn.commit().expect("commit");
+}
+
+#[test]
+fn an_undecodable_presence_value_is_an_error_not_a_panic() {
+    let db_path = |dir: &TempDir| dir.path().join(DB_FILE);
+    let check = |error: StoreError, dir: &TempDir, key: &str| {
+        assert!(matches!(error, StoreError::Corrupt(_)), "{error}");
+        assert_names(&error, &db_path(dir));
+        assert!(error.to_string().contains(key), "{error}");
+    };
+
+    let (store, dir) = fresh_redb(SyncMode::Always);
+    drop(store);
+    corrupt_value(dir.path(), CHANNELS, 77_777);
+    let mut store = RedbStore::open(dir.path(), SyncMode::Always).expect("open");
+    check(store.load().expect_err("load must fail"), &dir, "77777");
+
+    let (store, dir) = fresh_redb(SyncMode::Always);
+    drop(store);
+    corrupt_value(dir.path(), OUTBOX, ("broken-sink", 3));
+    let mut store = RedbStore::open(dir.path(), SyncMode::Always).expect("open");
+    check(
+        store.load().expect_err("load must fail"),
+        &dir,
+        "broken-sink",
+    );
+
+    // The history is not loaded at start-up: only the query that reads it fails.
+    let (store, dir) = fresh_redb(SyncMode::Always);
+    drop(store);
+    corrupt_value(dir.path(), HISTORY, ("broken-client", 3));
+    let mut store = RedbStore::open(dir.path(), SyncMode::Always).expect("open");
+    assert_eq!(store.load().expect("load"), Snapshot::default());
+    let error = full_history_error(&mut store, "broken-client");
+    check(error, &dir, "broken-client");
+    assert_eq!(full_history(&mut store, "other"), []);
+}
+
+fn full_history_error(store: &mut RedbStore, client: &str) -> StoreError {
+    store
+        .history(client, 0, u64::MAX, 10)
+        .expect_err("history must fail")
 }

@@ -1,0 +1,292 @@
+//! Presence events (DESIGN.md 5): built once per channel transition with the client's next
+//! `seq`, staged in the store together with that seq, the channel record, the history and every
+//! matching sink's outbox entry (one transaction), and handed on only after they are durable.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_protocol::{ClientId, QoS, Topic};
+use herald_store::{ChannelRecord, Op};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::outbox::{OutboxEntry, SinkQueue};
+use crate::router::{Deferred, Router, RouterStats};
+use crate::session::Attached;
+use crate::types::{ChannelId, CloseReason, Event, EventKind, Message, now_ms};
+
+/// The JSON form of an event, keys in the order of DESIGN.md 5.1.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceEvent {
+    pub event_type: String,
+    pub client_id: String,
+    pub channel_id: String,
+    pub client_ip: String,
+    pub time: u64,
+    pub seq: u64,
+    pub event_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub group_id: Option<String>,
+    pub device_id: Option<String>,
+    pub node: String,
+    pub clean_session: bool,
+    pub protocol: String,
+    pub username: Option<String>,
+    pub transport: String,
+    pub v: u32,
+}
+
+/// The retained snapshot on `$presence/<clientId>`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Snapshot<'a> {
+    client_id: &'a str,
+    online: bool,
+    /// Since when the client has been in this state, ms since the Unix epoch.
+    since: u64,
+    channel_id: &'a str,
+    client_ip: &'a str,
+    seq: u64,
+    last_event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    node: &'a str,
+    v: u32,
+}
+
+impl Router {
+    /// Emits the event of `kind` for a live channel (call before the channel is forgotten).
+    pub(crate) fn emit_for(
+        &mut self,
+        channel: ChannelId,
+        kind: EventKind,
+        reason: Option<CloseReason>,
+        clean_session: bool,
+    ) {
+        let Some(client) = self.channels.get(&channel).cloned() else {
+            return;
+        };
+        let Some(attached) = self.sessions.get(&client).and_then(|s| s.attached.as_ref()) else {
+            return;
+        };
+        let event = self.describe(&client, channel, attached, clean_session);
+        self.emit(event, kind, reason);
+    }
+
+    fn describe(
+        &self,
+        client: &ClientId,
+        channel: ChannelId,
+        attached: &Attached,
+        clean_session: bool,
+    ) -> PresenceEvent {
+        PresenceEvent {
+            event_type: String::new(),
+            client_id: client.to_string(),
+            channel_id: channel.to_string(),
+            client_ip: attached.peer.to_string(),
+            time: 0,
+            seq: 0,
+            event_id: String::new(),
+            reason: None,
+            group_id: client.group().map(str::to_string),
+            device_id: client.device().map(str::to_string),
+            node: self.settings.presence.node_id.clone(),
+            clean_session,
+            protocol: attached.protocol.as_str().to_string(),
+            username: attached.username.clone(),
+            transport: attached.transport.as_str().to_string(),
+            v: 1,
+        }
+    }
+
+    /// Stamps `event` with kind, time and the client's next seq, stages everything it changes,
+    /// and defers its hand-off to sinks until that is durable.
+    pub(crate) fn emit(
+        &mut self,
+        mut event: PresenceEvent,
+        kind: EventKind,
+        reason: Option<CloseReason>,
+    ) {
+        let Ok(client) = ClientId::parse_any(&event.client_id, usize::MAX) else {
+            return;
+        };
+        let Ok(channel) = u128::from_str_radix(&event.channel_id, 16).map(ChannelId) else {
+            return;
+        };
+        let seq = {
+            let seq = self.client_seqs.entry(client.clone()).or_default();
+            *seq += 1;
+            *seq
+        };
+        let time_ms = now_ms();
+        event.event_type = kind.as_str().to_string();
+        event.time = time_ms;
+        event.seq = seq;
+        event.event_id = format!("{}:{seq}", event.client_id);
+        event.reason = reason.map(|r| r.as_str().to_string());
+        let json = match serde_json::to_vec(&event) {
+            Ok(json) => Bytes::from(json),
+            Err(e) => {
+                warn!(error = %e, "cannot encode a presence event");
+                return;
+            }
+        };
+        let client_id = client.to_string();
+        self.persister.stage(Op::PutClientSeq {
+            client_id: client_id.clone(),
+            seq,
+        });
+        self.stage_history(&client_id, seq, time_ms, &json);
+        match kind {
+            EventKind::Connect => self.persister.stage(Op::PutChannel {
+                channel_id: channel.0,
+                record: ChannelRecord {
+                    client_id: client_id.clone(),
+                    info: json.clone(),
+                },
+            }),
+            EventKind::TcpClean => self.persister.stage(Op::DeleteChannel {
+                channel_id: channel.0,
+            }),
+            EventKind::Disconnect => 0,
+        };
+        let mut outboxes = Vec::new();
+        for sink in self.sinks_for(&client, kind) {
+            let id = self.next_outbox_id;
+            self.next_outbox_id += 1;
+            self.persister.stage(Op::PutOutbox {
+                sink: sink.id.clone(),
+                id,
+                payload: json.clone(),
+            });
+            outboxes.push((
+                sink,
+                OutboxEntry {
+                    id,
+                    payload: json.clone(),
+                    added_ms: time_ms,
+                },
+            ));
+        }
+        debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
+        if self.settings.presence.snapshot_topic {
+            self.publish_snapshot(&event, kind != EventKind::TcpClean);
+        }
+        let event = Event {
+            kind,
+            reason,
+            client_id: client,
+            channel,
+            seq,
+            time_ms,
+            json,
+        };
+        self.defer(Deferred::Presence(event, outboxes));
+    }
+
+    fn stage_history(&mut self, client_id: &str, seq: u64, time_ms: u64, json: &Bytes) {
+        self.persister.stage(Op::PutHistory {
+            client_id: client_id.to_string(),
+            seq,
+            time_ms,
+            payload: json.clone(),
+        });
+        let keep = self.settings.presence.history_per_client.max(1);
+        if seq > keep {
+            self.persister.stage(Op::PruneHistory {
+                client_id: client_id.to_string(),
+                below_seq: seq - keep + 1,
+            });
+        }
+    }
+
+    /// The sinks whose `status_notice` rules take this event, each once.
+    fn sinks_for(&self, client: &ClientId, kind: EventKind) -> Vec<Arc<SinkQueue>> {
+        let mut sinks: Vec<Arc<SinkQueue>> = Vec::new();
+        for rule in &self.settings.presence.rules {
+            let group_ok = rule.groups.is_empty()
+                || client
+                    .group()
+                    .is_some_and(|g| rule.groups.iter().any(|r| r == g));
+            if !group_ok || !(rule.events.is_empty() || rule.events.contains(&kind)) {
+                continue;
+            }
+            for id in &rule.sinks {
+                match self.sinks.get(id) {
+                    Some(sink) if !sinks.iter().any(|s| s.id == *id) => sinks.push(sink.clone()),
+                    Some(_) => {}
+                    None => {
+                        warn!(rule = %rule.id, sink = %id, "rule names a sink that does not exist")
+                    }
+                }
+            }
+        }
+        sinks
+    }
+
+    /// Keeps `$presence/<clientId>` retained with the client's state after this event.
+    fn publish_snapshot(&mut self, event: &PresenceEvent, online: bool) {
+        if event.client_id.contains(['/', '+', '#', '\0']) {
+            return;
+        }
+        let snapshot = Snapshot {
+            client_id: &event.client_id,
+            online,
+            since: event.time,
+            channel_id: &event.channel_id,
+            client_ip: &event.client_ip,
+            seq: event.seq,
+            last_event: &event.event_type,
+            reason: event.reason.as_deref(),
+            node: &event.node,
+            v: 1,
+        };
+        let Ok(payload) = serde_json::to_vec(&snapshot) else {
+            return;
+        };
+        self.route(Message {
+            topic: Topic::from_trusted(format!("$presence/{}", event.client_id)),
+            payload: Bytes::from(payload),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            published_at_ms: event.time,
+        });
+    }
+
+    /// At start-up, before any connection: every channel the store says was open when the
+    /// broker died gets its `tcpclean` with reason `broker_restart`.
+    pub(crate) fn close_channels_left_open(&mut self, channels: Vec<(u128, ChannelRecord)>) {
+        for (id, record) in channels {
+            match serde_json::from_slice::<PresenceEvent>(&record.info) {
+                Ok(event) => {
+                    self.emit(event, EventKind::TcpClean, Some(CloseReason::BrokerRestart));
+                }
+                Err(e) => {
+                    warn!(channel = %ChannelId(id), client_id = %record.client_id, error = %e, "unreadable channel record; dropped");
+                    self.persister.stage(Op::DeleteChannel { channel_id: id });
+                }
+            }
+        }
+    }
+
+    /// After commit: the event goes to the sinks' outboxes and to the event listener.
+    pub(crate) fn hand_off(&mut self, event: Event, outboxes: Vec<(Arc<SinkQueue>, OutboxEntry)>) {
+        for (sink, entry) in outboxes {
+            if let Some(dropped) = sink.push(entry) {
+                warn!(sink = %sink.id, id = dropped.id, "sink outbox full: dropped its oldest entry");
+                self.persister.stage(Op::DeleteOutbox {
+                    sink: sink.id.clone(),
+                    id: dropped.id,
+                });
+            }
+        }
+        if let Some(events) = &self.events
+            && events.try_send(event).is_err()
+        {
+            RouterStats::add(&self.stats.events_dropped, 1);
+        }
+    }
+}
