@@ -24,11 +24,29 @@ pub struct ConfigFile {
     #[serde(default)]
     pub storage: Storage,
     #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
     pub presence: Presence,
     #[serde(default)]
     pub sinks: Vec<SinkDef>,
     #[serde(default)]
     pub rules: Vec<RuleDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub enabled: bool,
+    pub bind: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            enabled: true,
+            bind: "127.0.0.1:8080".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -78,6 +78,8 @@ pub struct Config {
     /// Access keys still set to the shipped demo secret (a loud warning at start).
     pub demo_keys: Vec<String>,
     pub sinks: Vec<herald_rules::SinkSettings>,
+    /// Where the admin HTTP API listens; `None` when switched off.
+    pub admin_bind: Option<SocketAddr>,
 }
 
 impl Config {

@@ -141,6 +141,20 @@ pub fn validate(
     };
     let (presence, sinks) = crate::rules::validate(&file, &file.node.id, env, &mut errors);
     let router = RouterSettings { presence, ..router };
+    let admin_bind = if file.admin.enabled {
+        match file.admin.bind.parse::<SocketAddr>() {
+            Ok(bind) => Some(bind),
+            Err(_) => {
+                errors.add(
+                    "admin.bind",
+                    format!("not an address:port: {:?}", file.admin.bind),
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let demo_keys = auth
         .access_keys
         .iter()
@@ -162,6 +176,7 @@ pub fn validate(
         },
         demo_keys,
         sinks,
+        admin_bind,
     })
 }
 

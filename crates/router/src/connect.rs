@@ -44,6 +44,7 @@ impl Router {
             protocol: request.protocol,
             username: request.username,
             transport: request.transport,
+            connected_at_ms: now_ms(),
         });
         self.channels.insert(request.channel, client.clone());
         RouterStats::add(&self.stats.connections, 1);

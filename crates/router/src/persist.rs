@@ -12,9 +12,58 @@ use tracing::error;
 /// How many queued requests one commit may take at most.
 const MAX_REQUESTS_PER_COMMIT: usize = 512;
 
+/// One entry of a client's presence history: (seq, time in ms, event JSON).
+pub type HistoryEntry = (u64, u64, bytes::Bytes);
+
 enum Request {
-    Apply { ticket: u64, ops: Vec<Op> },
-    Flush { done: Option<oneshot::Sender<()>> },
+    Apply {
+        ticket: u64,
+        ops: Vec<Op>,
+    },
+    Flush {
+        done: Option<oneshot::Sender<()>>,
+    },
+    /// A read, answered after the writes queued before it.
+    History {
+        client_id: String,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<HistoryEntry>, String>>,
+    },
+}
+
+/// Reads presence history through the storage thread. Holds no strong reference to it, so the
+/// thread still ends when the router does.
+#[derive(Debug, Clone)]
+pub struct HistoryReader {
+    tx: mpsc::WeakSender<Request>,
+}
+
+impl HistoryReader {
+    /// Events of `client_id` with `from_ms <= time <= to_ms`, oldest first, at most `limit`.
+    pub async fn history(
+        &self,
+        client_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, String> {
+        let tx = self.tx.upgrade().ok_or("the broker is shutting down")?;
+        let (reply, rx) = oneshot::channel();
+        let request = Request::History {
+            client_id: client_id.to_string(),
+            from_ms,
+            to_ms,
+            limit,
+            reply,
+        };
+        tx.send(request)
+            .await
+            .map_err(|_| "the broker is shutting down")?;
+        rx.await
+            .map_err(|_| "the storage thread stopped".to_string())?
+    }
 }
 
 /// What the writer thread tells the router after each commit.
@@ -71,6 +120,7 @@ fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::Unbound
     let mut ops = Vec::new();
     let mut tickets: Option<(u64, u64)> = None;
     let mut flushes = Vec::new();
+    let mut reads = Vec::new();
     for request in requests {
         match request {
             Request::Apply { ticket, ops: batch } => {
@@ -78,6 +128,7 @@ fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::Unbound
                 tickets = Some(tickets.map_or((ticket, ticket), |(from, _)| (from, ticket)));
             }
             Request::Flush { done } => flushes.push(done),
+            read @ Request::History { .. } => reads.push(read),
         }
     }
     if let Some((from, to)) = tickets {
@@ -103,9 +154,31 @@ fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::Unbound
             let _ = done.send(());
         }
     }
+    for read in reads {
+        if let Request::History {
+            client_id,
+            from_ms,
+            to_ms,
+            limit,
+            reply,
+        } = read
+        {
+            let result = store
+                .history(&client_id, from_ms, to_ms, limit)
+                .map_err(|e| e.to_string());
+            let _ = reply.send(result);
+        }
+    }
 }
 
 impl Persister {
+    /// A handle for history reads.
+    pub fn reader(&self) -> HistoryReader {
+        HistoryReader {
+            tx: self.tx.downgrade(),
+        }
+    }
+
     /// Adds an op to the open batch and returns the ticket it will be durable under.
     pub fn stage(&mut self, op: Op) -> u64 {
         self.staged.push(op);

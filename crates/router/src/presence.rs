@@ -13,7 +13,9 @@ use tracing::{debug, warn};
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::router::{Deferred, Router, RouterStats};
 use crate::session::Attached;
-use crate::types::{ChannelId, CloseReason, Event, EventKind, Message, now_ms};
+use crate::types::{
+    ChannelId, ChannelInfo, ClientState, CloseReason, Event, EventKind, Message, now_ms,
+};
 
 /// The JSON form of an event, keys in the order of DESIGN.md 5.1.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +177,8 @@ impl Router {
         if self.settings.presence.snapshot_topic {
             self.publish_snapshot(&event, kind != EventKind::TcpClean);
         }
+        self.last_events.insert(client.clone(), json.clone());
+        RouterStats::add(&self.stats.presence_events[kind as usize], 1);
         let event = Event {
             kind,
             reason,
@@ -288,5 +292,54 @@ impl Router {
         {
             RouterStats::add(&self.stats.events_dropped, 1);
         }
+    }
+}
+
+impl Router {
+    /// The state of one client id, known or not.
+    pub(crate) fn client_state(&self, id: &str) -> ClientState {
+        let session = self.sessions.get(id);
+        let channels: Vec<ChannelInfo> = session
+            .and_then(|s| s.attached.as_ref())
+            .map(|a| ChannelInfo {
+                channel_id: a.id.to_string(),
+                client_ip: a.peer.to_string(),
+                connected_at: a.connected_at_ms,
+                protocol: a.protocol.as_str(),
+                transport: a.transport.as_str(),
+            })
+            .into_iter()
+            .collect();
+        ClientState {
+            client_id: id.to_string(),
+            online: !channels.is_empty(),
+            channels,
+            seq: self.client_seqs.get(id).copied().unwrap_or(0),
+            last_event: self.last_events.get(id).cloned(),
+        }
+    }
+
+    /// Known client ids (any that ever had a presence event, or a session) in id order.
+    pub(crate) fn list_clients(
+        &self,
+        group: Option<&str>,
+        online: Option<bool>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<ClientState> {
+        let mut ids: Vec<&ClientId> = self.client_seqs.keys().collect();
+        ids.extend(
+            self.sessions
+                .keys()
+                .filter(|c| !self.client_seqs.contains_key(*c)),
+        );
+        ids.sort();
+        ids.into_iter()
+            .filter(|c| after.is_none_or(|a| c.as_str() > a))
+            .filter(|c| group.is_none_or(|g| c.group() == Some(g)))
+            .map(|c| self.client_state(c.as_str()))
+            .filter(|s| online.is_none_or(|o| s.online == o))
+            .take(limit)
+            .collect()
     }
 }

@@ -33,6 +33,7 @@ impl Router {
             session.incoming_qos2.insert(id);
         }
         RouterStats::add(&self.stats.messages_received, 1);
+        RouterStats::add(&self.stats.received_by_qos[publish.qos.as_u8() as usize], 1);
         self.route(Message {
             topic: publish.topic,
             payload: publish.payload,
@@ -154,6 +155,7 @@ impl Router {
         if copy.qos == QoS::AtMostOnce {
             if session.send(publish_packet(&copy, None, false)) {
                 RouterStats::add(&self.stats.messages_sent, 1);
+                RouterStats::add(&self.stats.sent_by_qos[0], 1);
             } else {
                 RouterStats::add(&self.stats.qos0_dropped, 1);
             }
@@ -185,6 +187,10 @@ impl Router {
         let channel = session.channel_id();
         self.stage_all(ops);
         RouterStats::add(&self.stats.messages_sent, sent as u64);
+        RouterStats::add(
+            &self.stats.sent_by_qos[granted.min(message.qos).as_u8() as usize],
+            sent as u64,
+        );
         self.after_send(channel, outcome);
     }
 }

@@ -30,6 +30,12 @@ pub struct RouterStats {
     pub queue_expired: AtomicU64,
     /// Presence events dropped because their consumer was full.
     pub events_dropped: AtomicU64,
+    /// PUBLISH received from clients, by QoS.
+    pub received_by_qos: [AtomicU64; 3],
+    /// PUBLISH sent to clients, by QoS.
+    pub sent_by_qos: [AtomicU64; 3],
+    /// Presence events emitted: connect, disconnect, tcpclean.
+    pub presence_events: [AtomicU64; 3],
 }
 
 impl RouterStats {
@@ -47,6 +53,8 @@ impl RouterStats {
 pub struct RouterHandle {
     pub inputs: mpsc::Sender<Input>,
     pub stats: Arc<RouterStats>,
+    /// Presence history reads.
+    pub history: crate::persist::HistoryReader,
 }
 
 impl RouterHandle {
@@ -101,6 +109,8 @@ pub struct Router {
     pub(crate) client_seqs: HashMap<ClientId, u64>,
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
+    /// The last event of each client id since start.
+    pub(crate) last_events: HashMap<ClientId, bytes::Bytes>,
     pending: VecDeque<Pending>,
     pending_per_channel: HashMap<ChannelId, usize>,
     /// The highest ticket known durable.
@@ -119,6 +129,7 @@ impl Router {
         let (persister, reports, thread) = persist::start(store)
             .map_err(|e| StoreError::Engine(format!("cannot start the storage thread: {e}")))?;
         let stats = Arc::new(RouterStats::default());
+        let reader = persister.reader();
         let mut router = Router {
             settings,
             sessions: HashMap::new(),
@@ -132,6 +143,7 @@ impl Router {
             client_seqs: HashMap::new(),
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
+            last_events: HashMap::new(),
             pending: VecDeque::new(),
             pending_per_channel: HashMap::new(),
             committed: 0,
@@ -149,7 +161,14 @@ impl Router {
                 error!("storage thread did not end cleanly");
             }
         });
-        Ok((RouterHandle { inputs: tx, stats }, task))
+        Ok((
+            RouterHandle {
+                inputs: tx,
+                stats,
+                history: reader,
+            },
+            task,
+        ))
     }
 
     fn restore(&mut self, snapshot: herald_store::Snapshot) {
@@ -313,6 +332,30 @@ impl Router {
                 if let Some(done) = done {
                     self.defer(Deferred::Notify(done));
                 }
+            }
+            Input::QueryClients { ids, reply } => {
+                let _ = reply.send(ids.iter().map(|id| self.client_state(id)).collect());
+            }
+            Input::ListClients {
+                group,
+                online,
+                after,
+                limit,
+                reply,
+            } => {
+                let page = self.list_clients(group.as_deref(), online, after.as_deref(), limit);
+                let _ = reply.send(page);
+            }
+            Input::Kick { client_id, reply } => {
+                let channel = self
+                    .sessions
+                    .get(client_id.as_str())
+                    .and_then(|s| s.channel_id());
+                if let Some(channel) = channel {
+                    info!(client_id = %client_id, %channel, "kicked through the admin API");
+                    self.end_channel(channel, CloseReason::Kicked);
+                }
+                let _ = reply.send(channel.is_some());
             }
             Input::CloseAll { done } => {
                 self.close_all();

@@ -20,6 +20,7 @@ pub struct Attached {
     pub protocol: Protocol,
     pub username: Option<String>,
     pub transport: Transport,
+    pub connected_at_ms: u64,
 }
 
 /// A QoS 1/2 message waiting to be sent. `seq` is its key in the store, for persistent sessions.

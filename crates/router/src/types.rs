@@ -205,6 +205,24 @@ pub enum Input {
         sink: String,
         ids: Vec<u64>,
     },
+    /// The state of these client ids (the admin API).
+    QueryClients {
+        ids: Vec<String>,
+        reply: oneshot::Sender<Vec<ClientState>>,
+    },
+    /// A page of known client ids in id order, after `after`, filtered by group and state.
+    ListClients {
+        group: Option<String>,
+        online: Option<bool>,
+        after: Option<String>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<ClientState>>,
+    },
+    /// Close the client's channel (reason `kicked`); answers whether it had one.
+    Kick {
+        client_id: String,
+        reply: oneshot::Sender<bool>,
+    },
     /// Close every channel (reason `server_shutdown`); answer once their events are durable.
     CloseAll {
         done: oneshot::Sender<()>,
@@ -213,6 +231,29 @@ pub enum Input {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+}
+
+/// One open channel of a client, as the query API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelInfo {
+    pub channel_id: String,
+    pub client_ip: String,
+    pub connected_at: u64,
+    pub protocol: &'static str,
+    pub transport: &'static str,
+}
+
+/// What the broker knows of a client id right now (DESIGN.md 5.5).
+#[derive(Debug, Clone)]
+pub struct ClientState {
+    pub client_id: String,
+    pub online: bool,
+    pub channels: Vec<ChannelInfo>,
+    /// The last presence seq (0: never seen).
+    pub seq: u64,
+    /// The last presence event's JSON, when one was emitted since the broker started.
+    pub last_event: Option<Bytes>,
 }
 
 /// The kinds of presence event (DESIGN.md 5).

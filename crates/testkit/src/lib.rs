@@ -28,6 +28,9 @@ data_dir = "{dir}"
 [listeners.tcp]
 bind = "127.0.0.1:0"
 
+[admin]
+bind = "127.0.0.1:0"
+
 [instance]
 id = "herald-demo"
 
@@ -57,6 +60,9 @@ id = "test-node"
 data_dir = "{dir}"
 
 [listeners.tcp]
+bind = "127.0.0.1:0"
+
+[admin]
 bind = "127.0.0.1:0"
 
 [instance]
