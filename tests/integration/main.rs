@@ -12,6 +12,7 @@ mod permissions;
 mod presence;
 mod pubsub;
 mod retained;
+mod sinks;
 mod sessions;
 mod will;
 

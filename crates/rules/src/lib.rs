@@ -23,6 +23,7 @@ use herald_router::{OutboxEntry, RouterHandle, SinkQueue};
 use tokio::task::JoinHandle;
 
 pub use runner::RunnerSettings;
+pub use webhook::signature;
 
 /// Why a delivery failed; the runner retries.
 #[derive(Debug, thiserror::Error)]

@@ -2,10 +2,12 @@
 //! SIGKILLed), talk raw MQTT bytes, or use `rumqttc` clients with Signature credentials.
 
 mod client;
+mod http;
 mod process;
 mod raw;
 
 pub use client::{TestClient, options, signed_options};
+pub use http::{HttpCapture, Received};
 pub use process::BrokerProcess;
 pub use raw::RawClient;
 

@@ -1,0 +1,239 @@
+//! Real sinks with outages: a local webhook receiver that is down for a while (and a broker
+//! restart meanwhile), a Redis server that starts late, a file in a directory that appears
+//! late. Every event arrives, in per-client order, deduplicable by eventId.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use herald_testkit::{HttpCapture, TestBroker, TestClient, signed_options};
+use serde_json::Value;
+
+/// Connects and disconnects each client twice: 3 events per cycle.
+async fn churn(broker: &TestBroker, clients: &[String]) {
+    for _ in 0..2 {
+        for id in clients {
+            let c = TestClient::connected(signed_options(broker.addr, id, true)).await;
+            c.disconnect().await;
+        }
+    }
+}
+
+fn clients(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("GID_demo@@@{prefix}-{i}")).collect()
+}
+
+/// Deduplicates by eventId and checks, per client, seq strictly increasing and the event
+/// sequence connect, disconnect, tcpclean repeated.
+fn check_events(events: &[Value], clients: &[String], cycles: usize) {
+    let mut seen: HashMap<String, &Value> = HashMap::new();
+    let mut per_client: HashMap<String, Vec<&Value>> = HashMap::new();
+    for e in events {
+        let id = e["eventId"].as_str().expect("eventId").to_string();
+        if let Some(first) = seen.get(&id) {
+            assert_eq!(*first, e, "same eventId, different content");
+            continue;
+        }
+        seen.insert(id, e);
+        per_client
+            .entry(e["clientId"].as_str().expect("clientId").to_string())
+            .or_default()
+            .push(e);
+    }
+    for id in clients {
+        let mine = per_client
+            .get(id)
+            .unwrap_or_else(|| panic!("no events for {id}"));
+        let kinds: Vec<&str> = mine
+            .iter()
+            .map(|e| e["eventType"].as_str().expect("type"))
+            .collect();
+        let expected: Vec<&str> = ["connect", "disconnect", "tcpclean"]
+            .iter()
+            .copied()
+            .cycle()
+            .take(3 * cycles)
+            .collect();
+        assert_eq!(kinds, expected, "{id}");
+        let seqs: Vec<u64> = mine
+            .iter()
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{id}: {seqs:?}");
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_is_down_across_a_restart_gets_every_event_signed() {
+    let hook = HttpCapture::start(503).await;
+    let extra = format!(
+        r#"
+[[sinks]]
+id = "hook"
+type = "webhook"
+url = "{}"
+secret = "hook-secret"
+timeout_ms = 2000
+
+[[rules]]
+id = "to-hook"
+kind = "status_notice"
+sinks = ["hook"]
+"#,
+        hook.url("/presence")
+    );
+    let broker = TestBroker::demo(&extra).await;
+    let ids = clients("hooked", 3);
+    churn(&broker, &ids).await;
+    wait_for("the sink to try", || hook.refused() > 0).await;
+    let broker = broker.restart().await;
+    hook.set_status(200);
+    wait_for("every event", || {
+        let ids: std::collections::HashSet<String> = hook
+            .accepted()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .filter_map(|e| e["eventId"].as_str().map(str::to_string))
+            .collect();
+        ids.len() >= 18
+    })
+    .await;
+    let received = hook.accepted();
+    for r in &received {
+        assert_eq!(
+            r.header("x-herald-signature"),
+            Some(herald_rules::signature("hook-secret", &r.body).as_str())
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    let events: Vec<Value> = received
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).expect("JSON"))
+        .collect();
+    check_events(&events, &ids, 2);
+    broker.stop().await;
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+struct RedisServer(Child);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis(port: u16, dir: &std::path::Path) -> RedisServer {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is needed for this test (apt-get install -y redis-server)");
+    RedisServer(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_stream_that_starts_late_gets_every_event() {
+    let port = free_port();
+    let extra = format!(
+        r#"
+[[sinks]]
+id = "stream"
+type = "redis"
+url = "redis://127.0.0.1:{port}"
+stream = "herald:test"
+
+[[rules]]
+id = "to-redis"
+kind = "status_notice"
+source = {{ events = ["connect", "disconnect", "tcpclean"] }}
+sinks = ["stream"]
+"#
+    );
+    let broker = TestBroker::demo(&extra).await;
+    let ids = clients("streamed", 2);
+    churn(&broker, &ids).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let _redis = start_redis(port, dir.path());
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+    let mut events = Vec::new();
+    for _ in 0..300 {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let entries: redis::RedisResult<Vec<(String, Vec<(String, String)>)>> =
+                redis::cmd("XRANGE")
+                    .arg("herald:test")
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await;
+            if let Ok(entries) = entries
+                && entries.len() >= 12
+            {
+                for (_, fields) in entries {
+                    let fields: HashMap<String, String> = fields.into_iter().collect();
+                    let event: Value = serde_json::from_str(&fields["event"]).expect("JSON");
+                    assert_eq!(event["eventId"].as_str(), Some(fields["eventId"].as_str()));
+                    events.push(event);
+                }
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check_events(&events, &ids, 2);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_file_sink_whose_directory_appears_late_gets_every_event() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("later").join("events.jsonl");
+    let extra = format!(
+        "[[sinks]]\nid = \"file\"\ntype = \"file\"\npath = \"{}\"\n\n[[rules]]\nid = \"to-file\"\nkind = \"status_notice\"\nsinks = [\"file\"]\n",
+        path.display()
+    );
+    let broker = TestBroker::demo(&extra).await;
+    let ids = clients("filed", 2);
+    churn(&broker, &ids).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::create_dir_all(dir.path().join("later")).expect("mkdir");
+    let mut events = Vec::new();
+    wait_for("the file", || {
+        events = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        events.len() >= 12
+    })
+    .await;
+    check_events(&events, &ids, 2);
+    broker.stop().await;
+}
