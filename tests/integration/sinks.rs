@@ -237,3 +237,67 @@ async fn a_file_sink_whose_directory_appears_late_gets_every_event() {
     check_events(&events, &ids, 2);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn outflow_rules_copy_published_messages_to_sinks() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("telemetry.jsonl");
+    let extra = format!(
+        r#"
+[[sinks]]
+id = "telemetry-file"
+type = "file"
+path = "{}"
+
+[[rules]]
+id = "telemetry-out"
+kind = "outflow"
+source = {{ topics = ["demo/telemetry/#"] }}
+sinks = ["telemetry-file"]
+"#,
+        path.display()
+    );
+    let broker = TestBroker::demo(&extra).await;
+    let mut device =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@sensor", true)).await;
+    device
+        .publish(
+            "demo/telemetry/temp",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"21.5",
+        )
+        .await;
+    device
+        .publish(
+            "demo/other",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"not copied",
+        )
+        .await;
+    let mut lines: Vec<Value> = Vec::new();
+    wait_for("the outflow entry", || {
+        lines = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        !lines.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let m = &lines[0];
+    assert_eq!(m["topic"], "demo/telemetry/temp");
+    assert_eq!(m["clientId"], "GID_demo@@@sensor");
+    assert_eq!(m["qos"], 1);
+    assert_eq!(m["payload"], "MjEuNQ==");
+    assert!(m["time"].as_u64().is_some());
+    assert!(
+        m["messageId"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("test-node-"))
+    );
+    broker.stop().await;
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use herald_auth::Secret;
 use herald_protocol::QoS;
-use herald_router::{EventKind, PresenceSettings, StatusRule};
+use herald_protocol::topic::validate_filter;
+use herald_router::{EventKind, OutflowRule, PresenceSettings, StatusRule};
 use herald_rules::{SinkKind, SinkSettings};
 
 use crate::file::{ConfigFile, RuleDef, SinkDef};
@@ -174,13 +175,18 @@ fn sink(
     })
 }
 
+enum Rule {
+    Status(StatusRule),
+    Outflow(OutflowRule),
+}
+
 fn rule(
     i: usize,
     def: &RuleDef,
     groups: &[String],
     sinks: &HashSet<String>,
     errors: &mut Errors,
-) -> Option<StatusRule> {
+) -> Option<Rule> {
     let path = format!("rules[{i}]");
     if !is_sink_or_rule_id(&def.id) {
         errors.add(format!("{path}.id"), "must be 3-64 chars of [A-Za-z0-9_-]");
@@ -198,13 +204,11 @@ fn rule(
     }
     match def.kind.as_str() {
         "status_notice" => {}
-        "outflow" | "inflow" => {
+        "outflow" => return outflow(&path, def, errors).map(Rule::Outflow),
+        "inflow" => {
             errors.add(
                 format!("{path}.kind"),
-                format!(
-                    "{:?} rules are not implemented yet; use status_notice",
-                    def.kind
-                ),
+                "inflow needs no rule: POST /api/v1/messages publishes on a topic",
             );
             return None;
         }
@@ -248,10 +252,39 @@ fn rule(
             ),
         }
     }
-    Some(StatusRule {
+    Some(Rule::Status(StatusRule {
         id: def.id.clone(),
         groups: rule_groups,
         events,
+        sinks: def.sinks.clone(),
+    }))
+}
+
+fn outflow(path: &str, def: &RuleDef, errors: &mut Errors) -> Option<OutflowRule> {
+    if def.source.groups.is_some() || def.source.events.is_some() {
+        errors.add(
+            format!("{path}.source"),
+            "outflow rules take topics, not groups or events",
+        );
+    }
+    let filters = def.source.topics.clone().unwrap_or_default();
+    if filters.is_empty() {
+        errors.add(
+            format!("{path}.source.topics"),
+            "an outflow rule needs at least one topic filter",
+        );
+    }
+    for (j, filter) in filters.iter().enumerate() {
+        if let Err(e) = validate_filter(filter, usize::from(u16::MAX)) {
+            errors.add(
+                format!("{path}.source.topics[{j}]"),
+                format!("invalid topic filter {filter:?}: {e}"),
+            );
+        }
+    }
+    Some(OutflowRule {
+        id: def.id.clone(),
+        filters,
         sinks: def.sinks.clone(),
     })
 }
@@ -279,6 +312,7 @@ pub fn validate(
     let groups: Vec<String> = file.groups.iter().map(|g| g.id.clone()).collect();
     let mut rule_ids = HashSet::new();
     let mut rules = Vec::new();
+    let mut outflow = Vec::new();
     for (i, def) in file.rules.iter().enumerate() {
         if !rule_ids.insert(def.id.clone()) {
             errors.add(
@@ -286,8 +320,10 @@ pub fn validate(
                 format!("duplicate rule {:?}", def.id),
             );
         }
-        if let Some(rule) = rule(i, def, &groups, &sink_ids, errors) {
-            rules.push(rule);
+        match rule(i, def, &groups, &sink_ids, errors) {
+            Some(Rule::Status(r)) => rules.push(r),
+            Some(Rule::Outflow(r)) => outflow.push(r),
+            None => {}
         }
     }
     let history = errors.range(
@@ -301,6 +337,7 @@ pub fn validate(
         history_per_client: history,
         snapshot_topic: file.presence.snapshot_topic,
         rules,
+        outflow,
     };
     (presence, sinks)
 }

@@ -128,13 +128,14 @@ impl Router {
             if reason != CloseReason::TakenOver && reason != CloseReason::ServerShutdown {
                 warn!(client_id = %client, topic = %will.topic, "publishing will message");
             }
-            self.route(Message {
+            let message = Message {
                 topic: will.topic,
                 payload: will.payload,
                 qos: will.qos,
                 retain: will.retain,
                 published_at_ms: now_ms(),
-            });
+            };
+            self.route_from(message, Some(&client));
         }
     }
 }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
+use base64::Engine;
 use bytes::Bytes;
+use herald_protocol::topic::matches;
 use herald_protocol::{ClientId, QoS, Topic};
 use herald_store::{ChannelRecord, Op};
 use serde::{Deserialize, Serialize};
@@ -276,8 +278,60 @@ impl Router {
         }
     }
 
-    /// After commit: the event goes to the sinks' outboxes and to the event listener.
-    pub(crate) fn hand_off(&mut self, event: Event, outboxes: Vec<(Arc<SinkQueue>, OutboxEntry)>) {
+    /// Stages a message that `outflow` rules take, once per sink.
+    pub(crate) fn outflow(&mut self, message: &Message, publisher: &ClientId) {
+        let topic = message.topic.as_str();
+        let mut sinks: Vec<Arc<SinkQueue>> = Vec::new();
+        for rule in &self.settings.presence.outflow {
+            if !rule.filters.iter().any(|f| matches(f, topic)) {
+                continue;
+            }
+            for id in &rule.sinks {
+                if let Some(sink) = self.sinks.get(id)
+                    && !sinks.iter().any(|s| s.id == *id)
+                {
+                    sinks.push(sink.clone());
+                }
+            }
+        }
+        if sinks.is_empty() {
+            return;
+        }
+        let message_id = format!("{}-{}", self.settings.presence.node_id, self.next_outbox_id);
+        let document = serde_json::json!({
+            "topic": topic,
+            "clientId": publisher.as_str(),
+            "qos": message.qos.as_u8(),
+            "payload": base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            "time": message.published_at_ms,
+            "messageId": message_id,
+        });
+        let Ok(json) = serde_json::to_vec(&document).map(Bytes::from) else {
+            return;
+        };
+        let mut outboxes = Vec::new();
+        for sink in sinks {
+            let id = self.next_outbox_id;
+            self.next_outbox_id += 1;
+            self.persister.stage(Op::PutOutbox {
+                sink: sink.id.clone(),
+                id,
+                payload: json.clone(),
+            });
+            outboxes.push((
+                sink,
+                OutboxEntry {
+                    id,
+                    payload: json.clone(),
+                    added_ms: message.published_at_ms,
+                },
+            ));
+        }
+        self.defer(Deferred::Outbox(outboxes));
+    }
+
+    /// After commit: entries go to their sinks' outboxes.
+    pub(crate) fn fill_outboxes(&mut self, outboxes: Vec<(Arc<SinkQueue>, OutboxEntry)>) {
         for (sink, entry) in outboxes {
             if let Some(dropped) = sink.push(entry) {
                 warn!(sink = %sink.id, id = dropped.id, "sink outbox full: dropped its oldest entry");
@@ -287,6 +341,11 @@ impl Router {
                 });
             }
         }
+    }
+
+    /// After commit: the event goes to the sinks' outboxes and to the event listener.
+    pub(crate) fn hand_off(&mut self, event: Event, outboxes: Vec<(Arc<SinkQueue>, OutboxEntry)>) {
+        self.fill_outboxes(outboxes);
         if let Some(events) = &self.events
             && events.try_send(event).is_err()
         {

@@ -34,13 +34,15 @@ impl Router {
         }
         RouterStats::add(&self.stats.messages_received, 1);
         RouterStats::add(&self.stats.received_by_qos[publish.qos.as_u8() as usize], 1);
-        self.route(Message {
+        let publisher = self.channels.get(&channel).cloned();
+        let message = Message {
             topic: publish.topic,
             payload: publish.payload,
             qos: publish.qos,
             retain: publish.retain,
             published_at_ms: now_ms(),
-        });
+        };
+        self.route_from(message, publisher.as_ref());
         match (publish.qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
                 self.reply(channel, Deferred::Send(Packet::PubAck(id)), true)
@@ -105,6 +107,17 @@ impl Router {
     /// Delivers a message to every session it reaches, and keeps it if retained. Stages every
     /// store op it needs in the open batch.
     pub(crate) fn route(&mut self, message: Message) {
+        self.route_from(message, None);
+    }
+
+    /// Like [`Router::route`] for a message a client published: it may also match `outflow`
+    /// rules (messages from the broker itself never do, so a sink cannot feed itself).
+    pub(crate) fn route_from(&mut self, message: Message, publisher: Option<&ClientId>) {
+        if let Some(publisher) = publisher
+            && !self.settings.presence.outflow.is_empty()
+        {
+            self.outflow(&message, publisher);
+        }
         if message.retain {
             self.retain(&message);
         }

@@ -83,6 +83,8 @@ pub(crate) enum Deferred {
     SubAck(Packet, Vec<(Message, QoS)>),
     /// A presence event and its outbox entries, for the sinks and the event listener.
     Presence(Event, Vec<(Arc<SinkQueue>, OutboxEntry)>),
+    /// Outbox entries of an `outflow` rule.
+    Outbox(Vec<(Arc<SinkQueue>, OutboxEntry)>),
     /// Tells an internal publisher (the admin API, the `mqtt` sink) that its message is durable.
     Notify(oneshot::Sender<()>),
 }
@@ -439,6 +441,7 @@ impl Router {
             Deferred::Send(packet) => (packet, Vec::new()),
             Deferred::SubAck(packet, retained) => (packet, retained),
             Deferred::Presence(event, outboxes) => return self.hand_off(event, outboxes),
+            Deferred::Outbox(outboxes) => return self.fill_outboxes(outboxes),
             Deferred::Notify(done) => {
                 let _ = done.send(());
                 return;

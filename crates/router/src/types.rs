@@ -308,6 +308,15 @@ pub struct StatusRule {
     pub sinks: Vec<String>,
 }
 
+/// An `outflow` rule: messages clients publish on these filters go to these sinks as JSON
+/// `{topic, clientId, qos, payload (base64), time, messageId}`.
+#[derive(Debug, Clone)]
+pub struct OutflowRule {
+    pub id: String,
+    pub filters: Vec<String>,
+    pub sinks: Vec<String>,
+}
+
 /// Presence settings (DESIGN.md 5 and 6).
 #[derive(Debug, Clone)]
 pub struct PresenceSettings {
@@ -318,6 +327,7 @@ pub struct PresenceSettings {
     /// Keep `$presence/<clientId>` retained with the client's current state.
     pub snapshot_topic: bool,
     pub rules: Vec<StatusRule>,
+    pub outflow: Vec<OutflowRule>,
 }
 
 impl Default for PresenceSettings {
@@ -327,6 +337,7 @@ impl Default for PresenceSettings {
             history_per_client: 100,
             snapshot_topic: true,
             rules: Vec::new(),
+            outflow: Vec::new(),
         }
     }
 }
