@@ -1,6 +1,7 @@
 //! Integration tests: the real broker on 127.0.0.1:0, real clients (rumqttc), raw bytes where a
 //! client library would hide the behaviour, and the real binary for signals and SIGKILL.
 
+mod admin;
 mod cli;
 mod connect;
 mod crash;
@@ -12,8 +13,8 @@ mod permissions;
 mod presence;
 mod pubsub;
 mod retained;
-mod sinks;
 mod sessions;
+mod sinks;
 mod will;
 
 use std::time::Duration;

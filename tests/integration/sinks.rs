@@ -64,7 +64,7 @@ fn check_events(events: &[Value], clients: &[String], cycles: usize) {
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..300 {
+    for _ in 0..600 {
         if done() {
             return;
         }
@@ -123,6 +123,9 @@ sinks = ["hook"]
     check_events(&events, &ids, 2);
     broker.stop().await;
 }
+
+/// `XRANGE` replies: (entry id, [(field, value)]).
+type StreamEntries = Vec<(String, Vec<(String, String)>)>;
 
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -186,13 +189,12 @@ sinks = ["stream"]
     let mut events = Vec::new();
     for _ in 0..300 {
         if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let entries: redis::RedisResult<Vec<(String, Vec<(String, String)>)>> =
-                redis::cmd("XRANGE")
-                    .arg("herald:test")
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut conn)
-                    .await;
+            let entries: redis::RedisResult<StreamEntries> = redis::cmd("XRANGE")
+                .arg("herald:test")
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await;
             if let Ok(entries) = entries
                 && entries.len() >= 12
             {

@@ -3,9 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use herald_admin::AdminState;
 use herald_auth::Authenticator;
 use herald_config::Config;
 use herald_router::{Event, Router, RouterHandle, SinkQueue};
@@ -22,6 +24,8 @@ pub use herald_config as config;
 pub struct Broker {
     /// The address the TCP listener is bound to (useful with port 0).
     pub tcp_addr: Option<SocketAddr>,
+    /// The address the admin HTTP API is bound to, when `[admin]` is on.
+    pub admin_addr: Option<SocketAddr>,
     router: RouterHandle,
     router_task: JoinHandle<()>,
     stop_listeners: watch::Sender<bool>,
@@ -30,8 +34,8 @@ pub struct Broker {
     sink_tasks: Vec<JoinHandle<()>>,
 }
 
-/// How long shutdown waits for sinks to deliver what is in their outboxes (what is left stays
-/// in the store for the next start).
+/// How long shutdown waits for healthy sinks to deliver what is in their outboxes (a failing
+/// sink is not waited for; what is left stays in the store for the next start).
 const SINK_DRAIN: Duration = Duration::from_secs(5);
 
 impl Broker {
@@ -96,9 +100,30 @@ impl Broker {
         if listeners.is_empty() {
             warn!("no listener is configured: no client can connect");
         }
-        info!(node = %config.node_id, tcp = ?tcp_addr, "herald started");
+        let mut admin_addr = None;
+        if let Some(bind) = config.admin_bind {
+            let listener = TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind} (admin.bind)"))?;
+            admin_addr = Some(listener.local_addr()?);
+            let state = AdminState {
+                router: router.clone(),
+                auth: Arc::new(Authenticator::new(config.auth.clone())),
+                sinks: queues.clone(),
+                node_id: config.node_id.clone(),
+                max_topic_len: config.server.max_topic_len,
+            };
+            // Stopped with the listeners: no admin request starts once shutdown has begun.
+            listeners.push(tokio::spawn(herald_admin::serve(
+                listener,
+                state,
+                stopped.clone(),
+            )));
+        }
+        info!(node = %config.node_id, tcp = ?tcp_addr, admin = ?admin_addr, "herald started");
         Ok(Broker {
             tcp_addr,
+            admin_addr,
             router,
             router_task,
             stop_listeners,
@@ -125,7 +150,11 @@ impl Broker {
         }
         self.router.close_all().await;
         let drained = tokio::time::timeout(SINK_DRAIN, async {
-            while self.sinks.iter().any(|s| s.depth() > 0) {
+            while self
+                .sinks
+                .iter()
+                .any(|s| s.depth() > 0 && !s.failing.load(Ordering::Relaxed))
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })

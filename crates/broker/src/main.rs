@@ -125,6 +125,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         // One line on stdout that scripts and tests can wait for.
         println!("herald: listening tcp {addr}");
     }
+    if let Some(addr) = broker.admin_addr {
+        println!("herald: listening admin {addr}");
+    }
     wait_for_signal().await?;
     tracing::info!("signal received: shutting down");
     broker.shutdown().await;

@@ -102,11 +102,13 @@ impl Config {
 
     /// The built-in defaults used when no config file exists: a local, open broker for trying
     /// Herald out (TCP on 127.0.0.1:1883, anonymous clients, any client id), like Mosquitto's
-    /// local-only mode.
+    /// local-only mode. No admin API: there is no admin key to use it with.
     pub fn builtin() -> Config {
         let text = r#"
             [listeners.tcp]
             bind = "127.0.0.1:1883"
+            [admin]
+            enabled = false
             [instance]
             allow_anonymous = true
             client_id_format = "any"

@@ -34,7 +34,21 @@ fn the_shipped_config_parses_to_the_demo() {
     );
     assert_eq!(config.storage.data_dir, std::path::PathBuf::from("data"));
     assert_eq!(config.storage.sync, herald_store::SyncMode::Always);
-    assert_eq!(config.demo_keys, vec!["demo".to_string()]);
+    assert_eq!(
+        config.demo_keys,
+        vec![
+            "demo".to_string(),
+            "backend".to_string(),
+            "admin".to_string()
+        ]
+    );
+    assert!(config.auth.access_keys[2].admin);
+    assert_eq!(config.sinks.len(), 1);
+    assert_eq!(config.router.presence.rules.len(), 1);
+    assert_eq!(
+        config.admin_bind.map(|a| a.to_string()),
+        Some("127.0.0.1:8080".into())
+    );
     assert_eq!(config.server.max_packet_size, 65536);
     assert_eq!(config.router.max_inflight, 64);
 }

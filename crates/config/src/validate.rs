@@ -15,8 +15,8 @@ use herald_store::SyncMode;
 use crate::file::{self, ConfigFile};
 use crate::{Config, ConfigError, ConfigErrors, StorageSettings, TcpListenerSettings};
 
-/// The secret shipped in `config/herald.toml`, which must never guard a real deployment.
-pub const DEMO_SECRET: &str = "demo-secret";
+/// The secrets shipped in `config/herald.toml`, which must never guard a real deployment.
+pub const DEMO_SECRETS: [&str; 3] = ["demo-secret", "backend-secret", "admin-secret"];
 
 #[derive(Default)]
 pub(crate) struct Errors(Vec<ConfigError>);
@@ -158,7 +158,7 @@ pub fn validate(
     let demo_keys = auth
         .access_keys
         .iter()
-        .filter(|k| k.secret.expose() == DEMO_SECRET)
+        .filter(|k| DEMO_SECRETS.contains(&k.secret.expose()))
         .map(|k| k.id.clone())
         .collect();
     if !errors.0.is_empty() {

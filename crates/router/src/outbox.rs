@@ -34,6 +34,8 @@ pub struct SinkQueue {
     pub delivered: AtomicU64,
     /// Failed delivery attempts.
     pub failures: AtomicU64,
+    /// Set while the sink's last delivery attempt failed.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 impl SinkQueue {
@@ -46,6 +48,7 @@ impl SinkQueue {
             dropped: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            failing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

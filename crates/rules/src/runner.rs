@@ -68,6 +68,7 @@ pub fn spawn(
                         failing = false;
                     }
                     backoff = settings.backoff_min;
+                    queue.failing.store(false, Ordering::Relaxed);
                     queue
                         .delivered
                         .fetch_add(fresh.len() as u64, Ordering::Relaxed);
@@ -78,6 +79,7 @@ pub fn spawn(
                 }
                 Err(e) => {
                     queue.failures.fetch_add(1, Ordering::Relaxed);
+                    queue.failing.store(true, Ordering::Relaxed);
                     warn!(sink = %queue.id, kind = settings.kind, error = %e, retry_in_ms = backoff.as_millis() as u64, waiting = queue.depth(), "sink delivery failed");
                     failing = true;
                     tokio::time::sleep(backoff).await;

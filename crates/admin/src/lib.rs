@@ -1,0 +1,119 @@
+//! The admin HTTP API (DESIGN.md 7): health, client state and presence history, kick, publish,
+//! and Prometheus metrics, all behind HTTP Basic auth with an `admin` access key.
+//!
+//! It owns no broker state: every answer comes from the router (through [`RouterHandle`]'s
+//! inputs and history reader), the router's counters, or the sinks' queues. Token and
+//! device-credential routes are not here yet.
+//!
+//! [`app`] builds the routes (tested with `tower::ServiceExt::oneshot`, no socket); [`serve`]
+//! runs them on a listener until shutdown.
+
+mod auth;
+mod clients;
+mod error;
+mod input;
+mod messages;
+mod metrics;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::{delete, get, post};
+use herald_auth::Authenticator;
+use herald_router::{Input, RouterHandle, SinkQueue};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+
+pub use error::ApiError;
+
+/// What the admin routes read from. The app keeps it in an `Arc`.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub router: RouterHandle,
+    /// Checks the Basic credentials of every request.
+    pub auth: Arc<Authenticator>,
+    /// The sinks' outbox queues, for the metrics.
+    pub sinks: Vec<Arc<SinkQueue>>,
+    /// Reported by the health check.
+    pub node_id: String,
+    /// The longest topic a published message may have (`limits.max_topic_len`).
+    pub max_topic_len: usize,
+}
+
+/// How long a request waits for the router before answering 503.
+const ROUTER_WAIT: Duration = Duration::from_secs(5);
+
+impl AdminState {
+    /// Sends the input `make` builds to the router and waits up to `wait` for its reply.
+    async fn ask<T>(
+        &self,
+        wait: Duration,
+        make: impl FnOnce(oneshot::Sender<T>) -> Input,
+    ) -> Result<T, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let asked = async {
+            self.router.inputs.send(make(reply)).await.ok()?;
+            rx.await.ok()
+        };
+        match tokio::time::timeout(wait, asked).await {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => Err(ApiError::Unavailable("the router has stopped".into())),
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "the router did not answer within {} ms",
+                wait.as_millis()
+            ))),
+        }
+    }
+}
+
+/// The admin routes. Every route, and the 404 and 405 answers, need admin credentials.
+pub fn app(state: AdminState) -> Router {
+    let state = Arc::new(state);
+    Router::new()
+        .route("/api/v1/health", get(clients::health))
+        .route("/api/v1/clients", get(clients::list))
+        .route("/api/v1/clients/query", post(clients::query))
+        .route("/api/v1/clients/{client_id}", get(clients::one))
+        .route("/api/v1/clients/{client_id}/events", get(clients::events))
+        .route(
+            "/api/v1/clients/{client_id}/connection",
+            delete(clients::kick),
+        )
+        .route("/api/v1/messages", post(messages::publish))
+        .route("/metrics", get(metrics::metrics))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(input::BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ))
+        .layer(middleware::from_fn(auth::log_refusals))
+        .with_state(state)
+}
+
+/// Serves [`app`] on `listener` until `shutdown` turns true (or its sender is dropped), then
+/// lets the requests in progress finish.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: watch::Receiver<bool>) {
+    let addr = listener.local_addr().ok();
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, service)
+        .with_graceful_shutdown(stopped(shutdown))
+        .await;
+    match result {
+        Ok(()) => info!(?addr, "admin API stopped"),
+        Err(e) => warn!(?addr, error = %e, "admin API failed"),
+    }
+}
+
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    // An error means the sender is gone: the broker is stopping too.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
