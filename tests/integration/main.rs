@@ -2,6 +2,7 @@
 //! client library would hide the behaviour, and the real binary for signals and SIGKILL.
 
 mod admin;
+mod churn;
 mod cli;
 mod connect;
 mod crash;
