@@ -17,6 +17,9 @@ async fn churn(broker: &TestBroker, clients: &[String]) {
             c.disconnect().await;
         }
     }
+    // Let the broker take the last DISCONNECTs in before the test goes on (a shutdown racing
+    // them would rightly report server_shutdown instead).
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 fn clients(prefix: &str, n: usize) -> Vec<String> {
@@ -300,6 +303,140 @@ sinks = ["telemetry-file"]
         m["messageId"]
             .as_str()
             .is_some_and(|id| id.starts_with("test-node-"))
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_outbox_drops_its_oldest_entries_and_counts_them() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("later").join("events.jsonl");
+    let extra = format!(
+        r#"
+[[access_keys]]
+id = "ops"
+secret = "ops-secret"
+admin = true
+
+[[sinks]]
+id = "small"
+type = "file"
+path = "{}"
+outbox_max = 3
+
+[[rules]]
+id = "to-small"
+kind = "status_notice"
+sinks = ["small"]
+"#,
+        path.display()
+    );
+    let broker = TestBroker::demo(&extra).await;
+    let ids = clients("squeezed", 1);
+    churn(&broker, &ids).await; // 6 events, 3 fit
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::create_dir_all(dir.path().join("later")).expect("mkdir");
+    let mut events: Vec<Value> = Vec::new();
+    wait_for("the file", || {
+        events = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        events.len() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seqs: Vec<u64> = std::fs::read_to_string(&path)
+        .expect("file")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("JSON")["seq"]
+                .as_u64()
+                .expect("seq")
+        })
+        .collect();
+    assert_eq!(seqs, vec![4, 5, 6], "the newest three are kept");
+    let admin = broker.broker().admin_addr.expect("admin");
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{admin}/metrics"))
+        .basic_auth("ops", Some("ops-secret"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let dropped = metrics
+        .lines()
+        .find(|l| l.starts_with("herald_sink_dropped_total") && l.contains("sink=\"small\""))
+        .unwrap_or_else(|| panic!("no drop counter in:\n{metrics}"));
+    assert!(dropped.ends_with(" 3"), "{dropped}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_webhook_slows_neither_mqtt_nor_other_sinks() {
+    // Accepts connections and never answers.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hole = black_hole.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = black_hole.accept().await {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("events.jsonl");
+    let extra = format!(
+        r#"
+[[sinks]]
+id = "hanging"
+type = "webhook"
+url = "http://{hole}/never"
+timeout_ms = 30000
+
+[[sinks]]
+id = "file"
+type = "file"
+path = "{}"
+
+[[rules]]
+id = "both"
+kind = "status_notice"
+sinks = ["hanging", "file"]
+"#,
+        path.display()
+    );
+    let broker = TestBroker::demo(&extra).await;
+    let ids = clients("unhindered", 3);
+    let started = std::time::Instant::now();
+    churn(&broker, &ids).await;
+    let mut sub = TestClient::connected(signed_options(broker.addr, "GID_demo@@@sub", true)).await;
+    sub.subscribe("demo/t", rumqttc::QoS::AtLeastOnce).await;
+    let mut publisher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@pub", true)).await;
+    for i in 0..20u8 {
+        publisher
+            .publish("demo/t", rumqttc::QoS::AtLeastOnce, false, &[i])
+            .await;
+        assert_eq!(&sub.next_publish().await.payload[..], &[i]);
+    }
+    wait_for("the file sink", || {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 18
+    })
+    .await;
+    // Far less than the webhook's 30 s timeout: nothing waited for it.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
     );
     broker.stop().await;
 }

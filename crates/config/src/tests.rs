@@ -130,3 +130,101 @@ fn syntax_errors_are_reported() {
     let errs = errors("[limits]\nmax_inflight = \"many\"\n");
     assert!(errs[0].starts_with("limits.max_inflight"), "{errs:?}");
 }
+
+#[test]
+fn sinks_and_rules_are_validated_with_their_paths() {
+    let text = r#"
+        [[groups]]
+        id = "GID_demo"
+        [[sinks]]
+        id = "ok-hook"
+        type = "webhook"
+        url = "ftp://x"
+        path = "/tmp/x"
+        [[sinks]]
+        id = "x"
+        type = "mqtt"
+        [[sinks]]
+        id = "ok-hook"
+        type = "pigeon"
+        [[rules]]
+        id = "r1"
+        kind = "status_notice"
+        source = { groups = ["GID_nope"], events = ["connect", "sneeze"] }
+        sinks = ["missing"]
+        [[rules]]
+        id = "r-out"
+        kind = "outflow"
+        source = { topics = ["a/#/b"] }
+        sinks = ["ok-hook"]
+        [[rules]]
+        id = "r-in"
+        kind = "inflow"
+        sinks = ["ok-hook"]
+    "#;
+    let errs = errors(text);
+    for path in [
+        "sinks[0].url",
+        "sinks[0].path",
+        "sinks[1].id",
+        "sinks[1].topic",
+        "sinks[2].id",
+        "sinks[2].type",
+        "rules[0].id",
+        "rules[0].sinks[0]",
+        "rules[0].source.groups[0]",
+        "rules[0].source.events[1]",
+        "rules[1].source.topics[0]",
+        "rules[2].kind",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(path)),
+            "missing {path} in {errs:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_valid_rule_set_builds_router_and_sink_settings() {
+    let text = r#"
+        [node]
+        id = "edge-7"
+        [[groups]]
+        id = "GID_demo"
+        [[sinks]]
+        id = "hook"
+        type = "webhook"
+        url = "http://127.0.0.1:9000/p"
+        secret_env = "HOOK_SECRET"
+        outbox_max = 10
+        [[rules]]
+        id = "status"
+        kind = "status_notice"
+        source = { groups = ["GID_demo"], events = ["tcpclean"] }
+        sinks = ["hook"]
+        [[rules]]
+        id = "telemetry"
+        kind = "outflow"
+        source = { topics = ["t/#"] }
+        sinks = ["hook"]
+    "#;
+    let env = |name: &str| (name == "HOOK_SECRET").then(|| "s".to_string());
+    let config = Config::parse(text, &env).expect("valid");
+    assert_eq!(config.router.presence.node_id, "edge-7");
+    assert_eq!(
+        config.router.presence.rules[0].events,
+        vec![herald_router::EventKind::TcpClean]
+    );
+    assert_eq!(
+        config.router.presence.outflow[0].filters,
+        vec!["t/#".to_string()]
+    );
+    assert_eq!(config.sinks[0].outbox_max, 10);
+    assert!(matches!(
+        &config.sinks[0].kind,
+        herald_rules::SinkKind::Webhook {
+            secret: Some(_),
+            ..
+        }
+    ));
+}
