@@ -66,6 +66,8 @@ async fn main() {
     let client_id = format!("{group}@@@presence-backend");
     let mut options = MqttOptions::new(client_id.clone(), host.clone(), port);
     options.set_keep_alive(Duration::from_secs(30));
+    // A persistent session: notices published while this backend is away are queued for it.
+    options.set_clean_session(false);
     options.set_credentials(
         format!("Signature|{key}|{instance}"),
         herald_auth::sign(secret, &client_id),

@@ -35,8 +35,10 @@ source = { groups = ["GID_demo"], events = ["connect", "disconnect", "tcpclean"]
 sinks = ["notices"]
 "#;
 
+/// A backend with a persistent session, as docs/presence.md recommends: notices published
+/// while it is away (a broker restart, say) are queued for it.
 fn backend_options(addr: std::net::SocketAddr, id: &str) -> MqttOptions {
-    let mut o = herald_testkit::options(addr, id, true);
+    let mut o = herald_testkit::options(addr, id, false);
     o.set_credentials(
         "Signature|backend|herald-demo",
         herald_auth::sign("backend-secret", id),
