@@ -16,6 +16,7 @@ mod pubsub;
 mod retained;
 mod sessions;
 mod sinks;
+mod transports;
 mod will;
 
 use std::time::Duration;

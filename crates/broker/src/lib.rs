@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use herald_admin::AdminState;
 use herald_auth::Authenticator;
 use herald_config::Config;
-use herald_router::{Event, Router, RouterHandle, SinkQueue};
+use herald_router::{Event, Router, RouterHandle, SinkQueue, Transport};
 use herald_server::Context;
+use herald_server::{Endpoint, TlsAcceptor};
 use herald_store::RedbStore;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -24,6 +25,8 @@ pub use herald_config as config;
 pub struct Broker {
     /// The address the TCP listener is bound to (useful with port 0).
     pub tcp_addr: Option<SocketAddr>,
+    /// The TLS, WS and WSS listeners' addresses.
+    pub endpoints: Vec<(Transport, SocketAddr)>,
     /// The address the admin HTTP API is bound to, when `[admin]` is on.
     pub admin_addr: Option<SocketAddr>,
     router: RouterHandle,
@@ -97,6 +100,43 @@ impl Broker {
                 stopped.clone(),
             )));
         }
+        let mut extra = Vec::new();
+        if let Some(tls) = &config.tls {
+            extra.push((
+                Endpoint::Tls(TlsAcceptor::from(tls.tls.clone())),
+                tls.bind,
+                "listeners.tls.bind",
+            ));
+        }
+        for (ws, key) in [
+            (&config.ws, "listeners.ws.bind"),
+            (&config.wss, "listeners.wss.bind"),
+        ] {
+            if let Some(ws) = ws {
+                let path: Arc<str> = ws.path.as_str().into();
+                let endpoint = match &ws.tls {
+                    Some(tls) => Endpoint::Wss {
+                        tls: TlsAcceptor::from(tls.clone()),
+                        path,
+                    },
+                    None => Endpoint::Ws { path },
+                };
+                extra.push((endpoint, ws.bind, key));
+            }
+        }
+        let mut endpoints = Vec::new();
+        for (endpoint, bind, key) in extra {
+            let listener = TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind} ({key})"))?;
+            endpoints.push((endpoint.transport(), listener.local_addr()?));
+            listeners.push(tokio::spawn(herald_server::serve(
+                listener,
+                endpoint,
+                context.clone(),
+                stopped.clone(),
+            )));
+        }
         if listeners.is_empty() {
             warn!("no listener is configured: no client can connect");
         }
@@ -123,6 +163,7 @@ impl Broker {
         info!(node = %config.node_id, tcp = ?tcp_addr, admin = ?admin_addr, "herald started");
         Ok(Broker {
             tcp_addr,
+            endpoints,
             admin_addr,
             router,
             router_task,

@@ -125,6 +125,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         // One line on stdout that scripts and tests can wait for.
         println!("herald: listening tcp {addr}");
     }
+    for (transport, addr) in &broker.endpoints {
+        println!("herald: listening {} {addr}", transport.as_str());
+    }
     if let Some(addr) = broker.admin_addr {
         println!("herald: listening admin {addr}");
     }

@@ -123,6 +123,33 @@ impl Default for Node {
 #[serde(deny_unknown_fields)]
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
+    pub tls: Option<TlsListener>,
+    pub ws: Option<WsListener>,
+    pub wss: Option<WsListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    pub bind: Option<String>,
+    pub cert: String,
+    pub key: String,
+    pub client_ca: Option<String>,
+}
+
+/// `ws` and `wss`; `cert` and `key` are for `wss` only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsListener {
+    pub bind: Option<String>,
+    #[serde(default = "default_ws_path")]
+    pub path: String,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+fn default_ws_path() -> String {
+    "/mqtt".into()
 }
 
 #[derive(Debug, Deserialize)]

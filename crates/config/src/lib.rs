@@ -5,6 +5,7 @@
 //! `secret_env` are read from the environment passed in.
 
 mod file;
+mod listeners;
 mod rules;
 mod validate;
 
@@ -59,6 +60,21 @@ pub struct TcpListenerSettings {
     pub bind: SocketAddr,
 }
 
+/// A TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsListenerSettings {
+    pub bind: SocketAddr,
+    pub tls: std::sync::Arc<herald_server::tls::TlsConfig>,
+}
+
+/// A WebSocket listener (`tls` set for WSS).
+#[derive(Debug, Clone)]
+pub struct WsListenerSettings {
+    pub bind: SocketAddr,
+    pub path: String,
+    pub tls: Option<std::sync::Arc<herald_server::tls::TlsConfig>>,
+}
+
 /// Where and how the node keeps its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageSettings {
@@ -71,6 +87,9 @@ pub struct StorageSettings {
 pub struct Config {
     pub node_id: String,
     pub tcp: Option<TcpListenerSettings>,
+    pub tls: Option<TlsListenerSettings>,
+    pub ws: Option<WsListenerSettings>,
+    pub wss: Option<WsListenerSettings>,
     pub auth: AuthSettings,
     pub router: RouterSettings,
     pub server: ServerSettings,

@@ -59,6 +59,7 @@ pub fn validate(
         errors.add("node.data_dir", "must not be empty");
     }
     let tcp = listeners(&file, &mut errors);
+    let (tls, ws, wss) = crate::listeners::secure_and_web(&file, &mut errors);
     let limits = &file.limits;
     let max_topic_len = errors.range("limits.max_topic_len", limits.max_topic_len, 1, 65_535);
     let auth = auth(&file, max_topic_len, env, &mut errors);
@@ -167,6 +168,9 @@ pub fn validate(
     Ok(Config {
         node_id: file.node.id,
         tcp,
+        tls,
+        ws,
+        wss,
         auth,
         router,
         server,

@@ -4,6 +4,8 @@
 
 mod connection;
 mod handshake;
+pub mod tls;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +13,9 @@ use std::time::Duration;
 
 use herald_auth::Authenticator;
 use herald_router::{RouterHandle, Transport};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+pub use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 /// What to do with a PUBLISH the client's permissions do not allow.
@@ -75,14 +78,45 @@ impl Context {
     }
 }
 
+/// What a listener speaks on top of TCP, with what its handshake needs.
+#[derive(Clone)]
+pub enum Endpoint {
+    Tcp,
+    Tls(TlsAcceptor),
+    Ws { path: Arc<str> },
+    Wss { tls: TlsAcceptor, path: Arc<str> },
+}
+
+impl Endpoint {
+    pub fn transport(&self) -> Transport {
+        match self {
+            Endpoint::Tcp => Transport::Tcp,
+            Endpoint::Tls(_) => Transport::Tls,
+            Endpoint::Ws { .. } => Transport::Ws,
+            Endpoint::Wss { .. } => Transport::Wss,
+        }
+    }
+}
+
 /// Accepts TCP connections until `shutdown` turns true, one task per connection.
 pub async fn serve_tcp(
     listener: TcpListener,
     context: Arc<Context>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve(listener, Endpoint::Tcp, context, shutdown).await
+}
+
+/// Accepts connections of one endpoint until `shutdown` turns true, one task per connection.
+pub async fn serve(
+    listener: TcpListener,
+    endpoint: Endpoint,
+    context: Arc<Context>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
-    info!(addr = ?local, "MQTT TCP listener accepting");
+    let transport = endpoint.transport().as_str();
+    info!(addr = ?local, transport, "MQTT listener accepting");
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -97,15 +131,15 @@ pub async fn serve_tcp(
                 continue;
             }
         };
-        spawn_connection(stream, peer, Transport::Tcp, &context);
+        spawn_connection(stream, peer, &endpoint, &context);
     }
-    info!(addr = ?local, "MQTT TCP listener stopped");
+    info!(addr = ?local, transport, "MQTT listener stopped");
 }
 
 fn spawn_connection(
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
-    transport: Transport,
+    endpoint: &Endpoint,
     context: &Arc<Context>,
 ) {
     let Ok(permit) = context.connections.clone().try_acquire_owned() else {
@@ -114,8 +148,62 @@ fn spawn_connection(
     };
     let _ = stream.set_nodelay(true);
     let context = context.clone();
+    let endpoint = endpoint.clone();
     tokio::spawn(async move {
-        connection::run(stream, peer, transport, context).await;
+        let deadline = context.settings.connect_timeout;
+        let transport = endpoint.transport();
+        // The transport handshakes count against the CONNECT deadline too.
+        let failed = match endpoint {
+            Endpoint::Tcp => {
+                connection::run(stream, peer, transport, context).await;
+                None
+            }
+            Endpoint::Tls(tls) => match tokio::time::timeout(deadline, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    connection::run(stream, peer, transport, context).await;
+                    None
+                }
+                Ok(Err(e)) => Some(format!("TLS handshake failed: {e}")),
+                Err(_) => Some("TLS handshake not done before the CONNECT deadline".to_string()),
+            },
+            Endpoint::Ws { path } => {
+                match tokio::time::timeout(deadline, ws::accept(stream, &path)).await {
+                    Ok(Ok(stream)) => {
+                        connection::run(stream, peer, transport, context).await;
+                        None
+                    }
+                    Ok(Err(e)) => Some(format!("WebSocket upgrade failed: {e}")),
+                    Err(_) => {
+                        Some("WebSocket upgrade not done before the CONNECT deadline".to_string())
+                    }
+                }
+            }
+            Endpoint::Wss { tls, path } => {
+                let upgrade = async {
+                    let stream = tls
+                        .accept(stream)
+                        .await
+                        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                    ws::accept(stream, &path)
+                        .await
+                        .map_err(|e| format!("WebSocket upgrade failed: {e}"))
+                };
+                match tokio::time::timeout(deadline, upgrade).await {
+                    Ok(Ok(stream)) => {
+                        connection::run(stream, peer, transport, context).await;
+                        None
+                    }
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => Some(
+                        "TLS and WebSocket handshakes not done before the CONNECT deadline"
+                            .to_string(),
+                    ),
+                }
+            }
+        };
+        if let Some(why) = failed {
+            warn!(%peer, transport = transport.as_str(), why, "connection refused");
+        }
         drop(permit);
     });
 }

@@ -3,11 +3,13 @@
 
 mod client;
 mod http;
+mod pki;
 mod process;
 mod raw;
 
 pub use client::{TestClient, options, signed_options};
 pub use http::{HttpCapture, Received};
+pub use pki::TestPki;
 pub use process::BrokerProcess;
 pub use raw::RawClient;
 
