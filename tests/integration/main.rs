@@ -1,6 +1,7 @@
 //! Integration tests: the real broker on 127.0.0.1:0, real clients (rumqttc), raw bytes where a
 //! client library would hide the behaviour, and the real binary for signals and SIGKILL.
 
+mod abuse;
 mod admin;
 mod churn;
 mod cli;

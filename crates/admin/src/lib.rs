@@ -45,6 +45,8 @@ pub struct AdminState {
     pub node_id: String,
     /// The longest topic a published message may have (`limits.max_topic_len`).
     pub max_topic_len: usize,
+    /// The listeners' refusal counters, when the admin API runs beside them.
+    pub edge: Option<Arc<herald_server::ServerStats>>,
 }
 
 /// How long a request waits for the router before answering 503.

@@ -2,6 +2,7 @@
 //! that Prometheus scrapes. A registry is built per request from the live atomics, so nothing
 //! here keeps state of its own.
 
+use herald_server::ServerStats;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -29,7 +30,10 @@ const QOS: [&str; 3] = ["0", "1", "2"];
 const EVENT_TYPES: [&str; 3] = ["connect", "disconnect", "tcpclean"];
 
 pub(crate) async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    let registry = registry(&state.router.stats, &state.sinks);
+    let mut registry = registry(&state.router.stats, &state.sinks);
+    if let Some(edge) = &state.edge {
+        register_edge(&mut registry, edge);
+    }
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return ApiError::Unavailable(format!("cannot encode the metrics: {e}")).into_response();
@@ -108,6 +112,40 @@ pub(crate) fn registry(stats: &RouterStats, sinks: &[Arc<SinkQueue>]) -> Registr
     );
     register_sinks(&mut registry, sinks);
     registry
+}
+
+/// What the listeners refused or slowed (abuse limits).
+fn register_edge(registry: &mut Registry, edge: &ServerStats) {
+    let refused = [
+        ("max_connections", &edge.refused_max_connections),
+        ("connect_rate", &edge.refused_connect_rate),
+        ("banned", &edge.refused_banned),
+        ("handshake", &edge.handshake_failures),
+    ];
+    let members: Vec<(String, u64)> = refused
+        .iter()
+        .map(|(k, v)| (k.to_string(), RouterStats::get(v)))
+        .collect();
+    registry.register(
+        "herald_connections_refused",
+        "Connections refused before CONNECT, by limit",
+        family("limit", &members),
+    );
+    registry.register(
+        "herald_auth_failures",
+        "CONNECTs refused for their credentials",
+        counter(&edge.auth_failures),
+    );
+    registry.register(
+        "herald_auth_bans",
+        "Source addresses banned for failed logins",
+        counter(&edge.bans),
+    );
+    registry.register(
+        "herald_publish_throttled",
+        "PUBLISH packets delayed by the per-connection message or byte rate",
+        counter(&edge.throttled),
+    );
 }
 
 fn register_sinks(registry: &mut Registry, sinks: &[Arc<SinkQueue>]) {

@@ -64,6 +64,7 @@ fn state() -> AdminState {
         sinks,
         node_id: "node-7".into(),
         max_topic_len: 32,
+        edge: None,
     }
 }
 

@@ -152,6 +152,7 @@ impl Broker {
                 sinks: queues.clone(),
                 node_id: config.node_id.clone(),
                 max_topic_len: config.server.max_topic_len,
+                edge: Some(context.stats.clone()),
             };
             // Stopped with the listeners: no admin request starts once shutdown has begun.
             listeners.push(tokio::spawn(herald_admin::serve(

@@ -224,6 +224,15 @@ pub struct Limits {
     pub max_connections: u64,
     /// "disconnect" or "ignore".
     pub on_denied_publish: String,
+    /// New connections per second from one address (0: no limit).
+    pub max_connect_rate_per_ip: u64,
+    /// Failed logins per minute from one address before it is banned (0: never banned).
+    pub max_auth_failures_per_ip: u64,
+    pub auth_ban_secs: u64,
+    /// PUBLISH packets per second per connection (0: no limit).
+    pub max_messages_per_sec: u64,
+    /// PUBLISH bytes per second per connection (0: no limit).
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for Limits {
@@ -239,6 +248,11 @@ impl Default for Limits {
             connect_timeout_secs: 10,
             max_connections: 100_000,
             on_denied_publish: "disconnect".into(),
+            max_connect_rate_per_ip: 0,
+            max_auth_failures_per_ip: 20,
+            auth_ban_secs: 60,
+            max_messages_per_sec: 0,
+            max_bytes_per_sec: 0,
         }
     }
 }

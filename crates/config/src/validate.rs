@@ -9,7 +9,7 @@ use herald_auth::{AccessKey, AuthSettings, ClientIdFormat, Secret};
 use herald_protocol::client_id::is_valid_group_id;
 use herald_protocol::topic::validate_filter;
 use herald_router::RouterSettings;
-use herald_server::{DeniedPublish, ServerSettings};
+use herald_server::{AbuseSettings, DeniedPublish, ServerSettings};
 use herald_store::SyncMode;
 
 use crate::file::{self, ConfigFile};
@@ -113,6 +113,38 @@ pub fn validate(
         ) as u32,
         max_topic_len,
         on_denied_publish,
+        abuse: AbuseSettings {
+            connect_rate_per_ip: errors.range(
+                "limits.max_connect_rate_per_ip",
+                limits.max_connect_rate_per_ip,
+                0,
+                1_000_000,
+            ) as u32,
+            auth_failures_per_ip: errors.range(
+                "limits.max_auth_failures_per_ip",
+                limits.max_auth_failures_per_ip,
+                0,
+                1_000_000,
+            ) as u32,
+            auth_ban: Duration::from_secs(errors.range(
+                "limits.auth_ban_secs",
+                limits.auth_ban_secs,
+                1,
+                86_400,
+            ) as u64),
+            messages_per_sec: errors.range(
+                "limits.max_messages_per_sec",
+                limits.max_messages_per_sec,
+                0,
+                10_000_000,
+            ) as u32,
+            bytes_per_sec: errors.range(
+                "limits.max_bytes_per_sec",
+                limits.max_bytes_per_sec,
+                0,
+                1 << 40,
+            ) as u64,
+        },
         ..ServerSettings::default()
     };
     if limits.connect_timeout_secs == 0 {

@@ -230,13 +230,25 @@ impl Router {
     fn restore_outbox(&mut self, sink: String, entries: Vec<(u64, bytes::Bytes)>) {
         match self.sinks.get(&sink) {
             Some(queue) => {
+                let queue = queue.clone();
+                let mut dropped = 0;
                 for (id, payload) in entries {
+                    // The age bound restarts here: when an entry was added is not stored.
                     let added_ms = now_ms();
-                    queue.push(OutboxEntry {
+                    if let Some(old) = queue.push(OutboxEntry {
                         id,
                         payload,
                         added_ms,
-                    });
+                    }) {
+                        dropped += 1;
+                        self.persister.stage(Op::DeleteOutbox {
+                            sink: sink.clone(),
+                            id: old.id,
+                        });
+                    }
+                }
+                if dropped > 0 {
+                    warn!(sink = %sink, dropped, "stored outbox larger than outbox_max: its oldest entries are dropped");
                 }
             }
             None => {

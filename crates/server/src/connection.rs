@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
 use tracing::{debug, info, warn};
 
+use crate::guard::{Bucket, ServerStats};
 use crate::{Context, DeniedPublish, handshake};
 
 /// Packets written per wake-up at most, so one busy channel cannot starve its reads.
@@ -126,6 +127,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         return;
     }
     info!(client_id = %accepted.principal.client_id, %channel, %peer, transport = transport.as_str(), "client connected");
+    let abuse = context.settings.abuse.clone();
     let mut session = Channel {
         framed,
         channel,
@@ -133,6 +135,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         context,
         outbox_rx,
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        messages: Bucket::new(u64::from(abuse.messages_per_sec)),
+        bytes: Bucket::new(abuse.bytes_per_sec),
     };
     let reason = session.serve().await;
     let _ = session
@@ -152,6 +156,9 @@ struct Channel<S> {
     context: Arc<Context>,
     outbox_rx: mpsc::Receiver<Outgoing>,
     keep_alive: Option<Duration>,
+    /// `limits.max_messages_per_sec`, `limits.max_bytes_per_sec`.
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
@@ -289,11 +296,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         if !self.principal.can_publish(topic) {
             return self.denied_publish(publish).await;
         }
+        self.throttle(topic.len() + publish.payload.len()).await;
         self.send(Input::Publish {
             channel: self.channel,
             publish,
         })
         .await
+    }
+
+    /// Slows the connection down when it publishes faster than its limits allow; TCP then
+    /// pushes back on the client.
+    async fn throttle(&mut self, size: usize) {
+        let by_count = self.messages.as_mut().and_then(|b| b.take(1.0));
+        let by_size = self.bytes.as_mut().and_then(|b| b.take(size as f64));
+        if let Some(wait) = by_count.max(by_size) {
+            ServerStats::add(&self.context.stats.throttled);
+            tokio::time::sleep(wait).await;
+        }
     }
 
     async fn denied_publish(&mut self, publish: Publish) -> Option<CloseReason> {

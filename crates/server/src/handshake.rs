@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::Context;
 use crate::connection::{Framed, ReadError};
+use crate::guard::ServerStats;
 
 pub(crate) struct Accepted {
     pub connect: Connect,
@@ -19,12 +20,24 @@ pub(crate) struct Accepted {
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
+    context: &Context,
     peer: SocketAddr,
     client_id: &str,
     code: ConnectReturnCode,
     why: &str,
 ) {
     warn!(%peer, client_id, code = code.as_u8(), refusal = code.as_str(), why, "connection refused");
+    if matches!(
+        code,
+        ConnectReturnCode::BadUsernameOrPassword | ConnectReturnCode::NotAuthorized
+    ) {
+        ServerStats::add(&context.stats.auth_failures);
+        if context.guard.auth_failed(peer.ip()) {
+            ServerStats::add(&context.stats.bans);
+            let secs = context.guard.settings().auth_ban.as_secs();
+            warn!(%peer, limit = "limits.max_auth_failures_per_ip", ban_secs = secs, "too many failed logins: address banned");
+        }
+    }
     let _ = framed
         .write(Packet::ConnAck(ConnAck {
             session_present: false,
@@ -56,13 +69,22 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(ReadError::Decode(DecodeError::UnsupportedProtocolLevel)) => {
             let code = ConnectReturnCode::UnacceptableProtocolVersion;
-            refuse(framed, peer, "", code, "protocol level is not 3 or 4").await;
+            refuse(
+                framed,
+                context,
+                peer,
+                "",
+                code,
+                "protocol level is not 3 or 4",
+            )
+            .await;
             return None;
         }
         Err(ReadError::Decode(DecodeError::EmptyClientIdWithoutCleanSession)) => {
             let code = ConnectReturnCode::IdentifierRejected;
             refuse(
                 framed,
+                context,
                 peer,
                 "",
                 code,
@@ -92,7 +114,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             if matches!(refusal, Refusal::ClientId(ClientIdError::TooLong { .. })) {
                 why.push_str(" (limits.max_client_id_len)");
             }
-            refuse(framed, peer, &id, refusal.return_code(), &why).await;
+            refuse(framed, context, peer, &id, refusal.return_code(), &why).await;
             return None;
         }
     };
@@ -105,6 +127,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         Err(refusal) => {
             refuse(
                 framed,
+                context,
                 peer,
                 client_id.as_str(),
                 refusal.return_code(),
@@ -127,6 +150,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(why) = why {
             refuse(
                 framed,
+                context,
                 peer,
                 client_id.as_str(),
                 ConnectReturnCode::NotAuthorized,

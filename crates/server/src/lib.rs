@@ -3,6 +3,7 @@
 //! hands them to the router, and writes what the router sends back. It owns no broker state.
 
 mod connection;
+pub mod guard;
 mod handshake;
 pub mod tls;
 pub mod ws;
@@ -16,6 +17,8 @@ use herald_router::{RouterHandle, Transport};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 pub use tokio_rustls::TlsAcceptor;
+
+pub use guard::{AbuseSettings, Guard, Refused, ServerStats};
 use tracing::{info, warn};
 
 /// What to do with a PUBLISH the client's permissions do not allow.
@@ -39,6 +42,7 @@ pub struct ServerSettings {
     pub on_denied_publish: DeniedPublish,
     /// Packets the router may queue for one connection before it counts as a slow reader.
     pub outbox_capacity: usize,
+    pub abuse: AbuseSettings,
 }
 
 impl Default for ServerSettings {
@@ -50,6 +54,7 @@ impl Default for ServerSettings {
             max_topic_len: 128,
             on_denied_publish: DeniedPublish::Disconnect,
             outbox_capacity: 1024,
+            abuse: AbuseSettings::default(),
         }
     }
 }
@@ -60,6 +65,8 @@ pub struct Context {
     pub auth: Authenticator,
     pub router: RouterHandle,
     connections: Arc<Semaphore>,
+    pub guard: Guard,
+    pub stats: Arc<ServerStats>,
 }
 
 impl Context {
@@ -69,11 +76,14 @@ impl Context {
         router: RouterHandle,
     ) -> Arc<Context> {
         let connections = Arc::new(Semaphore::new(settings.max_connections));
+        let guard = Guard::new(settings.abuse.clone());
         Arc::new(Context {
             settings,
             auth,
             router,
             connections,
+            guard,
+            stats: Arc::default(),
         })
     }
 }
@@ -142,7 +152,20 @@ fn spawn_connection(
     endpoint: &Endpoint,
     context: &Arc<Context>,
 ) {
+    if let Err(refused) = context.guard.admit(peer.ip()) {
+        let (counter, limit) = match refused {
+            Refused::ConnectRate => (
+                &context.stats.refused_connect_rate,
+                "limits.max_connect_rate_per_ip",
+            ),
+            Refused::Banned => (&context.stats.refused_banned, "limits.auth_ban_secs"),
+        };
+        ServerStats::add(counter);
+        warn!(%peer, limit, "connection refused: {refused:?}");
+        return;
+    }
     let Ok(permit) = context.connections.clone().try_acquire_owned() else {
+        ServerStats::add(&context.stats.refused_max_connections);
         warn!(%peer, limit = "limits.max_connections", max = context.settings.max_connections, "connection refused: too many connections");
         return;
     };
@@ -152,6 +175,7 @@ fn spawn_connection(
     tokio::spawn(async move {
         let deadline = context.settings.connect_timeout;
         let transport = endpoint.transport();
+        let stats = context.stats.clone();
         // The transport handshakes count against the CONNECT deadline too.
         let failed = match endpoint {
             Endpoint::Tcp => {
@@ -202,6 +226,7 @@ fn spawn_connection(
             }
         };
         if let Some(why) = failed {
+            ServerStats::add(&stats.handshake_failures);
             warn!(%peer, transport = transport.as_str(), why, "connection refused");
         }
         drop(permit);
