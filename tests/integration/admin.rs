@@ -15,34 +15,34 @@ use tokio::net::TcpStream;
 const DEV: &str = "GID_demo@@@dev-1";
 
 /// An access key that may use the admin API.
-const ADMIN_KEY: &str = r#"
+pub(crate) const ADMIN_KEY: &str = r#"
 [[access_keys]]
 id = "ops"
 secret = "ops-secret"
 admin = true
 "#;
 
-const OPS: (&str, &str) = ("ops", "ops-secret");
+pub(crate) const OPS: (&str, &str) = ("ops", "ops-secret");
 
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     headers: String,
     body: Vec<u8>,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 
 /// One request on its own connection (`Connection: close`), read to the end.
-async fn http(
+pub(crate) async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -112,17 +112,17 @@ fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> Reply {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> Reply {
     http(addr, "GET", path, Some(OPS), None).await
 }
 
-fn admin_addr(broker: &TestBroker) -> SocketAddr {
+pub(crate) fn admin_addr(broker: &TestBroker) -> SocketAddr {
     broker.broker().admin_addr.expect("admin API on")
 }
 
 /// The presence history of `client`, once it holds `count` events (they are read from the
 /// store, which the router writes asynchronously).
-async fn history(addr: SocketAddr, client: &str, count: usize) -> Vec<Value> {
+pub(crate) async fn history(addr: SocketAddr, client: &str, count: usize) -> Vec<Value> {
     for _ in 0..100 {
         let reply = get(addr, &format!("/api/v1/clients/{client}/events")).await;
         assert_eq!(reply.status, 200, "{}", reply.text());

@@ -3,11 +3,14 @@
 
 mod abuse;
 mod admin;
+mod bench_smoke;
 mod churn;
 mod cli;
 mod connect;
 mod crash;
 mod deploy;
+mod device_credentials;
+mod fuzz_sessions;
 mod interop;
 mod limits;
 mod malformed;
@@ -17,6 +20,7 @@ mod pubsub;
 mod retained;
 mod sessions;
 mod sinks;
+mod tokens;
 mod transports;
 mod will;
 

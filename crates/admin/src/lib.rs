@@ -2,20 +2,23 @@
 //! and Prometheus metrics, all behind HTTP Basic auth with an `admin` access key.
 //!
 //! It owns no broker state: every answer comes from the router (through [`RouterHandle`]'s
-//! inputs and history reader), the router's counters, or the sinks' queues. Token and
-//! device-credential routes are not here yet.
+//! inputs and history reader), the router's counters, or the sinks' queues. Tokens and device
+//! credentials live in the authenticator's registry; their changes are made durable through
+//! the router (`Input::Persist`) before the registry changes and the request is answered.
 //!
 //! [`app`] builds the routes (tested with `tower::ServiceExt::oneshot`, no socket); [`serve`]
 //! runs them on a listener until shutdown.
 
 mod auth;
 mod clients;
+mod credentials;
 mod error;
 mod input;
 mod messages;
 mod metrics;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +50,8 @@ pub struct AdminState {
     pub max_topic_len: usize,
     /// The listeners' refusal counters, when the admin API runs beside them.
     pub edge: Option<Arc<herald_server::ServerStats>>,
+    /// The shortest token lifetime `POST /api/v1/tokens` accepts (`instance.min_token_ttl_secs`).
+    pub min_token_ttl: Duration,
 }
 
 /// How long a request waits for the router before answering 503.
@@ -75,6 +80,38 @@ impl AdminState {
     }
 }
 
+/// How long a change waits to be durable before answering 503.
+const DURABLE_WAIT: Duration = Duration::from_secs(10);
+
+impl AdminState {
+    /// Stores `ops` through the router and waits until they are durable.
+    async fn persist(&self, ops: Vec<herald_store::Op>) -> Result<(), ApiError> {
+        let (done, durable) = oneshot::channel();
+        let stored = async {
+            if self
+                .router
+                .inputs
+                .send(Input::Persist { ops, done })
+                .await
+                .is_err()
+            {
+                return Err(ApiError::Unavailable("the router has stopped".into()));
+            }
+            // The router drops `done` when the change could not be stored.
+            durable
+                .await
+                .map_err(|_| ApiError::Unavailable("the change could not be stored".into()))
+        };
+        match tokio::time::timeout(DURABLE_WAIT, stored).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "the change was not durable within {} s",
+                DURABLE_WAIT.as_secs()
+            ))),
+        }
+    }
+}
+
 /// The admin routes. Every route, and the 404 and 405 answers, need admin credentials.
 pub fn app(state: AdminState) -> Router {
     let state = Arc::new(state);
@@ -89,6 +126,20 @@ pub fn app(state: AdminState) -> Router {
             delete(clients::kick),
         )
         .route("/api/v1/messages", post(messages::publish))
+        .route("/api/v1/tokens", post(tokens::apply))
+        .route(
+            "/api/v1/tokens/{token}",
+            get(tokens::query).delete(tokens::revoke),
+        )
+        .route("/api/v1/device-credentials", post(credentials::register))
+        .route(
+            "/api/v1/device-credentials/{client_id}",
+            get(credentials::get).delete(credentials::unregister),
+        )
+        .route(
+            "/api/v1/device-credentials/{client_id}/refresh",
+            post(credentials::refresh),
+        )
         .route("/metrics", get(metrics::metrics))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

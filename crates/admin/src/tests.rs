@@ -65,6 +65,7 @@ fn state() -> AdminState {
         node_id: "node-7".into(),
         max_topic_len: 32,
         edge: None,
+        min_token_ttl: Duration::from_secs(60),
     }
 }
 
@@ -460,4 +461,76 @@ async fn metrics_name_every_counter() {
             answer.text
         );
     }
+}
+
+#[tokio::test]
+async fn tokens_apply_query_and_revoke() {
+    let state = state();
+    let expire = herald_auth::now_ms() + 3_600_000;
+    let body = json!({"resources": ["demo/#"], "actions": "R,W", "expireTime": expire});
+    let applied = post(&state, "/api/v1/tokens", body).await;
+    assert_eq!(applied.status, StatusCode::OK, "{}", applied.text);
+    let token = applied.json()["token"].as_str().expect("token").to_owned();
+    let uri = format!("/api/v1/tokens/{token}");
+    let info = get(&state, &uri).await;
+    assert_eq!(
+        info.json(),
+        json!({"valid": true, "resources": ["demo/#"], "actions": "R,W", "expireTime": expire})
+    );
+    assert!(state.auth.registry().token(&token).is_some());
+    let revoked = call(&state, "DELETE", &uri, None).await;
+    assert_eq!(revoked.json(), json!({"revoked": true}));
+    assert!(state.auth.registry().token(&token).is_none());
+    get(&state, &uri)
+        .await
+        .refused(StatusCode::NOT_FOUND, "not_found", "token");
+    let soon = json!({"resources": ["demo/#"], "actions": "R", "expireTime": expire - 3_599_000});
+    post(&state, "/api/v1/tokens", soon).await.refused(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "expireTime",
+    );
+}
+
+#[tokio::test]
+async fn device_credentials_register_refresh_and_unregister() {
+    let state = state();
+    let uri = format!("/api/v1/device-credentials/{DEV}");
+    get(&state, &uri)
+        .await
+        .refused(StatusCode::NOT_FOUND, "not_found", DEV);
+    let registered = post(
+        &state,
+        "/api/v1/device-credentials",
+        json!({"clientId": DEV}),
+    )
+    .await;
+    assert_eq!(registered.status, StatusCode::OK, "{}", registered.text);
+    let credential = registered.json();
+    assert_eq!(credential["clientId"], DEV);
+    post(
+        &state,
+        "/api/v1/device-credentials",
+        json!({"clientId": DEV}),
+    )
+    .await
+    .refused(StatusCode::CONFLICT, "conflict", DEV);
+    post(&state, "/api/v1/device-credentials", json!({"client": DEV}))
+        .await
+        .refused(StatusCode::BAD_REQUEST, "bad_request", "client");
+    assert_eq!(get(&state, &uri).await.json(), credential);
+    let refreshed = post(&state, &format!("{uri}/refresh"), json!({}))
+        .await
+        .json();
+    assert_eq!(
+        refreshed["deviceAccessKeyId"],
+        credential["deviceAccessKeyId"]
+    );
+    assert_ne!(
+        refreshed["deviceAccessKeySecret"],
+        credential["deviceAccessKeySecret"]
+    );
+    let removed = call(&state, "DELETE", &uri, None).await;
+    assert_eq!(removed.json(), json!({"unregistered": true}));
+    assert!(state.auth.registry().credential_of_client(DEV).is_none());
 }

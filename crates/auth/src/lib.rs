@@ -2,17 +2,22 @@
 //!
 //! [`Authenticator::authenticate`] turns the credentials of a CONNECT into a [`Principal`] or
 //! a [`Refusal`] that maps to one CONNACK code. [`Principal`] answers permission questions for
-//! the rest of the connection. Pure: no I/O, no clocks.
+//! the rest of the connection. Tokens and device credentials issued at run time live in the
+//! shared [`AuthRegistry`]. No I/O; the only clock read is the wall time `authenticate` checks
+//! token expiry against (`authenticate_at` takes it as an argument, for tests).
 
 mod policy;
+mod registry;
 mod signature;
 
-pub use policy::{Permissions, Principal};
+pub use policy::{HeldToken, Permissions, Principal, UPLOAD_TOKEN_TOPIC};
+pub use registry::{Actions, AuthRegistry, DeviceCredential, TokenGrant};
 pub use signature::{sign, verify_signature};
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use herald_protocol::{ClientId, ClientIdError, ConnectReturnCode};
 
@@ -73,6 +78,17 @@ pub struct AuthSettings {
     pub max_client_id_len: usize,
 }
 
+/// The most tokens one password may carry.
+const MAX_TOKENS_PER_PASSWORD: usize = 8;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 /// Why a CONNECT is refused. Each maps to exactly one CONNACK code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -105,13 +121,14 @@ pub struct Authenticator {
     settings: AuthSettings,
     keys: HashMap<String, Arc<AccessKey>>,
     parents: Arc<[String]>,
+    registry: Arc<AuthRegistry>,
 }
 
 /// The user name modes of DESIGN.md 3.
 enum Username<'a> {
     Signature { key: &'a str, instance: &'a str },
-    Token,
-    DeviceCredential,
+    Token { key: &'a str, instance: &'a str },
+    DeviceCredential { key: &'a str, instance: &'a str },
     Legacy { key: &'a str },
     Other,
 }
@@ -122,15 +139,21 @@ fn parse_username(username: &str) -> Username<'_> {
     let rest: Vec<&str> = parts.collect();
     match (mode, rest.as_slice()) {
         ("Signature", [key, instance]) => Username::Signature { key, instance },
-        ("Token", [_, _]) => Username::Token,
-        ("DeviceCredential", [_, _]) => Username::DeviceCredential,
+        ("Token", [key, instance]) => Username::Token { key, instance },
+        ("DeviceCredential", [key, instance]) => Username::DeviceCredential { key, instance },
         (key, []) => Username::Legacy { key },
         _ => Username::Other,
     }
 }
 
 impl Authenticator {
+    /// An authenticator with an empty registry of its own.
     pub fn new(settings: AuthSettings) -> Authenticator {
+        Authenticator::with_registry(settings, Arc::new(AuthRegistry::new()))
+    }
+
+    /// An authenticator that reads tokens and device credentials from `registry`.
+    pub fn with_registry(settings: AuthSettings, registry: Arc<AuthRegistry>) -> Authenticator {
         let keys = settings
             .access_keys
             .iter()
@@ -141,7 +164,13 @@ impl Authenticator {
             settings,
             keys,
             parents,
+            registry,
         }
+    }
+
+    /// The tokens and device credentials.
+    pub fn registry(&self) -> &Arc<AuthRegistry> {
+        &self.registry
     }
 
     /// The access key with this id, if declared.
@@ -179,6 +208,17 @@ impl Authenticator {
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<Principal, Refusal> {
+        self.authenticate_at(client_id, username, password, now_ms())
+    }
+
+    /// [`Authenticator::authenticate`] with the time tokens are checked against.
+    pub fn authenticate_at(
+        &self,
+        client_id: &ClientId,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<Principal, Refusal> {
         let Some(username) = username else {
             return self.anonymous(client_id, "no user name and anonymous access is off");
         };
@@ -199,19 +239,117 @@ impl Authenticator {
                 self.check_signature(&key, group, password)?;
                 Ok(self.principal(client_id, Permissions::Key(key)))
             }
-            Username::Token => self.anonymous_or(
-                client_id,
-                Refusal::NotAuthorized("token mode is not enabled"),
-            ),
-            Username::DeviceCredential => self.anonymous_or(
-                client_id,
-                Refusal::NotAuthorized("device credential mode is not enabled"),
-            ),
+            Username::Token { key, instance } => {
+                self.check_instance_and_key(key, instance)?;
+                let held = self.check_tokens(password, now_ms)?;
+                Ok(self.principal(client_id, Permissions::Tokens(held)))
+            }
+            Username::DeviceCredential { key, instance } => {
+                if instance != self.settings.instance_id {
+                    return Err(Refusal::NotAuthorized("unknown instance id"));
+                }
+                let credential = self
+                    .registry
+                    .credential_of_key(key)
+                    .ok_or(Refusal::NotAuthorized("unknown device access key"))?;
+                if credential.client_id != client_id.as_str() {
+                    return Err(Refusal::NotAuthorized(
+                        "the device credential is bound to another client id",
+                    ));
+                }
+                let password = password.ok_or(Refusal::BadCredentials("no password"))?;
+                if !verify_signature(credential.secret.expose(), client_id.as_str(), password) {
+                    return Err(Refusal::BadCredentials("wrong signature"));
+                }
+                let permissions = Permissions::Device {
+                    key_id: credential.key_id.clone(),
+                    secret: credential.secret.clone(),
+                };
+                Ok(self.principal(client_id, permissions))
+            }
             Username::Legacy { .. } | Username::Other => self.anonymous_or(
                 client_id,
                 Refusal::BadCredentials("user name names no auth mode"),
             ),
         }
+    }
+
+    fn check_instance_and_key(&self, key: &str, instance: &str) -> Result<(), Refusal> {
+        if instance != self.settings.instance_id {
+            return Err(Refusal::NotAuthorized("unknown instance id"));
+        }
+        self.known_key(key).map(|_| ())
+    }
+
+    /// Checks a token-mode password: `<type>|<token>` pairs joined by `|`, every token valid.
+    fn check_tokens(
+        &self,
+        password: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<Vec<HeldToken>, Refusal> {
+        let password = password.ok_or(Refusal::BadCredentials("no password"))?;
+        let password = std::str::from_utf8(password)
+            .map_err(|_| Refusal::BadCredentials("token password is not UTF-8"))?;
+        let parts: Vec<&str> = password.split('|').collect();
+        if !parts.len().is_multiple_of(2) || parts.len() > 2 * MAX_TOKENS_PER_PASSWORD {
+            return Err(Refusal::BadCredentials(
+                "token password is not <type>|<token> pairs (at most 8)",
+            ));
+        }
+        parts
+            .chunks(2)
+            .map(|pair| self.check_token(pair[0], pair[1], now_ms))
+            .collect()
+    }
+
+    /// Checks one token presented as `kind` (`R`, `W`, `RW`) at `now_ms`.
+    pub fn check_token(&self, kind: &str, token: &str, now_ms: u64) -> Result<HeldToken, Refusal> {
+        let used_as = Actions::parse_type(kind)
+            .ok_or(Refusal::BadCredentials("token type is not R, W or RW"))?;
+        let grant = self
+            .registry
+            .token(token)
+            .ok_or(Refusal::BadCredentials("unknown or revoked token"))?;
+        if !grant.valid_at(now_ms) {
+            return Err(Refusal::BadCredentials("expired token"));
+        }
+        if !used_as.within(grant.actions) {
+            return Err(Refusal::BadCredentials(
+                "token type asks for more than the token grants",
+            ));
+        }
+        Ok(HeldToken {
+            token: Secret::new(token),
+            used_as,
+            grant,
+        })
+    }
+
+    /// Handles a PUBLISH of a token-mode client to `$SYS/uploadToken`: a JSON
+    /// `{"token": "...", "type": "R|W|RW"}` whose token, if valid, is added to the client's.
+    pub fn upload_token(
+        &self,
+        principal: &mut Principal,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        #[derive(serde::Deserialize)]
+        struct Upload {
+            token: String,
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        if !principal.is_token_mode() {
+            return Err(Refusal::NotAuthorized(
+                "only token-mode clients upload tokens",
+            ));
+        }
+        let upload: Upload = serde_json::from_slice(payload).map_err(|_| {
+            Refusal::BadCredentials("uploadToken payload is not {\"token\", \"type\"} JSON")
+        })?;
+        let held = self.check_token(&upload.kind, &upload.token, now_ms)?;
+        principal.add_token(held);
+        Ok(())
     }
 
     fn known_key(&self, id: &str) -> Result<Arc<AccessKey>, Refusal> {

@@ -1,12 +1,25 @@
-//! Permissions of a connected client (DESIGN.md 3.4): access-key filter lists, declared parent
-//! topics, P2P topics and the presence topics.
+//! Permissions of a connected client (DESIGN.md 3.4): access-key filter lists, token grants,
+//! device credentials, declared parent topics, P2P topics and the presence topics.
 
 use std::sync::Arc;
 
 use herald_protocol::ClientId;
 use herald_protocol::topic::{covers, matches, p2p_target, parent_of};
 
-use crate::AccessKey;
+use crate::registry::{Actions, AuthRegistry, TokenGrant};
+use crate::{AccessKey, Secret};
+
+/// The one topic a token-mode client publishes to refresh its tokens (DESIGN.md 3.2).
+pub const UPLOAD_TOKEN_TOPIC: &str = "$SYS/uploadToken";
+
+/// A token a connection presented, with the type it was presented as (`R`, `W`, `RW`; never
+/// more than the token grants).
+#[derive(Debug, Clone)]
+pub struct HeldToken {
+    pub token: Secret,
+    pub used_as: Actions,
+    pub grant: Arc<TokenGrant>,
+}
 
 /// Topics that carry presence; only keys that list them may read them.
 const PRESENCE_PREFIXES: [&str; 2] = ["$notice", "$presence"];
@@ -21,6 +34,11 @@ pub enum Permissions {
     Anonymous,
     /// The key's publish and subscribe filter lists.
     Key(Arc<AccessKey>),
+    /// Token mode: the union of the tokens' grants (each as far as its type allows).
+    Tokens(Vec<HeldToken>),
+    /// Device credential mode: anywhere under the declared parent topics, except other
+    /// clients' P2P topics and the presence topics (as anonymous clients).
+    Device { key_id: String, secret: Secret },
 }
 
 /// An authenticated client: who it is and what it may do.
@@ -44,7 +62,55 @@ impl Principal {
     pub fn access_key(&self) -> Option<&str> {
         match &self.permissions {
             Permissions::Key(key) => Some(&key.id),
-            Permissions::Anonymous => None,
+            Permissions::Anonymous | Permissions::Tokens(_) | Permissions::Device { .. } => None,
+        }
+    }
+
+    /// Whether this is a token-mode connection (which may publish to [`UPLOAD_TOKEN_TOPIC`]).
+    pub fn is_token_mode(&self) -> bool {
+        matches!(self.permissions, Permissions::Tokens(_))
+    }
+
+    /// Whether the connection relies on the registry (tokens, a device credential), and so
+    /// must be re-checked when the registry changes or a token expires.
+    pub fn relies_on_registry(&self) -> bool {
+        matches!(
+            self.permissions,
+            Permissions::Tokens(_) | Permissions::Device { .. }
+        )
+    }
+
+    /// Checks that what the connection authenticated with is still valid at `now_ms`: every
+    /// held token still issued and unexpired, the device credential not refreshed or removed.
+    /// The error says why, for the log.
+    pub fn still_valid(&self, registry: &AuthRegistry, now_ms: u64) -> Result<(), &'static str> {
+        match &self.permissions {
+            Permissions::Tokens(held) => {
+                for token in held {
+                    if !token.grant.valid_at(now_ms) {
+                        return Err("a token of the connection expired");
+                    }
+                    if registry.token(token.token.expose()).is_none() {
+                        return Err("a token of the connection was revoked");
+                    }
+                }
+                Ok(())
+            }
+            Permissions::Device { key_id, secret } => match registry.credential_of_key(key_id) {
+                Some(c) if c.secret == *secret && c.client_id == self.client_id.as_str() => Ok(()),
+                Some(_) => Err("the device credential was refreshed"),
+                None => Err("the device credential was unregistered"),
+            },
+            Permissions::Anonymous | Permissions::Key(_) => Ok(()),
+        }
+    }
+
+    /// Adds a token given through [`UPLOAD_TOKEN_TOPIC`]. It replaces the held tokens whose
+    /// type it covers (a new `W` token replaces the old `W` one; `RW` replaces all).
+    pub fn add_token(&mut self, token: HeldToken) {
+        if let Permissions::Tokens(held) = &mut self.permissions {
+            held.retain(|old| !old.used_as.within(token.used_as));
+            held.push(token);
         }
     }
 
@@ -66,8 +132,11 @@ impl Principal {
             return false;
         }
         match &self.permissions {
-            Permissions::Anonymous => true,
+            Permissions::Anonymous | Permissions::Device { .. } => true,
             Permissions::Key(key) => key.publish.iter().any(|f| matches(f, topic)),
+            Permissions::Tokens(held) => held
+                .iter()
+                .any(|t| t.used_as.write && t.grant.resources.iter().any(|f| matches(f, topic))),
         }
     }
 
@@ -77,8 +146,13 @@ impl Principal {
             return false;
         }
         match &self.permissions {
-            Permissions::Anonymous => !PRESENCE_PREFIXES.contains(&parent_of(filter)),
+            Permissions::Anonymous | Permissions::Device { .. } => {
+                !PRESENCE_PREFIXES.contains(&parent_of(filter))
+            }
             Permissions::Key(key) => key.subscribe.iter().any(|f| covers(f, filter)),
+            Permissions::Tokens(held) => held
+                .iter()
+                .any(|t| t.used_as.read && t.grant.resources.iter().any(|f| covers(f, filter))),
         }
     }
 

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use herald_admin::AdminState;
-use herald_auth::Authenticator;
+use herald_auth::{Actions, AuthRegistry, Authenticator, DeviceCredential, Secret, TokenGrant};
 use herald_config::Config;
 use herald_router::{Event, Router, RouterHandle, SinkQueue, Transport};
 use herald_server::Context;
 use herald_server::{Endpoint, TlsAcceptor};
-use herald_store::RedbStore;
+use herald_store::{RedbStore, Store as _};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -41,6 +41,36 @@ pub struct Broker {
 /// sink is not waited for; what is left stays in the store for the next start).
 const SINK_DRAIN: Duration = Duration::from_secs(5);
 
+/// Takes the tokens and device credentials out of the start-up snapshot (the router does not
+/// own them) into the registry the connection tasks and the admin API share.
+fn restore_registry(snapshot: &mut herald_store::Snapshot) -> Arc<AuthRegistry> {
+    let registry = Arc::new(AuthRegistry::new());
+    let tokens = std::mem::take(&mut snapshot.tokens);
+    let credentials = std::mem::take(&mut snapshot.credentials);
+    info!(
+        tokens = tokens.len(),
+        device_credentials = credentials.len(),
+        "auth registry restored from storage"
+    );
+    for (token, record) in tokens {
+        let grant = TokenGrant {
+            resources: record.resources,
+            actions: Actions::from_bits(record.actions),
+            expire_at_ms: record.expire_at_ms,
+        };
+        registry.insert_token(token, grant);
+    }
+    for (client_id, record) in credentials {
+        registry.insert_credential(DeviceCredential {
+            client_id,
+            key_id: record.key_id,
+            secret: Secret::new(record.secret),
+            created_at_ms: record.created_at_ms,
+        });
+    }
+    registry
+}
+
 impl Broker {
     /// Opens storage, starts the router and binds the listeners.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
@@ -59,19 +89,25 @@ impl Broker {
         }
         let data_dir = config.storage.data_dir.clone();
         let sync = config.storage.sync;
-        let store = tokio::task::spawn_blocking(move || RedbStore::open(&data_dir, sync))
-            .await
-            .context("storage thread failed")?
-            .with_context(|| {
-                format!(
-                    "cannot open storage in {}",
-                    config.storage.data_dir.display()
-                )
-            })?;
+        let (store, mut snapshot) = tokio::task::spawn_blocking(move || {
+            let mut store = RedbStore::open(&data_dir, sync)?;
+            let snapshot = store.load()?;
+            Ok::<_, herald_store::StoreError>((store, snapshot))
+        })
+        .await
+        .context("storage thread failed")?
+        .with_context(|| {
+            format!(
+                "cannot open storage in {}",
+                config.storage.data_dir.display()
+            )
+        })?;
+        let registry = restore_registry(&mut snapshot);
         let queues: Vec<Arc<SinkQueue>> = config.sinks.iter().map(|s| s.queue()).collect();
-        let (router, router_task) = Router::start(
+        let (router, router_task) = Router::start_loaded(
             config.router.clone(),
             Box::new(store),
+            snapshot,
             queues.clone(),
             events,
         )?;
@@ -83,7 +119,7 @@ impl Broker {
         }
         let context = Context::new(
             config.server.clone(),
-            Authenticator::new(config.auth.clone()),
+            Authenticator::with_registry(config.auth.clone(), registry.clone()),
             router.clone(),
         );
         let (stop_listeners, stopped) = watch::channel(false);
@@ -148,11 +184,15 @@ impl Broker {
             admin_addr = Some(listener.local_addr()?);
             let state = AdminState {
                 router: router.clone(),
-                auth: Arc::new(Authenticator::new(config.auth.clone())),
+                auth: Arc::new(Authenticator::with_registry(
+                    config.auth.clone(),
+                    registry.clone(),
+                )),
                 sinks: queues.clone(),
                 node_id: config.node_id.clone(),
                 max_topic_len: config.server.max_topic_len,
                 edge: Some(context.stats.clone()),
+                min_token_ttl: config.min_token_ttl,
             };
             // Stopped with the listeners: no admin request starts once shutdown has begun.
             listeners.push(tokio::spawn(herald_admin::serve(

@@ -171,6 +171,9 @@ pub struct Instance {
     /// "alibaba" or "any".
     pub client_id_format: String,
     pub legacy_signature: bool,
+    /// The shortest lifetime `POST /api/v1/tokens` accepts (DESIGN.md 3.2 says 60 s; tests
+    /// lower it to see expiry quickly).
+    pub min_token_ttl_secs: u64,
 }
 
 impl Default for Instance {
@@ -180,6 +183,7 @@ impl Default for Instance {
             allow_anonymous: false,
             client_id_format: "alibaba".into(),
             legacy_signature: false,
+            min_token_ttl_secs: 60,
         }
     }
 }

@@ -12,6 +12,7 @@ mod validate;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use herald_auth::AuthSettings;
 use herald_router::RouterSettings;
@@ -99,6 +100,8 @@ pub struct Config {
     pub sinks: Vec<herald_rules::SinkSettings>,
     /// Where the admin HTTP API listens; `None` when switched off.
     pub admin_bind: Option<SocketAddr>,
+    /// The shortest token lifetime the admin API accepts (`instance.min_token_ttl_secs`).
+    pub min_token_ttl: Duration,
 }
 
 impl Config {

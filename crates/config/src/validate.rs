@@ -194,6 +194,12 @@ pub fn validate(
         .filter(|k| DEMO_SECRETS.contains(&k.secret.expose()))
         .map(|k| k.id.clone())
         .collect();
+    let min_token_ttl_secs = errors.range(
+        "instance.min_token_ttl_secs",
+        file.instance.min_token_ttl_secs,
+        1,
+        60,
+    );
     if !errors.0.is_empty() {
         return Err(ConfigErrors(errors.0));
     }
@@ -213,6 +219,7 @@ pub fn validate(
         demo_keys,
         sinks,
         admin_bind,
+        min_token_ttl: Duration::from_secs(min_token_ttl_secs as u64),
     })
 }
 

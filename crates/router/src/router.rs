@@ -128,6 +128,18 @@ impl Router {
         events: Option<mpsc::Sender<Event>>,
     ) -> Result<(RouterHandle, JoinHandle<()>), StoreError> {
         let snapshot = store.load()?;
+        Router::start_loaded(settings, store, snapshot, sinks, events)
+    }
+
+    /// [`Router::start`] with the snapshot already read from `store` (the caller takes what
+    /// the router does not own, such as tokens and device credentials, out of it first).
+    pub fn start_loaded(
+        settings: RouterSettings,
+        store: Box<dyn Store>,
+        snapshot: herald_store::Snapshot,
+        sinks: Vec<Arc<SinkQueue>>,
+        events: Option<mpsc::Sender<Event>>,
+    ) -> Result<(RouterHandle, JoinHandle<()>), StoreError> {
         let (persister, reports, thread) = persist::start(store)
             .map_err(|e| StoreError::Engine(format!("cannot start the storage thread: {e}")))?;
         let stats = Arc::new(RouterStats::default());
@@ -380,6 +392,10 @@ impl Router {
                     let sink = sink.clone();
                     self.persister.stage(Op::DeleteOutbox { sink, id });
                 }
+            }
+            Input::Persist { ops, done } => {
+                self.stage_all(ops);
+                self.defer(Deferred::Notify(done));
             }
             Input::Shutdown { done } => return Some(done),
         }

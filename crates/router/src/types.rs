@@ -223,6 +223,12 @@ pub enum Input {
         client_id: String,
         reply: oneshot::Sender<bool>,
     },
+    /// Store `ops` (tokens, device credentials: state the router does not own) in order with
+    /// everything else; `done` is answered once they are durable and dropped if they failed.
+    Persist {
+        ops: Vec<herald_store::Op>,
+        done: oneshot::Sender<()>,
+    },
     /// Close every channel (reason `server_shutdown`); answer once their events are durable.
     CloseAll {
         done: oneshot::Sender<()>,

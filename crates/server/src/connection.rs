@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use herald_auth::Principal;
+use herald_auth::{Principal, UPLOAD_TOKEN_TOPIC};
 use herald_protocol::codec::check_filter_syntax;
 use herald_protocol::{Codec, DecodeError, Packet, Publish, QoS};
 use herald_router::{ChannelId, CloseReason, Input, Outgoing, Transport};
@@ -22,6 +22,9 @@ use crate::{Context, DeniedPublish, handshake};
 
 /// Packets written per wake-up at most, so one busy channel cannot starve its reads.
 const WRITE_BATCH: usize = 64;
+
+/// How often a token or device-credential connection checks that its credentials still hold.
+const AUTH_RECHECK: Duration = Duration::from_secs(1);
 
 /// The framed socket: read buffer, write buffer and codec.
 pub(crate) struct Framed<S> {
@@ -166,6 +169,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     async fn serve(&mut self) -> CloseReason {
         let far_future = Duration::from_secs(100 * 365 * 24 * 3600);
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+        // Token and device-credential connections re-check their credentials every second:
+        // revocation, refresh and expiry end them with `auth_revoked`.
+        let rechecks = self.principal.relies_on_registry();
+        let mut recheck = tokio::time::interval(AUTH_RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 read = self.framed.read_packet() => {
@@ -185,10 +193,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                         return reason;
                     }
                 }
+                _ = recheck.tick(), if rechecks => {
+                    if let Some(reason) = self.recheck_credentials() {
+                        return reason;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     info!(client_id = %self.principal.client_id, channel = %self.channel, "keepalive expired (1.5x the client's keepalive without a packet)");
                     return CloseReason::KeepaliveTimeout;
                 }
+            }
+        }
+    }
+
+    fn recheck_credentials(&self) -> Option<CloseReason> {
+        let registry = self.context.auth.registry();
+        match self.principal.still_valid(registry, herald_auth::now_ms()) {
+            Ok(()) => None,
+            Err(why) => {
+                info!(client_id = %self.principal.client_id, channel = %self.channel, why, "closing: credentials no longer valid");
+                Some(CloseReason::AuthRevoked)
             }
         }
     }
@@ -293,6 +317,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             warn!(client_id = %self.principal.client_id, limit = "limits.max_topic_len", len = topic.len(), max, "topic too long; closing");
             return Some(CloseReason::ProtocolError);
         }
+        if topic == UPLOAD_TOKEN_TOPIC && self.principal.is_token_mode() {
+            return self.upload_token(publish).await;
+        }
         if !self.principal.can_publish(topic) {
             return self.denied_publish(publish).await;
         }
@@ -313,6 +340,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             ServerStats::add(&self.context.stats.throttled);
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// A token-mode client refreshes its tokens (DESIGN.md 3.2). The message is not routed; the
+    /// acknowledgement confirms the new token. An invalid token closes the connection with
+    /// `protocol_error`: the client learns at once that its refresh failed.
+    async fn upload_token(&mut self, publish: Publish) -> Option<CloseReason> {
+        let now = herald_auth::now_ms();
+        let auth = &self.context.auth;
+        if let Err(refusal) = auth.upload_token(&mut self.principal, &publish.payload, now) {
+            warn!(client_id = %self.principal.client_id, channel = %self.channel, %refusal, "token upload refused; closing");
+            return Some(CloseReason::ProtocolError);
+        }
+        info!(client_id = %self.principal.client_id, channel = %self.channel, "token uploaded");
+        let ack = match (publish.qos, publish.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(id),
+            // PUBREL will come back and be answered by the router with PUBCOMP.
+            (QoS::ExactlyOnce, Some(id)) => Packet::PubRec(id),
+            _ => return None,
+        };
+        self.framed
+            .write(ack)
+            .await
+            .err()
+            .map(|_| CloseReason::SocketClosed)
     }
 
     async fn denied_publish(&mut self, publish: Publish) -> Option<CloseReason> {

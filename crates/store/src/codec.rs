@@ -8,7 +8,8 @@
 //!
 //! A batch is a count and then ops, each a tag byte and its fields. New kinds of op get new tags
 //! under the same layout version, so every batch an earlier Herald wrote (tags 1 to 6) still
-//! decodes; a tag this Herald does not know is an error, never skipped.
+//! decodes (tags 7 to 13 came with presence, 14 to 17 with tokens and device credentials); a tag
+//! this Herald does not know is an error, never skipped.
 //!
 //! Decoding never trusts a length: a truncated or garbage input gives a [`DecodeError`], never a
 //! panic or a large allocation. Trailing bytes are an error too.
@@ -17,7 +18,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::{ChannelRecord, Op, SessionRecord, StoredMessage};
+use crate::{ChannelRecord, CredentialRecord, Op, SessionRecord, StoredMessage, TokenRecord};
 
 /// The layout version written in front of every value and batch.
 const LAYOUT_VERSION: u8 = 1;
@@ -35,6 +36,10 @@ const TAG_PUT_OUTBOX: u8 = 10;
 const TAG_DELETE_OUTBOX: u8 = 11;
 const TAG_PUT_HISTORY: u8 = 12;
 const TAG_PRUNE_HISTORY: u8 = 13;
+const TAG_PUT_TOKEN: u8 = 14;
+const TAG_DELETE_TOKEN: u8 = 15;
+const TAG_PUT_CREDENTIAL: u8 = 16;
+const TAG_DELETE_CREDENTIAL: u8 = 17;
 
 /// Why bytes could not be decoded. The caller adds which file and key they came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +133,36 @@ pub(crate) fn decode_history_entry(bytes: &[u8]) -> Result<(u64, Bytes), DecodeE
     let payload = Bytes::copy_from_slice(reader.bytes("payload")?);
     reader.finish()?;
     Ok((time_ms, payload))
+}
+
+pub(crate) fn encode_token(record: &TokenRecord) -> Result<Vec<u8>, TooLarge> {
+    let mut out = Vec::with_capacity(16 + 32 * record.resources.len());
+    out.push(LAYOUT_VERSION);
+    put_token(&mut out, record)?;
+    Ok(out)
+}
+
+pub(crate) fn decode_token(bytes: &[u8]) -> Result<TokenRecord, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    reader.version()?;
+    let record = reader.token()?;
+    reader.finish()?;
+    Ok(record)
+}
+
+pub(crate) fn encode_credential(record: &CredentialRecord) -> Result<Vec<u8>, TooLarge> {
+    let mut out = Vec::with_capacity(17 + record.key_id.len() + record.secret.len());
+    out.push(LAYOUT_VERSION);
+    put_credential(&mut out, record)?;
+    Ok(out)
+}
+
+pub(crate) fn decode_credential(bytes: &[u8]) -> Result<CredentialRecord, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    reader.version()?;
+    let record = reader.credential()?;
+    reader.finish()?;
+    Ok(record)
 }
 
 pub(crate) fn encode_batch(ops: &[Op]) -> Result<Vec<u8>, TooLarge> {
@@ -237,7 +272,42 @@ fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
             out.extend_from_slice(&below_seq.to_be_bytes());
             Ok(())
         }
+        Op::PutToken { token, record } => {
+            out.push(TAG_PUT_TOKEN);
+            put_str(out, token)?;
+            put_token(out, record)
+        }
+        Op::DeleteToken { token } => {
+            out.push(TAG_DELETE_TOKEN);
+            put_str(out, token)
+        }
+        Op::PutCredential { client_id, record } => {
+            out.push(TAG_PUT_CREDENTIAL);
+            put_str(out, client_id)?;
+            put_credential(out, record)
+        }
+        Op::DeleteCredential { client_id } => {
+            out.push(TAG_DELETE_CREDENTIAL);
+            put_str(out, client_id)
+        }
     }
+}
+
+fn put_token(out: &mut Vec<u8>, record: &TokenRecord) -> Result<(), TooLarge> {
+    out.push(record.actions);
+    out.extend_from_slice(&record.expire_at_ms.to_be_bytes());
+    put_len(out, record.resources.len())?;
+    for resource in &record.resources {
+        put_str(out, resource)?;
+    }
+    Ok(())
+}
+
+fn put_credential(out: &mut Vec<u8>, record: &CredentialRecord) -> Result<(), TooLarge> {
+    put_str(out, &record.key_id)?;
+    put_str(out, &record.secret)?;
+    out.extend_from_slice(&record.created_at_ms.to_be_bytes());
+    Ok(())
 }
 
 fn put_message(out: &mut Vec<u8>, message: &StoredMessage) -> Result<(), TooLarge> {
@@ -415,6 +485,33 @@ impl<'a> Reader<'a> {
         })
     }
 
+    fn token(&mut self) -> Result<TokenRecord, DecodeError> {
+        let actions = self.u8("token actions")?;
+        if actions == 0 || actions > 3 {
+            return Err(self.error(&format!("token actions {actions} out of range")));
+        }
+        let expire_at_ms = self.u64("token expiry")?;
+        let count = self.u32()? as usize;
+        // Each resource takes at least 4 bytes.
+        let mut resources = Vec::with_capacity(count.min(self.remaining() / 4));
+        for _ in 0..count {
+            resources.push(self.string("token resource")?);
+        }
+        Ok(TokenRecord {
+            resources,
+            actions,
+            expire_at_ms,
+        })
+    }
+
+    fn credential(&mut self) -> Result<CredentialRecord, DecodeError> {
+        Ok(CredentialRecord {
+            key_id: self.string("credential key id")?,
+            secret: self.string("credential secret")?,
+            created_at_ms: self.u64("credential creation time")?,
+        })
+    }
+
     fn op(&mut self) -> Result<Op, DecodeError> {
         let op = match self.u8("op tag")? {
             TAG_PUT_SESSION => Op::PutSession {
@@ -468,6 +565,20 @@ impl<'a> Reader<'a> {
             TAG_PRUNE_HISTORY => Op::PruneHistory {
                 client_id: self.string("client id")?,
                 below_seq: self.u64("seq")?,
+            },
+            TAG_PUT_TOKEN => Op::PutToken {
+                token: self.string("token")?,
+                record: self.token()?,
+            },
+            TAG_DELETE_TOKEN => Op::DeleteToken {
+                token: self.string("token")?,
+            },
+            TAG_PUT_CREDENTIAL => Op::PutCredential {
+                client_id: self.string("client id")?,
+                record: self.credential()?,
+            },
+            TAG_DELETE_CREDENTIAL => Op::DeleteCredential {
+                client_id: self.string("client id")?,
             },
             other => return Err(self.error(&format!("unknown op tag {other}"))),
         };
@@ -544,7 +655,37 @@ mod tests {
                 client_id: "c".into(),
                 below_seq: 2,
             },
+            Op::PutToken {
+                token: "tok-1".into(),
+                record: token(),
+            },
+            Op::DeleteToken {
+                token: "tok-0".into(),
+            },
+            Op::PutCredential {
+                client_id: "GID@@@dev-1".into(),
+                record: credential(),
+            },
+            Op::DeleteCredential {
+                client_id: "GID@@@dev-2".into(),
+            },
         ]
+    }
+
+    fn token() -> TokenRecord {
+        TokenRecord {
+            resources: vec!["a/+".into(), "b/#".into()],
+            actions: 3,
+            expire_at_ms: 1_732_345_678_901,
+        }
+    }
+
+    fn credential() -> CredentialRecord {
+        CredentialRecord {
+            key_id: "DK1".into(),
+            secret: "s3cret".into(),
+            created_at_ms: 7,
+        }
     }
 
     fn channel(client_id: &str, info: &'static [u8]) -> ChannelRecord {
@@ -579,6 +720,12 @@ mod tests {
             }),
             (encode_history_entry(5, b"event").expect("encode"), |b| {
                 decode_history_entry(b).is_ok()
+            }),
+            (encode_token(&token()).expect("encode"), |b| {
+                decode_token(b).is_ok()
+            }),
+            (encode_credential(&credential()).expect("encode"), |b| {
+                decode_credential(b).is_ok()
             }),
         ]
     }
@@ -676,8 +823,13 @@ mod tests {
         assert_eq!(decode_batch(&presence), Ok(presence_ops.clone()));
         assert_eq!(encode_batch(&presence_ops).expect("encode"), presence);
 
-        let error = decode_batch(&[1, 0, 0, 0, 1, 14]).expect_err("unknown tag");
-        assert!(error.to_string().contains("unknown op tag 14"), "{error}");
+        let auth = [1, 0, 0, 0, 1, 15, 0, 0, 0, 1, b't']; // DeleteToken "t"
+        let auth_ops = vec![Op::DeleteToken { token: "t".into() }];
+        assert_eq!(decode_batch(&auth), Ok(auth_ops.clone()));
+        assert_eq!(encode_batch(&auth_ops).expect("encode"), auth);
+
+        let error = decode_batch(&[1, 0, 0, 0, 1, 18]).expect_err("unknown tag");
+        assert!(error.to_string().contains("unknown op tag 18"), "{error}");
     }
 
     #[test]

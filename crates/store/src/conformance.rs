@@ -2,6 +2,7 @@
 //! and [`crate::RedbStore`] in both sync modes. What only a disk can show (restart, crash,
 //! corrupt files) is in `redb_tests`. The tests of the presence ops are in `presence`.
 
+mod auth;
 mod presence;
 
 use bytes::Bytes;
@@ -170,7 +171,31 @@ pub(crate) fn mixed_batch() -> Vec<Op> {
             client_id: "a".into(),
             below_seq: 2,
         },
+        Op::PutToken {
+            token: "tok".into(),
+            record: mixed_token(),
+        },
+        Op::PutCredential {
+            client_id: "a".into(),
+            record: mixed_credential(),
+        },
     ]
+}
+
+fn mixed_token() -> crate::TokenRecord {
+    crate::TokenRecord {
+        resources: vec!["x/#".into()],
+        actions: 1,
+        expire_at_ms: 1_800_000_000_000,
+    }
+}
+
+fn mixed_credential() -> crate::CredentialRecord {
+    crate::CredentialRecord {
+        key_id: "DK-a".into(),
+        secret: "secret-a".into(),
+        created_at_ms: 1,
+    }
 }
 
 /// What [`mixed_batch`] leaves in an empty store.
@@ -207,6 +232,8 @@ pub(crate) fn mixed_snapshot() -> Snapshot {
             ),
         ],
         next_outbox_id: 5,
+        tokens: vec![("tok".into(), mixed_token())],
+        credentials: vec![("a".into(), mixed_credential())],
     }
 }
 
@@ -548,6 +575,10 @@ macro_rules! conformance_tests {
             #[test]
             fn later_presence_ops_in_a_batch_win() {
                 super::presence::later_presence_ops_in_a_batch_win($fresh)
+            }
+            #[test]
+            fn tokens_and_credentials_are_kept_by_key() {
+                super::auth::tokens_and_credentials_are_kept_by_key($fresh)
             }
         }
     };

@@ -8,7 +8,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::{Op, Snapshot};
+use crate::{CredentialRecord, Op, Snapshot};
 
 /// Prints the length of a payload, not its bytes.
 struct Len<'a>(&'a Bytes);
@@ -116,7 +116,45 @@ impl fmt::Debug for Op {
                 .field("client_id", client_id)
                 .field("below_seq", below_seq)
                 .finish(),
+            // A token is a bearer secret: only its length shows.
+            Op::PutToken { token, record } => f
+                .debug_struct("PutToken")
+                .field("token", &Redacted(token.len()))
+                .field("record", record)
+                .finish(),
+            Op::DeleteToken { token } => f
+                .debug_struct("DeleteToken")
+                .field("token", &Redacted(token.len()))
+                .finish(),
+            Op::PutCredential { client_id, record } => f
+                .debug_struct("PutCredential")
+                .field("client_id", client_id)
+                .field("record", record)
+                .finish(),
+            Op::DeleteCredential { client_id } => f
+                .debug_struct("DeleteCredential")
+                .field("client_id", client_id)
+                .finish(),
         }
+    }
+}
+
+/// Prints a secret's length, not its characters.
+struct Redacted(usize);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<REDACTED {} chars>", self.0)
+    }
+}
+
+impl fmt::Debug for CredentialRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialRecord")
+            .field("key_id", &self.key_id)
+            .field("secret", &Redacted(self.secret.len()))
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
     }
 }
 
@@ -131,6 +169,8 @@ impl fmt::Debug for Snapshot {
             .field("channels", &self.channels)
             .field("outboxes", &Outboxes(&self.outboxes))
             .field("next_outbox_id", &self.next_outbox_id)
+            .field("tokens", &self.tokens.len())
+            .field("credentials", &self.credentials)
             .finish()
     }
 }
@@ -160,6 +200,26 @@ mod tests {
             assert!(!shown.contains("secret"), "{shown}");
             assert!(shown.contains("<12 bytes>"), "{shown}");
         }
+        let token = Op::PutToken {
+            token: "secret-token".into(),
+            record: crate::TokenRecord {
+                resources: vec!["a/#".into()],
+                actions: 3,
+                expire_at_ms: 1,
+            },
+        };
+        let credential = Op::PutCredential {
+            client_id: "c".into(),
+            record: CredentialRecord {
+                key_id: "key".into(),
+                secret: "secret-credential".into(),
+                created_at_ms: 1,
+            },
+        };
+        for op in [token, credential] {
+            let shown = format!("{op:?}");
+            assert!(!shown.contains("secret-"), "{shown}");
+        }
         let snapshot = Snapshot {
             outboxes: vec![("hook".into(), vec![(3, secret)])],
             ..Snapshot::default()
@@ -182,7 +242,7 @@ mod tests {
         assert_eq!(
             format!("{:?}", Snapshot::default()),
             "Snapshot { sessions: [], queues: [], retained: [], next_seq: 0, client_seqs: [], \
-             channels: [], outboxes: [], next_outbox_id: 0 }"
+             channels: [], outboxes: [], next_outbox_id: 0, tokens: 0, credentials: [] }"
         );
     }
 }

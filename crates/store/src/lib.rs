@@ -72,6 +72,26 @@ pub struct ChannelRecord {
     pub info: bytes::Bytes,
 }
 
+/// A token issued by the admin API (DESIGN.md 3.2). The token string itself is the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Topic filters the token grants.
+    pub resources: Vec<String>,
+    /// Bit 1: read (subscribe, receive); bit 2: write (publish).
+    pub actions: u8,
+    /// When the token stops being valid, ms since the Unix epoch.
+    pub expire_at_ms: u64,
+}
+
+/// A device credential (DESIGN.md 3.3), keyed by the client id it is bound to.
+// Debug is written by hand (in `debug`): the secret never shows.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    pub key_id: String,
+    pub secret: String,
+    pub created_at_ms: u64,
+}
+
 /// One change to the stored state. All ops are idempotent: applying a batch twice leaves the
 /// same state as applying it once.
 // Debug is written by hand (in `debug`): outbox and history payloads may carry user data.
@@ -124,6 +144,17 @@ pub enum Op {
     },
     /// Deletes the history entries of `client_id` with a seq below `below_seq`.
     PruneHistory { client_id: String, below_seq: u64 },
+    /// Creates or replaces the token `token`.
+    PutToken { token: String, record: TokenRecord },
+    /// Forgets the token `token`, if stored.
+    DeleteToken { token: String },
+    /// Creates or replaces the device credential bound to `client_id`.
+    PutCredential {
+        client_id: String,
+        record: CredentialRecord,
+    },
+    /// Forgets the device credential bound to `client_id`, if stored.
+    DeleteCredential { client_id: String },
 }
 
 /// Everything in a store, as read at start-up, except the presence history (read it with
@@ -151,6 +182,10 @@ pub struct Snapshot {
     /// One more than the largest outbox id ever stored (0 if none), even if that entry has since
     /// been deleted; ids are global across sinks.
     pub next_outbox_id: u64,
+    /// Issued tokens (expired ones included until deleted), sorted by token.
+    pub tokens: Vec<(String, TokenRecord)>,
+    /// Device credentials, sorted by client id.
+    pub credentials: Vec<(String, CredentialRecord)>,
 }
 
 /// When [`RedbStore`] makes a batch durable against power loss.

@@ -9,7 +9,10 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::{ChannelRecord, Op, SessionRecord, Snapshot, Store, StoreError, StoredMessage};
+use crate::{
+    ChannelRecord, CredentialRecord, Op, SessionRecord, Snapshot, Store, StoreError, StoredMessage,
+    TokenRecord,
+};
 
 /// An in-memory [`Store`].
 #[derive(Default, Clone)]
@@ -26,6 +29,8 @@ pub struct MemoryStore {
     next_outbox_id: u64,
     /// client id → seq → (time, payload); a client with no history has no entry.
     history: BTreeMap<String, BTreeMap<u64, (u64, Bytes)>>,
+    tokens: BTreeMap<String, TokenRecord>,
+    credentials: BTreeMap<String, CredentialRecord>,
 }
 
 // Counts only: outbox and history payloads may carry user data.
@@ -41,6 +46,8 @@ impl fmt::Debug for MemoryStore {
             .field("outboxes", &self.outboxes.len())
             .field("next_outbox_id", &self.next_outbox_id)
             .field("history", &self.history.len())
+            .field("tokens", &self.tokens.len())
+            .field("credentials", &self.credentials.len())
             .finish()
     }
 }
@@ -120,6 +127,18 @@ impl MemoryStore {
             } => remove_and_drop_empty(&mut self.history, client_id, |entries| {
                 *entries = entries.split_off(below_seq);
             }),
+            Op::PutToken { token, record } => {
+                self.tokens.insert(token.clone(), record.clone());
+            }
+            Op::DeleteToken { token } => {
+                self.tokens.remove(token);
+            }
+            Op::PutCredential { client_id, record } => {
+                self.credentials.insert(client_id.clone(), record.clone());
+            }
+            Op::DeleteCredential { client_id } => {
+                self.credentials.remove(client_id);
+            }
         }
     }
 }
@@ -175,6 +194,16 @@ impl Store for MemoryStore {
                 })
                 .collect(),
             next_outbox_id: self.next_outbox_id,
+            tokens: self
+                .tokens
+                .iter()
+                .map(|(t, r)| (t.clone(), r.clone()))
+                .collect(),
+            credentials: self
+                .credentials
+                .iter()
+                .map(|(c, r)| (c.clone(), r.clone()))
+                .collect(),
         })
     }
 

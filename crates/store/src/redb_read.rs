@@ -14,8 +14,8 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
 use crate::codec::{self, DecodeError};
 use crate::error::EngineContext;
 use crate::redb_store::{
-    CHANNELS, CLIENT_SEQS, HISTORY, KEY_NEXT_OUTBOX_ID, KEY_NEXT_SEQ, META, OUTBOX, QUEUE,
-    RETAINED, SESSIONS,
+    CHANNELS, CLIENT_SEQS, CREDENTIALS, HISTORY, KEY_NEXT_OUTBOX_ID, KEY_NEXT_SEQ, META, OUTBOX,
+    QUEUE, RETAINED, SESSIONS, TOKENS,
 };
 use crate::{Snapshot, StoreError};
 
@@ -25,6 +25,7 @@ pub(crate) fn load(db: &Database, path: &Path) -> Result<Snapshot, StoreError> {
     let mut snapshot = Snapshot::default();
     load_mqtt(&txn, path, &mut snapshot)?;
     load_presence(&txn, path, &mut snapshot)?;
+    load_auth(&txn, path, &mut snapshot)?;
     Ok(snapshot)
 }
 
@@ -151,6 +152,32 @@ fn load_presence(
 
     // As for next_seq: written with every PutOutbox, the max is a guard.
     snapshot.next_outbox_id = counter(txn, path, KEY_NEXT_OUTBOX_ID)?.max(one_past(largest_id));
+    Ok(())
+}
+
+/// Tokens and device credentials.
+fn load_auth(
+    txn: &ReadTransaction,
+    path: &Path,
+    snapshot: &mut Snapshot,
+) -> Result<(), StoreError> {
+    let tokens = txn.open_table(TOKENS).at(path, "opening table tokens")?;
+    for entry in tokens.iter().at(path, "reading tokens")? {
+        let (key, value) = entry.at(path, "reading tokens")?;
+        // The key is a secret: an error names the table only.
+        let record = codec::decode_token(value.value())
+            .map_err(|e| corrupt(path, "tokens", &"<token>", e))?;
+        snapshot.tokens.push((key.value().to_owned(), record));
+    }
+    let credentials = txn
+        .open_table(CREDENTIALS)
+        .at(path, "opening table credentials")?;
+    for entry in credentials.iter().at(path, "reading credentials")? {
+        let (key, value) = entry.at(path, "reading credentials")?;
+        let record = codec::decode_credential(value.value())
+            .map_err(|e| corrupt(path, "credentials", &key.value(), e))?;
+        snapshot.credentials.push((key.value().to_owned(), record));
+    }
     Ok(())
 }
 

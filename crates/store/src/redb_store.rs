@@ -20,8 +20,12 @@
 //! - `history`: `(client id, event seq)` → encoded time and payload; pruning a client's oldest
 //!   entries is one range delete.
 //!
-//! The last four came with presence, under the same [`FORMAT_VERSION`]: a Herald from before
-//! ignores them, and this one creates them when it opens a file that lacks them.
+//! - `tokens`: token → encoded [`crate::TokenRecord`].
+//! - `credentials`: client id → encoded [`crate::CredentialRecord`].
+//!
+//! `client_seqs` to `history` came with presence, `tokens` and `credentials` with the token and
+//! device-credential modes, all under the same [`FORMAT_VERSION`]: a Herald from before ignores
+//! them, and this one creates them when it opens a file that lacks them.
 //!
 //! Durability: [`SyncMode::Always`] commits every batch with `Durability::Immediate` (fsync).
 //! [`SyncMode::Interval`] appends the batch to the log (survives a process crash), then commits
@@ -58,6 +62,8 @@ pub(crate) const CLIENT_SEQS: TableDefinition<&str, u64> = TableDefinition::new(
 pub(crate) const CHANNELS: TableDefinition<u128, &[u8]> = TableDefinition::new("channels");
 pub(crate) const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
 pub(crate) const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
+pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
 
 pub(crate) const KEY_FORMAT_VERSION: &str = "format_version";
 pub(crate) const KEY_NEXT_SEQ: &str = "next_seq";
@@ -105,6 +111,8 @@ struct Tables<'txn> {
     channels: Table<'txn, u128, &'static [u8]>,
     outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
     history: Table<'txn, (&'static str, u64), &'static [u8]>,
+    tokens: Table<'txn, &'static str, &'static [u8]>,
+    credentials: Table<'txn, &'static str, &'static [u8]>,
 }
 
 /// The two counters of `meta` that ops move forward.
@@ -340,6 +348,8 @@ fn add_missing_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
         CHANNELS.name(),
         OUTBOX.name(),
         HISTORY.name(),
+        TOKENS.name(),
+        CREDENTIALS.name(),
     ];
     let missing: Vec<&str> = all
         .into_iter()
@@ -452,6 +462,10 @@ impl<'txn> Tables<'txn> {
                 .at(path, "opening table channels")?,
             outbox: txn.open_table(OUTBOX).at(path, "opening table outbox")?,
             history: txn.open_table(HISTORY).at(path, "opening table history")?,
+            tokens: txn.open_table(TOKENS).at(path, "opening table tokens")?,
+            credentials: txn
+                .open_table(CREDENTIALS)
+                .at(path, "opening table credentials")?,
         })
     }
 
@@ -569,6 +583,28 @@ impl<'txn> Tables<'txn> {
                 self.history
                     .retain_in((client, 0)..(client, *below_seq), |_, _| false)
                     .at(path, "pruning a client's history")?;
+            }
+            Op::PutToken { token, record } => {
+                let value = codec::encode_token(record).map_err(|e| too_large(path, &e))?;
+                self.tokens
+                    .insert(token.as_str(), value.as_slice())
+                    .at(path, "writing a token")?;
+            }
+            Op::DeleteToken { token } => {
+                self.tokens
+                    .remove(token.as_str())
+                    .at(path, "deleting a token")?;
+            }
+            Op::PutCredential { client_id, record } => {
+                let value = codec::encode_credential(record).map_err(|e| too_large(path, &e))?;
+                self.credentials
+                    .insert(client_id.as_str(), value.as_slice())
+                    .at(path, "writing a device credential")?;
+            }
+            Op::DeleteCredential { client_id } => {
+                self.credentials
+                    .remove(client_id.as_str())
+                    .at(path, "deleting a device credential")?;
             }
         }
         Ok(())

@@ -19,8 +19,8 @@ use crate::conformance::{
     put_history, put_outbox, session,
 };
 use crate::redb_store::{
-    CHANNELS, CLIENT_SEQS, DB_FILE, HISTORY, KEY_FORMAT_VERSION, KEY_NEXT_SEQ, META, OUTBOX, QUEUE,
-    RETAINED, SESSIONS,
+    CHANNELS, CLIENT_SEQS, CREDENTIALS, DB_FILE, HISTORY, KEY_FORMAT_VERSION, KEY_NEXT_SEQ, META,
+    OUTBOX, QUEUE, RETAINED, SESSIONS, TOKENS,
 };
 use crate::wal::{HEADER_LEN, WAL_FILE};
 use crate::{FORMAT_VERSION, MemoryStore, Op, RedbStore, Snapshot, Store, StoreError, SyncMode};
@@ -458,12 +458,14 @@ fn a_store_from_before_presence_opens_and_gains_the_new_tables() {
         let expected = [
             CHANNELS.name(),
             CLIENT_SEQS.name(),
+            CREDENTIALS.name(),
             HISTORY.name(),
             META.name(),
             OUTBOX.name(),
             QUEUE.name(),
             RETAINED.name(),
             SESSIONS.name(),
+            TOKENS.name(),
         ];
         assert_eq!(names, expected, "{sync:?}");
 

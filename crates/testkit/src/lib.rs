@@ -110,6 +110,14 @@ impl TestBroker {
         TestBroker::start_in(dir, text).await
     }
 
+    /// Starts the config `text` builds for a data directory (e.g. [`demo_config`] with a key
+    /// of `[instance]` changed).
+    pub async fn with_config(text: impl FnOnce(&Path) -> String) -> TestBroker {
+        let dir = TempDir::new().expect("temp dir");
+        let text = text(&dir.path().join("data"));
+        TestBroker::start_in(dir, text).await
+    }
+
     async fn start_in(dir: TempDir, config_text: String) -> TestBroker {
         // Logs show with RUST_LOG set (e.g. RUST_LOG=debug cargo test ... -- --nocapture).
         let _ = tracing_subscriber::fmt()
@@ -151,4 +159,22 @@ impl TestBroker {
             broker.shutdown().await;
         }
     }
+}
+
+/// How many panics this process has seen since the first call (a hook counts them, then
+/// prints them as before). A panic in a connection or router task does not fail a test by
+/// itself: tests that hunt for them compare this before and after.
+pub fn panics() -> usize {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: OnceLock<()> = OnceLock::new();
+    HOOK.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            COUNT.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+    COUNT.load(Ordering::SeqCst)
 }

@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Herald vs Mosquitto, side by side on this machine (docs/benchmarks.md says what each case
+# measures and how to read the results).
+#
+#   sudo apt-get install -y mosquitto      # once; the script never uses a system service
+#   scripts/bench-vs-mosquitto.sh          # ~7 minutes after the release build
+#
+# It builds Herald and herald-bench in release, then for every case starts a fresh broker
+# (Herald with a generated config, Mosquitto with its own config, each on a free loopback
+# port with its data in a temp dir), runs herald-bench against it, and stops it. The two
+# brokers alternate (H M H M ...) for ROUNDS rounds; the report takes medians, writes the
+# results section of docs/benchmarks.md and the chart crates/bench/charts/benchmarks.svg.
+#
+# Knobs (environment): ROUNDS (3), DURATION (5 s of load per run), CONNECTIONS (10000),
+# CURVES (1: also the 1k..18k connection and 1..1000 subscriber curves; 0: skip),
+# BENCH_THREADS (1), KEEP (1: keep the temp dir with every log and the raw JSON lines),
+# OUT (docs/benchmarks.md), RESULTS_ONLY (a results.jsonl to report again without running),
+# HERALD_REV (the version named in the report; default: the git commit).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+CONNECTIONS=${CONNECTIONS:-10000}
+CURVES=${CURVES:-1}
+BENCH_THREADS=${BENCH_THREADS:-1}
+OUT=${OUT:-docs/benchmarks.md}
+SVG=crates/bench/charts/benchmarks.svg
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+
+WORK=$(mktemp -d /tmp/herald-bench.XXXXXX)
+RESULTS=$WORK/results.jsonl
+BROKER_PID=""
+PORT=""
+
+cleanup() {
+    stop_broker
+    if [[ "${KEEP:-0}" == 1 ]]; then
+        echo "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+
+# A TCP port on 127.0.0.1 that nothing listens on, below the ephemeral range.
+free_port() {
+    local port
+    for _ in $(seq 1 100); do
+        port=$((20000 + RANDOM % 12000))
+        if [[ -z "$(ss -Htln "sport = :$port" 2>/dev/null)" ]]; then
+            echo "$port"
+            return
+        fi
+    done
+    echo "no free port" >&2
+    return 1
+}
+
+stop_broker() {
+    if [[ -n "$BROKER_PID" ]]; then
+        kill -TERM "$BROKER_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$BROKER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$BROKER_PID" 2>/dev/null || true
+        wait "$BROKER_PID" 2>/dev/null || true
+        BROKER_PID=""
+    fi
+}
+
+# start_herald SYNC WITH_PRESENCE_RULE
+start_herald() {
+    local sync=$1 presence=$2 dir=$WORK/herald
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cat >"$dir/herald.toml" <<EOF
+[node]
+id = "herald-bench"
+data_dir = "$dir/data"
+
+[listeners.tcp]
+bind = "127.0.0.1:0"
+
+[admin]
+enabled = false
+
+[instance]
+id = "herald-bench"
+
+[[access_keys]]
+id = "bench"
+secret = "bench-secret"
+publish = ["bench/#"]
+subscribe = ["bench/#", "\$notice/#"]
+
+[[groups]]
+id = "GID_bench"
+
+[[topics]]
+parent = "bench"
+
+[limits]
+max_inflight = 64
+max_queued_messages = 10000
+max_connections = 100000
+
+[storage]
+sync = "$sync"
+interval_ms = 100
+EOF
+    if [[ "$presence" == 1 ]]; then
+        cat >>"$dir/herald.toml" <<'EOF'
+
+[[sinks]]
+id = "notices"
+type = "mqtt"
+topic = "$notice/{groupId}/{clientId}/{eventType}"
+qos = 1
+
+[[rules]]
+id = "status-to-notices"
+kind = "status_notice"
+source = { groups = ["GID_bench"], events = ["connect", "tcpclean"] }
+sinks = ["notices"]
+EOF
+    fi
+    RUST_LOG=warn "$BIN/herald" serve --config "$dir/herald.toml" >"$dir/stdout" 2>>"$WORK/herald.log" &
+    BROKER_PID=$!
+    for _ in $(seq 1 200); do
+        if grep -q '^herald: listening tcp ' "$dir/stdout" 2>/dev/null; then
+            PORT=$(sed -n 's/^herald: listening tcp .*:\([0-9]*\)$/\1/p' "$dir/stdout" | head -1)
+            return
+        fi
+        kill -0 "$BROKER_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "herald did not start; see $WORK/herald.log" >&2
+    tail -20 "$WORK/herald.log" >&2
+    return 1
+}
+
+# start_mosquitto PERSISTENCE(true|false)
+start_mosquitto() {
+    local persistence=$1 dir=$WORK/mosquitto
+    rm -rf "$dir"
+    mkdir -p "$dir/data"
+    PORT=$(free_port)
+    {
+        echo "listener $PORT 127.0.0.1"
+        echo "allow_anonymous true"
+        echo "max_inflight_messages 64"
+        echo "max_queued_messages 10000"
+        echo "persistence $persistence"
+        echo "persistence_location $dir/data/"
+        echo "log_dest file $WORK/mosquitto.log"
+        echo "log_type error"
+        echo "log_type warning"
+        echo "connection_messages false"
+        echo "set_tcp_nodelay true"
+        # As root, Mosquitto would switch to the 'mosquitto' user, who cannot write here.
+        if [[ $(id -u) == 0 ]]; then echo "user root"; fi
+    } >"$dir/mosquitto.conf"
+    mosquitto -c "$dir/mosquitto.conf" >>"$WORK/mosquitto.log" 2>&1 &
+    BROKER_PID=$!
+    for _ in $(seq 1 200); do
+        if [[ -n "$(ss -Htln "sport = :$PORT" 2>/dev/null)" ]]; then
+            return
+        fi
+        kill -0 "$BROKER_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "mosquitto did not start; see $WORK/mosquitto.log" >&2
+    tail -20 "$WORK/mosquitto.log" >&2
+    return 1
+}
+
+# run_case CASE BROKER SYNC PRESENCE -- herald-bench arguments...
+run_case() {
+    local case=$1 broker=$2 sync=$3 presence=$4
+    shift 5
+    local auth
+    if [[ "$broker" == herald ]]; then
+        start_herald "$sync" "$presence"
+        auth=(--username-mode signature --access-key bench --secret bench-secret --instance herald-bench)
+    else
+        local persistence=false
+        [[ "$case" == offline-* ]] && persistence=true
+        start_mosquitto "$persistence"
+        auth=(--username-mode none)
+    fi
+    local line
+    line=$("$BIN/herald-bench" --port "$PORT" --broker-pid "$BROKER_PID" --group GID_bench \
+        --topic-prefix bench --label "$broker" --case "$case" --threads "$BENCH_THREADS" \
+        --max-duration 120 "${auth[@]}" "$@" 2>>"$WORK/bench.log") || true
+    stop_broker
+    echo "$line" >>"$RESULTS"
+    log "$case $broker: $(echo "$line" | cut -c1-300)"
+}
+
+# compare CASE SYNC -- ARGS: one run on Herald, then one on Mosquitto.
+compare() {
+    local case=$1 sync=$2
+    shift 3
+    run_case "$case" herald "$sync" 0 -- "$@"
+    run_case "$case" mosquitto "$sync" 0 -- "$@"
+}
+
+machine() {
+    local model mem
+    model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+    mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
+    echo "nproc = $(nproc), ${model:-unknown CPU}, $mem RAM, Linux $(uname -r)"
+}
+
+report() {
+    local rev
+    rev=${HERALD_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+    if [[ -z "${HERALD_REV:-}" && -n "$(git status --porcelain -- crates 2>/dev/null)" ]]; then
+        rev="$rev+changes"
+    fi
+    "$BIN/herald-bench-report" --input "$1" --output "$OUT" --svg "$SVG" \
+        --svg-link "../$SVG" --rounds "$ROUNDS" --machine "$(machine)" \
+        --date "$(date -u +%Y-%m-%d)" --herald-version "$rev (release build)" \
+        --mosquitto-version "$(mosquitto -h 2>/dev/null | head -1 | sed 's/^mosquitto version //') (Debian package)"
+    log "wrote $OUT and $SVG"
+}
+
+if ! command -v mosquitto >/dev/null; then
+    echo "mosquitto is not installed: sudo apt-get install -y mosquitto" >&2
+    exit 2
+fi
+
+if [[ -n "${RESULTS_ONLY:-}" ]]; then
+    cargo build --release -q -p herald-bench --bin herald-bench-report
+    report "$RESULTS_ONLY"
+    exit 0
+fi
+
+log "building herald and herald-bench (release)"
+cargo build --release -q -p herald -p herald-bench
+# Every connection is a file descriptor in the bench and in the broker.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if (($(ulimit -n) < CONNECTIONS + 500)); then
+    echo "ulimit -n is $(ulimit -n): too low for CONNECTIONS=$CONNECTIONS" >&2
+    exit 2
+fi
+
+log "machine: $(machine); results in $WORK"
+for round in $(seq 1 "$ROUNDS"); do
+    log "round $round of $ROUNDS"
+    compare conn-10k always -- --scenario conn --connections "$CONNECTIONS" --connect-concurrency 128
+    compare fanin-q0 always -- --scenario fanin --publishers 4 --qos 0 --payload 64 --duration "$DURATION"
+    compare fanin-q1 always -- --scenario fanin --publishers 4 --qos 1 --payload 64 --duration "$DURATION"
+    compare fanout-q0 always -- --scenario fanout --subscribers 100 --qos 0 --payload 64 --duration "$DURATION"
+    compare latency-q1 always -- --scenario latency --rate 10000 --payload 64 --duration "$DURATION"
+    compare offline-always always -- --scenario offline --subscribers 10 --publishers 4 --messages 5000
+    compare offline-interval interval -- --scenario offline --subscribers 10 --publishers 4 --messages 5000
+    # Presence is Herald's own: 2,600 connect/close cycles per second make 5,200 events per second.
+    run_case presence herald always 1 -- --scenario presence --connections 50 --rate 2600 --duration "$DURATION"
+done
+
+if [[ "$CURVES" == 1 ]]; then
+    log "curves (one round each)"
+    for n in 1000 5000 10000 18000; do
+        compare "curve-conn-$n" always -- --scenario conn --connections "$n" --connect-concurrency 128
+    done
+    for n in 1 10 100 1000; do
+        compare "curve-fanout-$n" always -- --scenario fanout --subscribers "$n" --qos 0 --duration 3
+    done
+fi
+
+report "$RESULTS"
