@@ -389,3 +389,39 @@ async fn the_retained_snapshot_tells_late_subscribers_the_state() {
     assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn refused_logins_can_be_audited_with_connect_failed() {
+    let audit = "[[rules]]\nid = \"audit\"\nkind = \"status_notice\"\nsource = { events = [\"connect_failed\"] }\nsinks = [\"notices\"]\n";
+    let extra = format!("[presence]\nconnect_failed = true\n{PRESENCE}\n{audit}");
+    let broker = TestBroker::demo(&extra).await;
+    let mut b = backend(broker.addr).await;
+    let mut raw = RawClient::connect(broker.addr).await;
+    raw.send(RawClient::connect_packet(
+        DEV,
+        Some("Signature|demo|herald-demo"),
+        Some("wrong"),
+        true,
+    ))
+    .await;
+    assert!(matches!(
+        raw.recv().await,
+        Some(herald_protocol::Packet::ConnAck(_))
+    ));
+    let failed = notice(&mut b, DEV).await;
+    expect(&failed, "connect_failed", Some("bad_username_or_password"));
+    assert_eq!(
+        failed["clientIp"]
+            .as_str()
+            .map(|ip| ip.starts_with("127.0.0.1:")),
+        Some(true)
+    );
+    let _dev = TestClient::connected(signed_options(broker.addr, DEV, true)).await;
+    let connect = notice(&mut b, DEV).await;
+    expect(&connect, "connect", None);
+    assert_eq!(
+        connect["seq"].as_u64(),
+        failed["seq"].as_u64().map(|s| s + 1)
+    );
+    broker.stop().await;
+}

@@ -27,7 +27,7 @@ type Labels = Vec<(&'static str, String)>;
 /// The QoS label values, in the order of the router's per-QoS counters.
 const QOS: [&str; 3] = ["0", "1", "2"];
 /// The presence event types, in the order of the router's per-type counters.
-const EVENT_TYPES: [&str; 3] = ["connect", "disconnect", "tcpclean"];
+const EVENT_TYPES: [&str; 4] = ["connect", "disconnect", "tcpclean", "connect_failed"];
 
 pub(crate) async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let mut registry = registry(&state.router.stats, &state.sinks);
@@ -62,7 +62,7 @@ fn family(label: &'static str, members: &[(String, u64)]) -> Family<Labels, Coun
     family
 }
 
-fn per_index(names: &[&str; 3], counters: &[AtomicU64; 3]) -> Vec<(String, u64)> {
+fn per_index<const N: usize>(names: &[&str; N], counters: &[AtomicU64; N]) -> Vec<(String, u64)> {
     names
         .iter()
         .zip(counters)

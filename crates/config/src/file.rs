@@ -54,6 +54,7 @@ impl Default for Admin {
 pub struct Presence {
     pub history_per_client: u64,
     pub snapshot_topic: bool,
+    pub connect_failed: bool,
 }
 
 impl Default for Presence {
@@ -61,6 +62,7 @@ impl Default for Presence {
         Presence {
             history_per_client: 100,
             snapshot_topic: true,
+            connect_failed: false,
         }
     }
 }

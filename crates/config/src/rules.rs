@@ -253,7 +253,7 @@ fn rule(
             Some(kind) => events.push(kind),
             None => errors.add(
                 format!("{path}.source.events[{j}]"),
-                format!("must be connect, disconnect or tcpclean, got {name:?}"),
+                format!("must be connect, disconnect, tcpclean or connect_failed, got {name:?}"),
             ),
         }
     }
@@ -341,6 +341,7 @@ pub fn validate(
         node_id: node_id.to_string(),
         history_per_client: history,
         snapshot_topic: file.presence.snapshot_topic,
+        connect_failed: file.presence.connect_failed,
         rules,
         outflow,
     };

@@ -16,7 +16,8 @@ use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::router::{Deferred, Router, RouterStats};
 use crate::session::Attached;
 use crate::types::{
-    ChannelId, ChannelInfo, ClientState, CloseReason, Event, EventKind, Message, now_ms,
+    ChannelId, ChannelInfo, ClientState, CloseReason, Event, EventKind, FailedConnect, Message,
+    now_ms,
 };
 
 /// The JSON form of an event, keys in the order of DESIGN.md 5.1.
@@ -106,6 +107,34 @@ impl Router {
         }
     }
 
+    /// The optional audit event of a CONNECT refused for its credentials. It has a channel id
+    /// of its own (no channel was opened) and takes the client id's next seq like any event.
+    pub(crate) fn connect_failed(&mut self, failed: FailedConnect) {
+        if !self.settings.presence.connect_failed {
+            return;
+        }
+        let client = &failed.client_id;
+        let event = PresenceEvent {
+            event_type: String::new(),
+            client_id: client.to_string(),
+            channel_id: ChannelId::random().to_string(),
+            client_ip: failed.peer.to_string(),
+            time: 0,
+            seq: 0,
+            event_id: String::new(),
+            reason: Some(failed.reason.to_string()),
+            group_id: client.group().map(str::to_string),
+            device_id: client.device().map(str::to_string),
+            node: self.settings.presence.node_id.clone(),
+            clean_session: failed.clean_session,
+            protocol: failed.protocol.as_str().to_string(),
+            username: failed.username.clone(),
+            transport: failed.transport.as_str().to_string(),
+            v: 1,
+        };
+        self.emit(event, EventKind::ConnectFailed, None);
+    }
+
     /// Stamps `event` with kind, time and the client's next seq, stages everything it changes,
     /// and defers its hand-off to sinks until that is durable.
     pub(crate) fn emit(
@@ -130,7 +159,9 @@ impl Router {
         event.time = time_ms;
         event.seq = seq;
         event.event_id = format!("{}:{seq}", event.client_id);
-        event.reason = reason.map(|r| r.as_str().to_string());
+        if let Some(reason) = reason {
+            event.reason = Some(reason.as_str().to_string());
+        }
         let json = match serde_json::to_vec(&event) {
             Ok(json) => Bytes::from(json),
             Err(e) => {
@@ -155,7 +186,7 @@ impl Router {
             EventKind::TcpClean => self.persister.stage(Op::DeleteChannel {
                 channel_id: channel.0,
             }),
-            EventKind::Disconnect => 0,
+            EventKind::Disconnect | EventKind::ConnectFailed => 0,
         };
         let mut outboxes = Vec::new();
         for sink in self.sinks_for(&client, kind) {
@@ -176,7 +207,7 @@ impl Router {
             ));
         }
         debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
-        if self.settings.presence.snapshot_topic {
+        if self.settings.presence.snapshot_topic && kind != EventKind::ConnectFailed {
             self.publish_snapshot(&event, kind != EventKind::TcpClean);
         }
         self.last_events.insert(client.clone(), json.clone());

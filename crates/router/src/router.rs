@@ -35,7 +35,8 @@ pub struct RouterStats {
     /// PUBLISH sent to clients, by QoS.
     pub sent_by_qos: [AtomicU64; 3],
     /// Presence events emitted: connect, disconnect, tcpclean.
-    pub presence_events: [AtomicU64; 3],
+    /// Presence events emitted: connect, disconnect, tcpclean, connect_failed.
+    pub presence_events: [AtomicU64; 4],
 }
 
 impl RouterStats {
@@ -383,6 +384,7 @@ impl Router {
                 }
                 let _ = reply.send(channel.is_some());
             }
+            Input::ConnectFailed(failed) => self.connect_failed(*failed),
             Input::CloseAll { done } => {
                 self.close_all();
                 self.defer(Deferred::Notify(done));

@@ -229,6 +229,8 @@ pub enum Input {
         ops: Vec<herald_store::Op>,
         done: oneshot::Sender<()>,
     },
+    /// A CONNECT refused for its credentials, for the optional `connect_failed` event.
+    ConnectFailed(Box<FailedConnect>),
     /// Close every channel (reason `server_shutdown`); answer once their events are durable.
     CloseAll {
         done: oneshot::Sender<()>,
@@ -262,12 +264,27 @@ pub struct ClientState {
     pub last_event: Option<Bytes>,
 }
 
+/// What the `connect_failed` event reports of a refused CONNECT.
+#[derive(Debug, Clone)]
+pub struct FailedConnect {
+    pub client_id: ClientId,
+    pub peer: SocketAddr,
+    pub username: Option<String>,
+    pub protocol: Protocol,
+    pub transport: Transport,
+    pub clean_session: bool,
+    /// The refusal, e.g. `bad_username_or_password`.
+    pub reason: &'static str,
+}
+
 /// The kinds of presence event (DESIGN.md 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     Connect,
     Disconnect,
     TcpClean,
+    /// Optional (`[presence] connect_failed`): a CONNECT refused for its credentials.
+    ConnectFailed,
 }
 
 impl EventKind {
@@ -277,6 +294,7 @@ impl EventKind {
             "connect" => Some(EventKind::Connect),
             "disconnect" => Some(EventKind::Disconnect),
             "tcpclean" => Some(EventKind::TcpClean),
+            "connect_failed" => Some(EventKind::ConnectFailed),
             _ => None,
         }
     }
@@ -286,6 +304,7 @@ impl EventKind {
             EventKind::Connect => "connect",
             EventKind::Disconnect => "disconnect",
             EventKind::TcpClean => "tcpclean",
+            EventKind::ConnectFailed => "connect_failed",
         }
     }
 }
@@ -332,6 +351,8 @@ pub struct PresenceSettings {
     pub history_per_client: u64,
     /// Keep `$presence/<clientId>` retained with the client's current state.
     pub snapshot_topic: bool,
+    /// Emit `connect_failed` for CONNECTs refused for their credentials (CONNACK 4 or 5).
+    pub connect_failed: bool,
     pub rules: Vec<StatusRule>,
     pub outflow: Vec<OutflowRule>,
 }
@@ -342,6 +363,7 @@ impl Default for PresenceSettings {
             node_id: "herald-1".into(),
             history_per_client: 100,
             snapshot_topic: true,
+            connect_failed: false,
             rules: Vec::new(),
             outflow: Vec::new(),
         }

@@ -104,7 +104,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     context: Arc<Context>,
 ) {
     let mut framed = Framed::new(stream, context.settings.max_packet_size);
-    let Some(accepted) = handshake::accept(&mut framed, peer, &context).await else {
+    let Some(accepted) = handshake::accept(&mut framed, peer, transport, &context).await else {
         framed.close().await;
         return;
     };

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use herald_auth::{Principal, Refusal};
 use herald_protocol::{ClientIdError, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet};
-use herald_router::{ChannelId, ConnectRequest, Outbox, Transport};
+use herald_router::{ChannelId, ConnectRequest, FailedConnect, Input, Outbox, Transport};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
@@ -51,6 +51,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
     peer: SocketAddr,
+    transport: Transport,
     context: &Context,
 ) -> Option<Accepted> {
     let deadline = context.settings.connect_timeout;
@@ -125,15 +126,17 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     ) {
         Ok(principal) => principal,
         Err(refusal) => {
+            let code = refusal.return_code();
             refuse(
                 framed,
                 context,
                 peer,
                 client_id.as_str(),
-                refusal.return_code(),
+                code,
                 &refusal.to_string(),
             )
             .await;
+            report_failure(context, &connect, &client_id, peer, transport, code);
             return None;
         }
     };
@@ -184,4 +187,30 @@ pub(crate) fn connect_request(
         transport,
         outbox,
     }
+}
+
+/// Tells the router of a CONNECT refused for its credentials, for the optional
+/// `connect_failed` event. Never waits: under a flood of bad logins the report is dropped
+/// rather than slowing the router.
+fn report_failure(
+    context: &Context,
+    connect: &Connect,
+    client_id: &herald_protocol::ClientId,
+    peer: SocketAddr,
+    transport: Transport,
+    code: ConnectReturnCode,
+) {
+    let failed = FailedConnect {
+        client_id: client_id.clone(),
+        peer,
+        username: connect.username.clone(),
+        protocol: connect.protocol,
+        transport,
+        clean_session: connect.clean_session,
+        reason: code.as_str(),
+    };
+    let _ = context
+        .router
+        .inputs
+        .try_send(Input::ConnectFailed(Box::new(failed)));
 }
