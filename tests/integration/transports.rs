@@ -240,3 +240,65 @@ async fn python_paho_mqtt_speaks_websocket_and_tls() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_packet_may_span_websocket_frames_and_a_frame_may_hold_several() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let pki = TestPki::new();
+    let broker = TestBroker::open(&listeners(&pki, false)).await;
+    let addr = endpoint(&broker, Kind::Ws);
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!("ws://{addr}/mqtt")
+        .into_client_request()
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().expect("header"));
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("upgrade");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"mqtt"[..])
+    );
+    // CONNECT in three frames.
+    let connect = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04wsid";
+    for part in [&connect[..3], &connect[3..11], &connect[11..]] {
+        ws.send(Message::Binary(bytes::Bytes::copy_from_slice(part)))
+            .await
+            .expect("send");
+    }
+    let Some(Ok(Message::Binary(connack))) = ws.next().await else {
+        panic!("CONNACK frame")
+    };
+    assert_eq!(&connack[..], b"\x20\x02\x00\x00");
+    // Two PINGREQs in one frame: two PINGRESPs come back.
+    ws.send(Message::Binary(bytes::Bytes::from_static(
+        b"\xc0\x00\xc0\x00",
+    )))
+    .await
+    .expect("send");
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let Some(Ok(Message::Binary(b))) = ws.next().await else {
+            panic!("PINGRESP frames")
+        };
+        got.extend_from_slice(&b);
+    }
+    assert_eq!(got, b"\xd0\x00\xd0\x00");
+    // A text frame is not MQTT: the connection closes.
+    ws.send(Message::text("hello")).await.expect("send");
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(end, None | Some(Ok(Message::Close(_))) | Some(Err(_))),
+        "{end:?}"
+    );
+    broker.stop().await;
+}
