@@ -97,34 +97,8 @@ fn sink(
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 errors.add(format!("{path}.url"), "must start with http:// or https://");
             }
-            let secret = match (&def.secret, &def.secret_env) {
-                (Some(s), None) if s.is_empty() => {
-                    errors.add(
-                        format!("{path}.secret"),
-                        "must not be empty (leave it out for unsigned requests)",
-                    );
-                    None
-                }
-                (Some(s), None) => Some(Secret::new(s.clone())),
-                (None, Some(var)) => match env(var) {
-                    Some(v) if !v.is_empty() => Some(Secret::new(v)),
-                    _ => {
-                        errors.add(
-                            format!("{path}.secret_env"),
-                            format!("environment variable {var} is not set or empty"),
-                        );
-                        None
-                    }
-                },
-                (Some(_), Some(_)) => {
-                    errors.add(
-                        format!("{path}.secret"),
-                        "give either secret or secret_env, not both",
-                    );
-                    None
-                }
-                (None, None) => None,
-            };
+            let secret = crate::validate::secret(&path, &def.secret, &def.secret_env, env, errors)
+                .map(Secret::new);
             let timeout_ms = def.timeout_ms.unwrap_or(5000);
             if !(1..=600_000).contains(&timeout_ms) {
                 errors.add(format!("{path}.timeout_ms"), "must be between 1 and 600000");

@@ -339,35 +339,12 @@ fn access_key(
     if !is_id(&key.id) {
         errors.add(format!("{path}.id"), "must be 1+ chars of [A-Za-z0-9_.-]");
     }
-    let secret = match (&key.secret, &key.secret_env) {
-        (Some(secret), None) => Some(secret.clone()),
-        (None, Some(var)) => match env(var) {
-            Some(value) if !value.is_empty() => Some(value),
-            _ => {
-                errors.add(
-                    format!("{path}.secret_env"),
-                    format!("environment variable {var} is not set or empty"),
-                );
-                None
-            }
-        },
-        (Some(_), Some(_)) => {
-            errors.add(
-                format!("{path}.secret"),
-                "give either secret or secret_env, not both",
-            );
-            None
-        }
-        (None, None) => {
-            errors.add(
-                format!("{path}.secret"),
-                "missing: give secret or secret_env",
-            );
-            None
-        }
-    };
-    if secret.as_ref().is_some_and(|s| s.is_empty()) {
-        errors.add(format!("{path}.secret"), "must not be empty");
+    let secret = secret(&path, &key.secret, &key.secret_env, env, errors);
+    if key.secret.is_none() && key.secret_env.is_none() {
+        errors.add(
+            format!("{path}.secret"),
+            "missing: give secret or secret_env",
+        );
     }
     for (list, filters) in [("publish", &key.publish), ("subscribe", &key.subscribe)] {
         for (j, filter) in filters.iter().enumerate() {
@@ -386,4 +363,40 @@ fn access_key(
         subscribe: key.subscribe.clone(),
         admin: key.admin,
     })
+}
+
+/// A secret given inline (`secret`) or by environment variable (`secret_env`) under `path`;
+/// `None` when it is given neither way (the caller decides whether that is an error).
+pub(crate) fn secret(
+    path: &str,
+    inline: &Option<String>,
+    variable: &Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) -> Option<String> {
+    match (inline, variable) {
+        (Some(value), None) if value.is_empty() => {
+            errors.add(format!("{path}.secret"), "must not be empty");
+            None
+        }
+        (Some(value), None) => Some(value.clone()),
+        (None, Some(var)) => match env(var) {
+            Some(value) if !value.is_empty() => Some(value),
+            _ => {
+                errors.add(
+                    format!("{path}.secret_env"),
+                    format!("environment variable {var} is not set or empty"),
+                );
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            errors.add(
+                format!("{path}.secret"),
+                "give either secret or secret_env, not both",
+            );
+            None
+        }
+        (None, None) => None,
+    }
 }

@@ -188,24 +188,8 @@ impl Router {
             }),
             EventKind::Disconnect | EventKind::ConnectFailed => 0,
         };
-        let mut outboxes = Vec::new();
-        for sink in self.sinks_for(&client, kind) {
-            let id = self.next_outbox_id;
-            self.next_outbox_id += 1;
-            self.persister.stage(Op::PutOutbox {
-                sink: sink.id.clone(),
-                id,
-                payload: json.clone(),
-            });
-            outboxes.push((
-                sink,
-                OutboxEntry {
-                    id,
-                    payload: json.clone(),
-                    added_ms: time_ms,
-                },
-            ));
-        }
+        let sinks = self.sinks_for(&client, kind);
+        let outboxes = self.stage_outboxes(sinks, &json, time_ms);
         debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
         if self.settings.presence.snapshot_topic && kind != EventKind::ConnectFailed {
             self.publish_snapshot(&event, kind != EventKind::TcpClean);
@@ -340,7 +324,18 @@ impl Router {
         let Ok(json) = serde_json::to_vec(&document).map(Bytes::from) else {
             return;
         };
-        let mut outboxes = Vec::new();
+        let outboxes = self.stage_outboxes(sinks, &json, message.published_at_ms);
+        self.defer(Deferred::Outbox(outboxes));
+    }
+
+    /// Stages one outbox entry per sink for `json`; returns them for the hand-off after commit.
+    fn stage_outboxes(
+        &mut self,
+        sinks: Vec<Arc<SinkQueue>>,
+        json: &Bytes,
+        added_ms: u64,
+    ) -> Vec<(Arc<SinkQueue>, OutboxEntry)> {
+        let mut outboxes = Vec::with_capacity(sinks.len());
         for sink in sinks {
             let id = self.next_outbox_id;
             self.next_outbox_id += 1;
@@ -354,11 +349,11 @@ impl Router {
                 OutboxEntry {
                     id,
                     payload: json.clone(),
-                    added_ms: message.published_at_ms,
+                    added_ms,
                 },
             ));
         }
-        self.defer(Deferred::Outbox(outboxes));
+        outboxes
     }
 
     /// After commit: entries go to their sinks' outboxes.

@@ -20,9 +20,9 @@ use herald::Broker;
 use herald::config::Config;
 use tempfile::TempDir;
 
-/// The demo instance of the shipped config, with the data in `data_dir` and TCP on port 0.
-/// `extra` is appended (it may add `[limits]`, `[storage]`, more keys, groups or topics).
-pub fn demo_config(data_dir: &Path, extra: &str) -> String {
+/// Node, listeners on port 0 (MQTT over TCP, admin API) and the `[instance]` header: what
+/// every test config shares. `instance` goes inside `[instance]`, `rest` after it.
+fn base_config(data_dir: &Path, instance: &str, rest: &str) -> String {
     format!(
         r#"
 [node]
@@ -37,7 +37,17 @@ bind = "127.0.0.1:0"
 
 [instance]
 id = "herald-demo"
+{instance}
+{rest}
+"#,
+        dir = data_dir.display()
+    )
+}
 
+/// The demo instance of the shipped config, with the data in `data_dir` and TCP on port 0.
+/// `extra` is appended (it may add `[limits]`, `[storage]`, more keys, groups or topics).
+pub fn demo_config(data_dir: &Path, extra: &str) -> String {
+    let demo = r#"
 [[access_keys]]
 id = "demo"
 secret = "demo-secret"
@@ -49,33 +59,16 @@ id = "GID_demo"
 
 [[topics]]
 parent = "demo"
-{extra}
-"#,
-        dir = data_dir.display()
-    )
+"#;
+    base_config(data_dir, "", &format!("{demo}{extra}"))
 }
 
 /// An open broker for plain MQTT clients: anonymous, any client id, any topic.
 pub fn open_config(data_dir: &Path, extra: &str) -> String {
-    format!(
-        r#"
-[node]
-id = "test-node"
-data_dir = "{dir}"
-
-[listeners.tcp]
-bind = "127.0.0.1:0"
-
-[admin]
-bind = "127.0.0.1:0"
-
-[instance]
-id = "herald-demo"
-allow_anonymous = true
-client_id_format = "any"
-{extra}
-"#,
-        dir = data_dir.display()
+    base_config(
+        data_dir,
+        "allow_anonymous = true\nclient_id_format = \"any\"",
+        extra,
     )
 }
 
