@@ -4,6 +4,7 @@
 mod abuse;
 mod admin;
 mod bench_smoke;
+mod browser;
 mod churn;
 mod cli;
 mod connect;
