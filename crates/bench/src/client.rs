@@ -5,16 +5,17 @@
 //! complete packet of one `read` before the next. No keepalive pings: runs are short and the
 //! keepalive given to the broker is long.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use herald_protocol::{
     Codec, Connect, ConnectReturnCode, Packet, PacketId, Protocol, Publish, QoS, SubAckCode, Topic,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::UsernameMode;
@@ -146,6 +147,28 @@ pub struct Connection {
     pub session_present: bool,
 }
 
+/// Loopback source addresses the bench spreads its connections over (127.0.100.1 and up).
+const SOURCE_ADDRESSES: u32 = 64;
+static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
+
+/// Connects to `addr`. On loopback, each connection takes the next of [`SOURCE_ADDRESSES`]
+/// source addresses: one address has only ~28k ephemeral ports, and runs that open and close
+/// tens of thousands of connections would otherwise wait for ports in TIME_WAIT.
+async fn open_socket(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let IpAddr::V4(ip) = addr.ip() else {
+        return TcpStream::connect(addr).await;
+    };
+    if !ip.is_loopback() {
+        return TcpStream::connect(addr).await;
+    }
+    let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % SOURCE_ADDRESSES;
+    let source = Ipv4Addr::new(127, 0, 100, 1 + n as u8);
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    socket.connect(addr).await
+}
+
 /// Opens a TCP connection, sends CONNECT and waits for an accepting CONNACK.
 pub async fn connect(
     addr: SocketAddr,
@@ -153,7 +176,7 @@ pub async fn connect(
     client_id: &str,
     clean_session: bool,
 ) -> Result<Connection, ClientError> {
-    let stream = TcpStream::connect(addr).await?;
+    let stream = open_socket(addr).await?;
     stream.set_nodelay(true)?;
     let (read, write) = stream.into_split();
     let mut reader = Reader {

@@ -131,6 +131,10 @@ pub struct Options {
     /// QoS 1 PUBLISHes a publisher may have unacknowledged.
     #[arg(long, default_value_t = 64)]
     pub inflight: usize,
+    /// Seconds the end of a run waits without any arrival before it counts what is missing
+    /// as lost.
+    #[arg(long, default_value_t = 2.0)]
+    pub drain_wait: f64,
     /// conn: handshakes in flight at once.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,
@@ -188,6 +192,10 @@ impl Options {
         }
     }
 
+    pub(crate) fn drain_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_wait.clamp(0.1, 60.0))
+    }
+
     pub(crate) fn load(&self) -> Duration {
         Duration::from_secs_f64(self.duration.max(0.05))
     }
@@ -219,6 +227,7 @@ impl Options {
             "username_mode",
             serde_json::to_value(self.username_mode).unwrap_or(Value::Null),
         );
+        put("drain_wait", self.drain_wait.into());
         match self.scenario {
             Scenario::Conn => {
                 put("connections", self.connections.into());

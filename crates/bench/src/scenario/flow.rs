@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Connection, PacketIds, Reader, Writer};
 use crate::measure::{self, now_ns, read_stamp};
-use crate::scenario::{DRAIN_QUIET, join_all};
+use crate::scenario::{ACK_WAIT, join_all};
 use crate::{BenchError, Options, Results, Scenario, put};
 
 /// Messages a publisher writes in one `write` at most.
@@ -156,7 +156,7 @@ pub async fn run(options: &Options, addr: SocketAddr) -> Result<Results, BenchEr
     }
     let sent_per_publisher = join_all(publisher_set).await?;
     let publish_s = start.elapsed().as_secs_f64();
-    drain(&flow).await;
+    drain(&flow, options.drain_wait()).await;
     stop.cancel();
     let received = join_all(subscriber_set).await?;
 
@@ -198,8 +198,8 @@ pub async fn run(options: &Options, addr: SocketAddr) -> Result<Results, BenchEr
     Ok(results)
 }
 
-/// Waits until every copy arrived or nothing arrived for [`DRAIN_QUIET`].
-async fn drain(flow: &Flow) {
+/// Waits until every copy arrived or nothing arrived for `quiet`.
+async fn drain(flow: &Flow, quiet: Duration) {
     loop {
         let notified = flow.progress.notified();
         tokio::pin!(notified);
@@ -208,7 +208,7 @@ async fn drain(flow: &Flow) {
         {
             return;
         }
-        if tokio::time::timeout(DRAIN_QUIET, notified).await.is_err() {
+        if tokio::time::timeout(quiet, notified).await.is_err() {
             return;
         }
     }
@@ -301,7 +301,7 @@ async fn publisher(
     }
     if job.qos == QoS::AtLeastOnce {
         let all = u32::try_from(job.inflight).unwrap_or(u32::MAX);
-        let acked = tokio::time::timeout(DRAIN_QUIET * 5, inflight.acquire_many(all)).await;
+        let acked = tokio::time::timeout(ACK_WAIT, inflight.acquire_many(all)).await;
         if !matches!(acked, Ok(Ok(_))) {
             eprintln!(
                 "herald-bench: publisher {} still has unacknowledged QoS 1 messages",

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Connection, PacketIds, Reader};
 use crate::measure::{Samples, now_ns, read_stamp, stamped_payload};
-use crate::scenario::{DRAIN_QUIET, ms};
+use crate::scenario::ms;
 use crate::{BenchError, Options, Results, put};
 
 /// The rate when `--rate` is 0.
@@ -69,7 +69,7 @@ pub async fn run(options: &Options, addr: SocketAddr) -> Result<Results, BenchEr
 
     // Drain: everything arrived, or nothing for a while.
     let mut last = (0, Instant::now());
-    while received.load(Ordering::Acquire) < sent && last.1.elapsed() < DRAIN_QUIET {
+    while received.load(Ordering::Acquire) < sent && last.1.elapsed() < options.drain_wait() {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let now = received.load(Ordering::Acquire);
         if now != last.0 {

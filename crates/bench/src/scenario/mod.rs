@@ -31,6 +31,5 @@ pub(crate) async fn join_all<T: 'static>(
     Ok(out)
 }
 
-/// How long the drain after the load waits without progress before it counts what is
-/// missing as lost.
-pub(crate) const DRAIN_QUIET: Duration = Duration::from_secs(2);
+/// How long a publisher waits for its last PUBACKs at most.
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(30);

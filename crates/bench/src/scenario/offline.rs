@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Connection, Credentials, PacketIds};
 use crate::measure::{read_stamp, stamped_payload};
-use crate::scenario::{DRAIN_QUIET, join_all};
+use crate::scenario::{ACK_WAIT, join_all};
 use crate::{BenchError, Options, Results, put};
 
 /// Messages when `--messages` is 0.
@@ -70,12 +70,13 @@ pub async fn run(options: &Options, addr: SocketAddr) -> Result<Results, BenchEr
     let publish_s = start.elapsed().as_secs_f64().max(1e-9);
 
     let drain_start = Instant::now();
+    let quiet = options.drain_wait();
     let mut set = JoinSet::new();
     for id in session_ids {
         let credentials: Credentials = credentials.clone();
         set.spawn(async move {
             let connection = client::connect(addr, &credentials, &id, false).await?;
-            drain(connection, messages, publishers).await
+            drain(connection, messages, publishers, quiet).await
         });
     }
     let drained = join_all(set).await?;
@@ -154,13 +155,13 @@ async fn publish(
         writer.flush().await?;
     }
     let all = u32::try_from(inflight).unwrap_or(u32::MAX);
-    let acked = tokio::time::timeout(DRAIN_QUIET * 15, permits.acquire_many(all)).await;
+    let acked = tokio::time::timeout(ACK_WAIT, permits.acquire_many(all)).await;
     stop.cancel();
     let _ = acks.await;
     match acked {
         Ok(Ok(_)) => Ok(()),
         _ => Err(BenchError::Failed(format!(
-            "offline publisher {index}: PUBACKs missing after 30 s"
+            "offline publisher {index}: PUBACKs missing after {ACK_WAIT:?}"
         ))),
     }
 }
@@ -177,6 +178,7 @@ async fn drain(
     connection: Connection,
     expected: u64,
     publishers: usize,
+    quiet: Duration,
 ) -> Result<Drained, BenchError> {
     let Connection {
         mut reader,
@@ -215,7 +217,7 @@ async fn drain(
             writer.flush().await?;
             continue;
         }
-        match tokio::time::timeout(DRAIN_QUIET, reader.fill()).await {
+        match tokio::time::timeout(quiet, reader.fill()).await {
             Ok(read) => read?,
             Err(_) => break,
         }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Connection, Credentials};
 use crate::measure::Samples;
-use crate::scenario::{DRAIN_QUIET, join_all, ms};
+use crate::scenario::{join_all, ms};
 use crate::{BenchError, Options, Results, put};
 
 /// Device ids of the churning clients start with this.
@@ -90,7 +90,7 @@ pub async fn run(options: &Options, addr: SocketAddr) -> Result<Results, BenchEr
 
     // Wait for two notices per cycle, or a quiet pause.
     let mut last = (0, Instant::now());
-    while unique.load(Ordering::Acquire) < 2 * cycles && last.1.elapsed() < DRAIN_QUIET {
+    while unique.load(Ordering::Acquire) < 2 * cycles && last.1.elapsed() < options.drain_wait() {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let now = unique.load(Ordering::Acquire);
         if now != last.0 {
