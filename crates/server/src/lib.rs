@@ -171,6 +171,15 @@ fn spawn_connection(
     };
     let _ = stream.set_nodelay(true);
     let context = context.clone();
+    if let Endpoint::Tcp = endpoint {
+        // The most common case gets a task of exactly its own size: an idle connection costs
+        // its future, not the largest of all transports' handshakes.
+        tokio::spawn(async move {
+            connection::run(stream, peer, Transport::Tcp, context).await;
+            drop(permit);
+        });
+        return;
+    }
     let endpoint = endpoint.clone();
     tokio::spawn(async move {
         let deadline = context.settings.connect_timeout;
@@ -178,13 +187,14 @@ fn spawn_connection(
         let stats = context.stats.clone();
         // The transport handshakes count against the CONNECT deadline too.
         let failed = match endpoint {
+            // Plain TCP is spawned on its own below; boxing keeps this task small.
             Endpoint::Tcp => {
-                connection::run(stream, peer, transport, context).await;
+                Box::pin(connection::run(stream, peer, transport, context)).await;
                 None
             }
             Endpoint::Tls(tls) => match tokio::time::timeout(deadline, tls.accept(stream)).await {
                 Ok(Ok(stream)) => {
-                    connection::run(stream, peer, transport, context).await;
+                    Box::pin(connection::run(stream, peer, transport, context)).await;
                     None
                 }
                 Ok(Err(e)) => Some(format!("TLS handshake failed: {e}")),
@@ -193,7 +203,7 @@ fn spawn_connection(
             Endpoint::Ws { path } => {
                 match tokio::time::timeout(deadline, ws::accept(stream, &path)).await {
                     Ok(Ok(stream)) => {
-                        connection::run(stream, peer, transport, context).await;
+                        Box::pin(connection::run(stream, peer, transport, context)).await;
                         None
                     }
                     Ok(Err(e)) => Some(format!("WebSocket upgrade failed: {e}")),
@@ -214,7 +224,7 @@ fn spawn_connection(
                 };
                 match tokio::time::timeout(deadline, upgrade).await {
                     Ok(Ok(stream)) => {
-                        connection::run(stream, peer, transport, context).await;
+                        Box::pin(connection::run(stream, peer, transport, context)).await;
                         None
                     }
                     Ok(Err(e)) => Some(e),
