@@ -45,8 +45,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub(crate) fn new(stream: S, max_packet_size: u32) -> Framed<S> {
         Framed {
             stream,
-            read_buf: BytesMut::with_capacity(512),
-            write_buf: BytesMut::with_capacity(512),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
             codec: Codec::new(max_packet_size),
         }
     }
@@ -79,7 +79,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             self.write_buf.clear();
             if self.write_buf.capacity() > 64 * 1024 {
                 // Give back the memory of a burst.
-                self.write_buf = BytesMut::with_capacity(512);
+                self.write_buf = BytesMut::new();
             }
         }
         self.stream.flush().await
