@@ -70,7 +70,7 @@ impl Router {
         };
         let mut ops = Vec::new();
         let resent = session.resend_inflight();
-        let pumped = session.pump(&self.settings, &mut ops);
+        let pumped = session.pump(self.settings.queue_limits(), &mut ops);
         self.stage_all(ops);
         if resent.slow_consumer {
             self.slow_consumer(request.channel);

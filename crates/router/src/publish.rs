@@ -86,7 +86,7 @@ impl Router {
 
     /// The last acknowledgement of an outgoing message: forget it and send the next ones.
     fn complete(&mut self, channel: ChannelId, packet_id: PacketId, state: InflightState) {
-        let settings = self.settings.clone();
+        let limits = self.settings.queue_limits();
         let Some(session) = self.session_of(channel) else {
             return;
         };
@@ -99,7 +99,7 @@ impl Router {
                 seq,
             });
         }
-        let outcome = session.pump(&settings, &mut ops);
+        let outcome = session.pump(limits, &mut ops);
         self.stage_all(ops);
         self.after_send(Some(channel), outcome);
     }
@@ -158,7 +158,7 @@ impl Router {
         granted: QoS,
         retained: bool,
     ) {
-        let settings = self.settings.clone();
+        let limits = self.settings.queue_limits();
         let Some(session) = self.sessions.get_mut(client) else {
             return;
         };
@@ -190,12 +190,12 @@ impl Router {
             message: copy,
             dup: false,
         };
-        if session.enqueue(queued, &settings, &mut ops) {
+        if session.enqueue(queued, limits, &mut ops) {
             RouterStats::add(&self.stats.queue_dropped, 1);
             warn!(client_id = %client, limit = "limits.max_queued_messages", "session queue full; dropped its oldest message");
         }
         let before = session.inflight.len();
-        let outcome = session.pump(&settings, &mut ops);
+        let outcome = session.pump(limits, &mut ops);
         let sent = session.inflight.len().saturating_sub(before);
         let channel = session.channel_id();
         self.stage_all(ops);

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use herald_protocol::{ClientId, Packet, PacketId, Protocol, Publish, QoS, Will};
 use herald_store::Op;
 
-use crate::RouterSettings;
+use crate::QueueLimits;
 use crate::types::{ChannelId, Message, Outbox, Outgoing, Transport, now_ms};
 
 /// The live channel a session is attached to.
@@ -126,14 +126,9 @@ impl Session {
 
     /// Queues a QoS 1/2 message, dropping the oldest queued one when the queue is full.
     /// Returns the dropped message's store op, if any.
-    pub fn enqueue(
-        &mut self,
-        queued: Queued,
-        settings: &RouterSettings,
-        ops: &mut Vec<Op>,
-    ) -> bool {
+    pub fn enqueue(&mut self, queued: Queued, limits: QueueLimits, ops: &mut Vec<Op>) -> bool {
         let mut dropped = false;
-        if self.queue.len() + self.inflight.len() >= settings.max_queued_messages {
+        if self.queue.len() + self.inflight.len() >= limits.max_queued_messages {
             if let Some(old) = self.queue.pop_front() {
                 if let Some(seq) = old.seq {
                     ops.push(Op::Dequeue {
@@ -178,13 +173,13 @@ impl Session {
     }
 
     /// Moves queued messages into flight while the window allows.
-    pub fn pump(&mut self, settings: &RouterSettings, ops: &mut Vec<Op>) -> SendOutcome {
+    pub fn pump(&mut self, limits: QueueLimits, ops: &mut Vec<Op>) -> SendOutcome {
         let mut outcome = SendOutcome::default();
         if self.attached.is_none() {
             return outcome;
         }
-        let oldest_allowed = now_ms().saturating_sub(settings.max_queue_age.as_millis() as u64);
-        while self.inflight.len() < settings.max_inflight {
+        let oldest_allowed = now_ms().saturating_sub(limits.max_queue_age.as_millis() as u64);
+        while self.inflight.len() < limits.max_inflight {
             let Some(queued) = self.queue.pop_front() else {
                 break;
             };

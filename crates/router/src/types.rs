@@ -370,6 +370,15 @@ impl Default for PresenceSettings {
     }
 }
 
+/// The per-session queue limits: small and `Copy`, so the per-message path takes them without
+/// cloning the whole settings.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_inflight: usize,
+    pub max_queued_messages: usize,
+    pub max_queue_age: Duration,
+}
+
 /// Limits and policies the router enforces (DESIGN.md 2 and 4).
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
@@ -382,6 +391,16 @@ pub struct RouterSettings {
     /// With `storage.sync = "interval"`: how often the store is made durable.
     pub flush_interval: Option<Duration>,
     pub presence: PresenceSettings,
+}
+
+impl RouterSettings {
+    pub fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            max_inflight: self.max_inflight,
+            max_queued_messages: self.max_queued_messages,
+            max_queue_age: self.max_queue_age,
+        }
+    }
 }
 
 impl Default for RouterSettings {
