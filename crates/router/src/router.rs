@@ -354,6 +354,9 @@ impl Router {
                 filters,
             } => self.handle_unsubscribe(channel, packet_id, filters),
             Input::Closed { channel, reason } => self.end_channel(channel, reason),
+            Input::Acknowledge { channel, packet } => {
+                self.reply(channel, Deferred::Send(packet), false)
+            }
             Input::Deliver { message, done } => {
                 self.route(message);
                 if let Some(done) = done {

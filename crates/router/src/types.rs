@@ -189,6 +189,12 @@ pub enum Input {
         packet_id: PacketId,
         filters: Vec<String>,
     },
+    /// An acknowledgement for a PUBLISH the connection did not route (a token upload, an
+    /// ignored denied publish), sent in order behind the channel's pending acknowledgements.
+    Acknowledge {
+        channel: ChannelId,
+        packet: Packet,
+    },
     /// The one exit path of every channel.
     Closed {
         channel: ChannelId,

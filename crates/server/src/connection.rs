@@ -353,17 +353,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             return Some(CloseReason::ProtocolError);
         }
         info!(client_id = %self.principal.client_id, channel = %self.channel, "token uploaded");
-        let ack = match (publish.qos, publish.packet_id) {
+        self.acknowledge_unrouted(&publish).await
+    }
+
+    /// Acknowledges a PUBLISH that is not routed (a token upload, an ignored denied publish).
+    /// The acknowledgement goes through the router, behind the channel's acknowledgements that
+    /// still wait for storage, so PUBACKs keep the order of their PUBLISHes.
+    async fn acknowledge_unrouted(&mut self, publish: &Publish) -> Option<CloseReason> {
+        let packet = match (publish.qos, publish.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(id),
             // PUBREL will come back and be answered by the router with PUBCOMP.
             (QoS::ExactlyOnce, Some(id)) => Packet::PubRec(id),
             _ => return None,
         };
-        self.framed
-            .write(ack)
-            .await
-            .err()
-            .map(|_| CloseReason::SocketClosed)
+        let channel = self.channel;
+        self.send(Input::Acknowledge { channel, packet }).await
     }
 
     async fn denied_publish(&mut self, publish: Publish) -> Option<CloseReason> {
@@ -375,21 +379,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             }
             DeniedPublish::Ignore => {
                 info!(client_id = %client, topic = %publish.topic, "publish not allowed; dropped (limits.on_denied_publish = \"ignore\")");
-                let ack = match (publish.qos, publish.packet_id) {
-                    (QoS::AtLeastOnce, Some(id)) => Some(Packet::PubAck(id)),
-                    // PUBREL will come back and be answered by the router with PUBCOMP.
-                    (QoS::ExactlyOnce, Some(id)) => Some(Packet::PubRec(id)),
-                    _ => None,
-                };
-                match ack {
-                    Some(packet) => self
-                        .framed
-                        .write(packet)
-                        .await
-                        .err()
-                        .map(|_| CloseReason::SocketClosed),
-                    None => None,
-                }
+                self.acknowledge_unrouted(&publish).await
             }
         }
     }
