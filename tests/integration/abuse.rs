@@ -5,28 +5,10 @@
 use std::time::Duration;
 
 use herald_protocol::Packet;
-use herald_testkit::{DEMO_USER, RawClient, TestBroker, TestClient, signature, signed_options};
+use herald_testkit::{
+    DEMO_USER, OPS_KEY, RawClient, TestBroker, TestClient, metric, signature, signed_options,
+};
 use rumqttc::QoS;
-
-const OPS: &str = "\n[[access_keys]]\nid = \"ops\"\nsecret = \"ops-secret\"\nadmin = true\n";
-
-async fn metric(broker: &TestBroker, prefix: &str) -> u64 {
-    let admin = broker.broker().admin_addr.expect("admin");
-    let text = reqwest::Client::new()
-        .get(format!("http://{admin}/metrics"))
-        .basic_auth("ops", Some("ops-secret"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-}
 
 /// A client that publishes and receives its own message: the broker still serves.
 async fn still_serves(broker: &TestBroker, id: &str) {
@@ -71,7 +53,10 @@ async fn silent_sockets_and_endless_packets_are_closed_while_others_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_flood_from_one_address_is_cut_at_its_rate() {
-    let broker = TestBroker::demo(&format!("[limits]\nmax_connect_rate_per_ip = 20\n{OPS}")).await;
+    let broker = TestBroker::demo(&format!(
+        "[limits]\nmax_connect_rate_per_ip = 20\n{OPS_KEY}"
+    ))
+    .await;
     let mut refused = 0;
     for i in 0..60 {
         let id = format!("GID_demo@@@flood-{i}");
@@ -106,7 +91,7 @@ async fn a_connect_flood_from_one_address_is_cut_at_its_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_guessing_bans_the_address_for_a_while() {
     let broker = TestBroker::demo(&format!(
-        "[limits]\nmax_auth_failures_per_ip = 3\nauth_ban_secs = 2\n{OPS}"
+        "[limits]\nmax_auth_failures_per_ip = 3\nauth_ban_secs = 2\n{OPS_KEY}"
     ))
     .await;
     let id = "GID_demo@@@victim";
@@ -148,7 +133,7 @@ async fn password_guessing_bans_the_address_for_a_while() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_flood_is_slowed_down_not_dropped() {
-    let broker = TestBroker::demo(&format!("[limits]\nmax_messages_per_sec = 50\n{OPS}")).await;
+    let broker = TestBroker::demo(&format!("[limits]\nmax_messages_per_sec = 50\n{OPS_KEY}")).await;
     let mut sub =
         TestClient::connected(signed_options(broker.addr, "GID_demo@@@listener", true)).await;
     sub.subscribe("demo/flood", QoS::AtLeastOnce).await;

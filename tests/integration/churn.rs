@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use herald_protocol::Packet;
-use herald_testkit::{DEMO_USER, HttpCapture, RawClient, TestBroker, signature};
+use herald_testkit::{
+    DEMO_USER, HttpCapture, OPS_KEY, RawClient, TestBroker, admin_get, signature,
+};
 use serde_json::Value;
 
 const TASKS: usize = 20;
@@ -72,12 +74,7 @@ async fn churn_leaves_a_true_online_set_and_exactly_once_events() {
     let dir = tempfile::TempDir::new().expect("temp dir");
     let file = dir.path().join("events.jsonl");
     let extra = format!(
-        r#"
-[[access_keys]]
-id = "ops"
-secret = "ops-secret"
-admin = true
-
+        r#"{OPS_KEY}
 [[sinks]]
 id = "hook"
 type = "webhook"
@@ -114,23 +111,19 @@ sinks = ["hook", "file"]
     assert!(expected >= TASKS * CYCLES * 2);
 
     // Every sink gets every event, exactly once.
+    let file_count = || {
+        std::fs::read_to_string(&file)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
     let mut waited = 0;
-    while hook.accepted().len() < expected
-        || std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            < expected
-    {
+    while hook.accepted().len() < expected || file_count() < expected {
         waited += 1;
         assert!(
             waited < 1200,
             "sinks did not catch up: hook {} file {} of {expected}",
             hook.accepted().len(),
-            std::fs::read_to_string(&file)
-                .unwrap_or_default()
-                .lines()
-                .count()
+            file_count()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -154,19 +147,12 @@ sinks = ["hook", "file"]
     }
 
     // The admin API's online set is the truth: exactly the last connection of each task.
-    let admin = broker.broker().admin_addr.expect("admin listener");
-    let body = reqwest::Client::new()
-        .get(format!(
-            "http://{admin}/api/v1/clients?group=GID_demo&online=true&limit=1000"
-        ))
-        .basic_auth("ops", Some("ops-secret"))
-        .send()
-        .await
-        .expect("admin answers")
-        .bytes()
-        .await
-        .expect("body");
-    let reply: Value = serde_json::from_slice(&body).expect("JSON");
+    let body = admin_get(
+        &broker,
+        "/api/v1/clients?group=GID_demo&online=true&limit=1000",
+    )
+    .await;
+    let reply: Value = serde_json::from_str(&body).expect("JSON");
     let online: HashSet<String> = reply["clients"]
         .as_array()
         .expect("clients")

@@ -257,11 +257,9 @@ async fn seq_survives_restarts_and_shutdown_reports_server_shutdown() {
             .expect("join");
         assert_eq!(status.code(), Some(0));
     }
-    let lines: Vec<Value> = std::fs::read_to_string(&events)
-        .expect("events file")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .filter(|e: &Value| e["clientId"] == DEV)
+    let lines: Vec<Value> = herald_testkit::json_lines(&events)
+        .into_iter()
+        .filter(|e| e["clientId"] == DEV)
         .collect();
     let got: Vec<(String, Option<String>, u64)> = lines
         .iter()
@@ -320,11 +318,7 @@ async fn after_sigkill_every_open_channel_gets_broker_restart_before_new_connect
     // identical, with the same eventId. Consumers (and this test) deduplicate by eventId.
     let mut seen = std::collections::HashMap::new();
     let mut all: Vec<Value> = Vec::new();
-    for line in std::fs::read_to_string(&events)
-        .expect("events file")
-        .lines()
-    {
-        let e: Value = serde_json::from_str(line).expect("JSON line");
+    for e in herald_testkit::json_lines(&events) {
         let id = e["eventId"].as_str().expect("eventId").to_string();
         match seen.get(&id) {
             Some(first) => assert_eq!(first, &e, "same eventId, different event"),

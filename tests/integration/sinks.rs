@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use herald_testkit::{HttpCapture, TestBroker, TestClient, signed_options};
+use herald_testkit::{
+    HttpCapture, OPS_KEY, TestBroker, TestClient, json_lines, metric, signed_options,
+};
 use serde_json::Value;
 
 /// Connects and disconnects each client twice: 3 events per cycle.
@@ -231,11 +233,7 @@ async fn a_file_sink_whose_directory_appears_late_gets_every_event() {
     std::fs::create_dir_all(dir.path().join("later")).expect("mkdir");
     let mut events = Vec::new();
     wait_for("the file", || {
-        events = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("JSON line"))
-            .collect();
+        events = json_lines(&path);
         events.len() >= 12
     })
     .await;
@@ -283,11 +281,7 @@ sinks = ["telemetry-file"]
         .await;
     let mut lines: Vec<Value> = Vec::new();
     wait_for("the outflow entry", || {
-        lines = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("JSON line"))
-            .collect();
+        lines = json_lines(&path);
         !lines.is_empty()
     })
     .await;
@@ -312,12 +306,7 @@ async fn a_full_outbox_drops_its_oldest_entries_and_counts_them() {
     let dir = tempfile::TempDir::new().expect("temp dir");
     let path = dir.path().join("later").join("events.jsonl");
     let extra = format!(
-        r#"
-[[access_keys]]
-id = "ops"
-secret = "ops-secret"
-admin = true
-
+        r#"{OPS_KEY}
 [[sinks]]
 id = "small"
 type = "file"
@@ -338,40 +327,20 @@ sinks = ["small"]
     std::fs::create_dir_all(dir.path().join("later")).expect("mkdir");
     let mut events: Vec<Value> = Vec::new();
     wait_for("the file", || {
-        events = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("JSON line"))
-            .collect();
+        events = json_lines(&path);
         events.len() >= 3
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let seqs: Vec<u64> = std::fs::read_to_string(&path)
-        .expect("file")
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).expect("JSON")["seq"]
-                .as_u64()
-                .expect("seq")
-        })
+    let seqs: Vec<u64> = json_lines(&path)
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
         .collect();
     assert_eq!(seqs, vec![4, 5, 6], "the newest three are kept");
-    let admin = broker.broker().admin_addr.expect("admin");
-    let metrics = reqwest::Client::new()
-        .get(format!("http://{admin}/metrics"))
-        .basic_auth("ops", Some("ops-secret"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let dropped = metrics
-        .lines()
-        .find(|l| l.starts_with("herald_sink_dropped_total") && l.contains("sink=\"small\""))
-        .unwrap_or_else(|| panic!("no drop counter in:\n{metrics}"));
-    assert!(dropped.ends_with(" 3"), "{dropped}");
+    assert_eq!(
+        metric(&broker, "herald_sink_dropped_total{sink=\"small\"}").await,
+        3
+    );
     broker.stop().await;
 }
 
@@ -424,14 +393,7 @@ sinks = ["hanging", "file"]
             .await;
         assert_eq!(&sub.next_publish().await.payload[..], &[i]);
     }
-    wait_for("the file sink", || {
-        std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 18
-    })
-    .await;
+    wait_for("the file sink", || json_lines(&path).len() >= 18).await;
     // Far less than the webhook's 30 s timeout: nothing waited for it.
     assert!(
         started.elapsed() < Duration::from_secs(20),

@@ -7,7 +7,6 @@ use std::time::Duration;
 use herald_router::Transport as Kind;
 use herald_testkit::{TestBroker, TestClient, TestPki, signed_options};
 use rumqttc::{QoS, TlsConfiguration, Transport};
-use serde_json::Value;
 
 fn listeners(pki: &TestPki, client_ca: bool) -> String {
     let ca = if client_ca {
@@ -125,12 +124,11 @@ async fn clients_on_every_transport_talk_to_each_other() {
         device.disconnect().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let text = std::fs::read_to_string(&events).expect("events");
+    let events = herald_testkit::json_lines(&events);
     for kind in ["tls", "ws", "wss"] {
         let id = format!("GID_demo@@@dev-{kind}");
-        let connect = text
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).expect("JSON"))
+        let connect = events
+            .iter()
             .find(|e| e["clientId"] == id.as_str() && e["eventType"] == "connect")
             .unwrap_or_else(|| panic!("no connect event for {id}"));
         assert_eq!(connect["transport"], kind);

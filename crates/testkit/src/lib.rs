@@ -171,3 +171,41 @@ pub fn panics() -> usize {
     });
     COUNT.load(Ordering::SeqCst)
 }
+
+/// An `[[access_keys]]` entry with `admin = true` (id `ops`, secret `ops-secret`), to append to
+/// a test config that calls the admin API through [`admin_get`] or [`metric`].
+pub const OPS_KEY: &str =
+    "\n[[access_keys]]\nid = \"ops\"\nsecret = \"ops-secret\"\nadmin = true\n";
+
+/// GET `path` on the broker's admin API with the [`OPS_KEY`] credentials; the body as text.
+pub async fn admin_get(broker: &TestBroker, path: &str) -> String {
+    let admin = broker.broker().admin_addr.expect("admin listener");
+    reqwest::Client::new()
+        .get(format!("http://{admin}{path}"))
+        .basic_auth("ops", Some("ops-secret"))
+        .send()
+        .await
+        .expect("admin API answers")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// The value of the first `/metrics` sample whose line starts with `prefix`.
+pub async fn metric(broker: &TestBroker, prefix: &str) -> u64 {
+    let text = admin_get(broker, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
+
+/// Every line of a JSON-lines file (a `file` sink), parsed; empty while the file is missing.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
