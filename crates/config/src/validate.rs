@@ -174,6 +174,10 @@ pub fn validate(
     };
     let (presence, sinks) = crate::rules::validate(&file, &file.node.id, env, &mut errors);
     let router = RouterSettings { presence, ..router };
+    let server = ServerSettings {
+        report_connect_failed: router.presence.connect_failed,
+        ..server
+    };
     let admin_bind = if file.admin.enabled {
         match file.admin.bind.parse::<SocketAddr>() {
             Ok(bind) => Some(bind),

@@ -77,7 +77,7 @@ impl Router {
             return;
         };
         let event = self.describe(&client, channel, attached, clean_session);
-        self.emit(event, kind, reason);
+        self.emit(event, client, channel, kind, reason);
     }
 
     fn describe(
@@ -114,10 +114,11 @@ impl Router {
             return;
         }
         let client = &failed.client_id;
+        let channel = ChannelId::random();
         let event = PresenceEvent {
             event_type: String::new(),
             client_id: client.to_string(),
-            channel_id: ChannelId::random().to_string(),
+            channel_id: channel.to_string(),
             client_ip: failed.peer.to_string(),
             time: 0,
             seq: 0,
@@ -132,23 +133,26 @@ impl Router {
             transport: failed.transport.as_str().to_string(),
             v: 1,
         };
-        self.emit(event, EventKind::ConnectFailed, None);
+        self.emit(
+            event,
+            failed.client_id.clone(),
+            channel,
+            EventKind::ConnectFailed,
+            None,
+        );
     }
 
     /// Stamps `event` with kind, time and the client's next seq, stages everything it changes,
     /// and defers its hand-off to sinks until that is durable.
+    /// `client` and `channel` are the typed forms of `event.client_id` and `event.channel_id`.
     pub(crate) fn emit(
         &mut self,
         mut event: PresenceEvent,
+        client: ClientId,
+        channel: ChannelId,
         kind: EventKind,
         reason: Option<CloseReason>,
     ) {
-        let Ok(client) = ClientId::parse_any(&event.client_id, usize::MAX) else {
-            return;
-        };
-        let Ok(channel) = u128::from_str_radix(&event.channel_id, 16).map(ChannelId) else {
-            return;
-        };
         let seq = {
             let seq = self.client_seqs.entry(client.clone()).or_default();
             *seq += 1;
@@ -281,12 +285,21 @@ impl Router {
     /// broker died gets its `tcpclean` with reason `broker_restart`.
     pub(crate) fn close_channels_left_open(&mut self, channels: Vec<(u128, ChannelRecord)>) {
         for (id, record) in channels {
-            match serde_json::from_slice::<PresenceEvent>(&record.info) {
-                Ok(event) => {
-                    self.emit(event, EventKind::TcpClean, Some(CloseReason::BrokerRestart));
+            let client = ClientId::parse_any(&record.client_id, usize::MAX);
+            match (
+                serde_json::from_slice::<PresenceEvent>(&record.info),
+                client,
+            ) {
+                (Ok(event), Ok(client)) => {
+                    let reason = Some(CloseReason::BrokerRestart);
+                    self.emit(event, client, ChannelId(id), EventKind::TcpClean, reason);
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     warn!(channel = %ChannelId(id), client_id = %record.client_id, error = %e, "unreadable channel record; dropped");
+                    self.persister.stage(Op::DeleteChannel { channel_id: id });
+                }
+                (_, Err(e)) => {
+                    warn!(channel = %ChannelId(id), client_id = %record.client_id, error = %e, "channel record with an unusable client id; dropped");
                     self.persister.stage(Op::DeleteChannel { channel_id: id });
                 }
             }

@@ -200,6 +200,9 @@ fn report_failure(
     transport: Transport,
     code: ConnectReturnCode,
 ) {
+    if !context.settings.report_connect_failed {
+        return;
+    }
     let failed = FailedConnect {
         client_id: client_id.clone(),
         peer,

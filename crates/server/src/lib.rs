@@ -43,6 +43,8 @@ pub struct ServerSettings {
     /// Packets the router may queue for one connection before it counts as a slow reader.
     pub outbox_capacity: usize,
     pub abuse: AbuseSettings,
+    /// Tell the router of CONNECTs refused for their credentials (`[presence] connect_failed`).
+    pub report_connect_failed: bool,
 }
 
 impl Default for ServerSettings {
@@ -55,6 +57,7 @@ impl Default for ServerSettings {
             on_denied_publish: DeniedPublish::Disconnect,
             outbox_capacity: 1024,
             abuse: AbuseSettings::default(),
+            report_connect_failed: false,
         }
     }
 }
