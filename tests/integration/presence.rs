@@ -71,6 +71,23 @@ async fn notice(backend: &mut TestClient, client: &str) -> Value {
     }
 }
 
+/// A CONNECT for DEV with a wrong password; returns the connection after its CONNACK.
+async fn wrong_password(addr: std::net::SocketAddr) -> RawClient {
+    let mut raw = RawClient::connect(addr).await;
+    raw.send(RawClient::connect_packet(
+        DEV,
+        Some("Signature|demo|herald-demo"),
+        Some("wrong"),
+        true,
+    ))
+    .await;
+    assert!(matches!(
+        raw.recv().await,
+        Some(herald_protocol::Packet::ConnAck(_))
+    ));
+    raw
+}
+
 fn kind_reason(e: &Value) -> (String, Option<String>) {
     (
         e["eventType"].as_str().unwrap_or_default().to_string(),
@@ -202,18 +219,7 @@ async fn every_way_a_channel_ends_has_its_reason() {
     );
 
     // A refused CONNECT emits nothing.
-    let mut raw = RawClient::connect(broker.addr).await;
-    raw.send(RawClient::connect_packet(
-        DEV,
-        Some("Signature|demo|herald-demo"),
-        Some("wrong"),
-        true,
-    ))
-    .await;
-    assert!(matches!(
-        raw.recv().await,
-        Some(herald_protocol::Packet::ConnAck(_))
-    ));
+    let mut raw = wrong_password(broker.addr).await;
     raw.expect_closed().await;
     b.expect_no_publish(QUIET).await;
     broker.stop().await;
@@ -390,18 +396,7 @@ async fn refused_logins_can_be_audited_with_connect_failed() {
     let extra = format!("[presence]\nconnect_failed = true\n{PRESENCE}\n{audit}");
     let broker = TestBroker::demo(&extra).await;
     let mut b = backend(broker.addr).await;
-    let mut raw = RawClient::connect(broker.addr).await;
-    raw.send(RawClient::connect_packet(
-        DEV,
-        Some("Signature|demo|herald-demo"),
-        Some("wrong"),
-        true,
-    ))
-    .await;
-    assert!(matches!(
-        raw.recv().await,
-        Some(herald_protocol::Packet::ConnAck(_))
-    ));
+    let _refused = wrong_password(broker.addr).await;
     let failed = notice(&mut b, DEV).await;
     expect(&failed, "connect_failed", Some("bad_username_or_password"));
     assert_eq!(
