@@ -17,7 +17,6 @@ use herald_router::{
 };
 use herald_store::MemoryStore;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tower::ServiceExt as _;
 
 use crate::{AdminState, app};
@@ -348,8 +347,8 @@ async fn path_client_ids_are_checked() {
 }
 
 /// Connects `id` straight to the router and waits for the CONNACK.
-async fn connect(state: &AdminState, id: &str) -> (ChannelId, mpsc::Receiver<Outgoing>) {
-    let (outbox, mut rx) = mpsc::channel(16);
+async fn connect(state: &AdminState, id: &str) -> (ChannelId, herald_router::OutboxReceiver) {
+    let (outbox, mut rx) = herald_router::channel_outbox(16);
     let channel = ChannelId::random();
     let request = ConnectRequest {
         channel,

@@ -5,6 +5,7 @@
 //! messages, hands what must be durable to the [`persist::Persister`], and reports every
 //! channel's life as [`Event`]s. It never touches a socket and never blocks on a client.
 
+mod channel_outbox;
 mod connect;
 pub mod outbox;
 pub mod persist;
@@ -16,7 +17,8 @@ mod subscribe;
 pub mod tree;
 mod types;
 
+pub use channel_outbox::{Outbox, OutboxReceiver, SendError, channel_outbox};
 pub use outbox::{OutboxEntry, SinkQueue};
 pub use presence::PresenceEvent;
-pub use router::{Router, RouterHandle, RouterStats};
+pub use router::{Route, Router, RouterHandle, RouterStats};
 pub use types::*;

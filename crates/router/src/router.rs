@@ -1,8 +1,11 @@
 //! The router task: its state, its loop, and the acknowledgements that wait for the disk.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use herald_protocol::{ClientId, Packet, QoS, Topic};
 use herald_store::{Op, Store, StoreError};
@@ -59,6 +62,21 @@ pub struct RouterHandle {
 }
 
 impl RouterHandle {
+    /// Hands `input` to the router; the future answers `false` when the router has stopped.
+    /// It does not wait while the router's queue has room (nearly always); only the waiting
+    /// send is boxed, so a connection task does not carry that state (a few hundred bytes)
+    /// through its idle time.
+    pub fn route(&self, input: Input) -> Route<'_> {
+        match self.inputs.try_send(input) {
+            Ok(()) => Route::Done(true),
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                let inputs = &self.inputs;
+                Route::Waiting(Box::pin(async move { inputs.send(input).await.is_ok() }))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Route::Done(false),
+        }
+    }
+
     /// Closes every channel and waits until their events are durable.
     pub async fn close_all(&self) {
         let (done, rx) = oneshot::channel();
@@ -72,6 +90,23 @@ impl RouterHandle {
         let (done, rx) = oneshot::channel();
         if self.inputs.send(Input::Shutdown { done }).await.is_ok() {
             let _ = rx.await;
+        }
+    }
+}
+
+/// The future of [`RouterHandle::route`]: `true` once the router has the input.
+pub enum Route<'a> {
+    Done(bool),
+    Waiting(Pin<Box<dyn Future<Output = bool> + Send + 'a>>),
+}
+
+impl Future for Route<'_> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        match self.get_mut() {
+            Route::Done(delivered) => Poll::Ready(*delivered),
+            Route::Waiting(send) => send.as_mut().poll(cx),
         }
     }
 }

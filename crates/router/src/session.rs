@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use herald_protocol::{ClientId, Packet, PacketId, Protocol, Publish, QoS, Will};
 use herald_store::Op;
 
+use crate::Outbox;
 use crate::QueueLimits;
-use crate::types::{ChannelId, Message, Outbox, Outgoing, Transport, now_ms};
+use crate::types::{ChannelId, Message, Outgoing, Transport, now_ms};
 
 /// The live channel a session is attached to.
 #[derive(Debug)]

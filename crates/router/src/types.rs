@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use herald_protocol::{ClientId, Packet, PacketId, Protocol, QoS, Topic, Will};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// A channel's unique 128-bit id, printed as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,9 +113,6 @@ pub enum Outgoing {
     Close(CloseReason),
 }
 
-/// The router's handle on one connection's outbox.
-pub type Outbox = mpsc::Sender<Outgoing>;
-
 /// An application message as the router routes it. Cloning shares the payload.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
@@ -150,7 +147,7 @@ pub struct ConnectRequest {
     pub protocol: Protocol,
     pub peer: SocketAddr,
     pub transport: Transport,
-    pub outbox: Outbox,
+    pub outbox: crate::Outbox,
 }
 
 /// What connection tasks (and the admin side) tell the router.

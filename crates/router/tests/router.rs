@@ -12,8 +12,8 @@ use herald_protocol::{
     ClientId, ConnAck, ConnectReturnCode, Packet, Protocol, Publish, QoS, Topic,
 };
 use herald_router::{
-    ChannelId, CloseReason, ConnectRequest, Event, EventKind, Input, Outgoing, Router,
-    RouterHandle, RouterSettings, Transport,
+    ChannelId, CloseReason, ConnectRequest, Event, EventKind, Input, OutboxReceiver, Outgoing,
+    Router, RouterHandle, RouterSettings, Transport, channel_outbox,
 };
 use herald_store::{MemoryStore, Op, Snapshot, Store, StoreError};
 use tokio::sync::mpsc;
@@ -72,7 +72,7 @@ fn start(settings: RouterSettings) -> Harness {
 
 struct Conn {
     channel: ChannelId,
-    outbox: mpsc::Receiver<Outgoing>,
+    outbox: OutboxReceiver,
 }
 
 fn peer() -> SocketAddr {
@@ -81,7 +81,7 @@ fn peer() -> SocketAddr {
 
 impl Harness {
     async fn connect(&self, id: &str, clean: bool, capacity: usize) -> Conn {
-        let (outbox, rx) = mpsc::channel(capacity);
+        let (outbox, rx) = channel_outbox(capacity);
         let channel = ChannelId::random();
         let request = ConnectRequest {
             channel,

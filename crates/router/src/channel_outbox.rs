@@ -1,0 +1,262 @@
+//! A channel's outbox: the bounded queue from the router to one connection task.
+//!
+//! Every open connection has one, so its size is part of what an idle connection costs. A
+//! tokio `mpsc` channel allocates its first block of 32 slots (about 2.3 KB for [`Outgoing`])
+//! plus a cache-padded shared state when it is created; this queue is one small allocation
+//! and holds a `VecDeque` that stays empty (no allocation) while the connection is idle. The
+//! router is the only producer and never waits: [`Outbox::try_send`] fails when the queue is
+//! full (the client does not read) or the connection has gone.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use crate::types::Outgoing;
+
+/// A queue that grew past this many packets gives its memory back once it is drained.
+const SHRINK_ABOVE: usize = 64;
+
+struct State {
+    items: VecDeque<Outgoing>,
+    /// The receiver's task, when it waits for a packet.
+    waker: Option<Waker>,
+    senders: usize,
+    receiver_alive: bool,
+}
+
+struct Shared {
+    capacity: usize,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding the lock; if one did, the state is still consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Creates a connection's outbox holding at most `capacity` packets.
+pub fn channel_outbox(capacity: usize) -> (Outbox, OutboxReceiver) {
+    let shared = Arc::new(Shared {
+        capacity: capacity.max(1),
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            waker: None,
+            senders: 1,
+            receiver_alive: true,
+        }),
+    });
+    (
+        Outbox {
+            shared: shared.clone(),
+        },
+        OutboxReceiver { shared },
+    )
+}
+
+/// Why [`Outbox::try_send`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The queue holds `capacity` packets: the client does not read fast enough.
+    Full,
+    /// The connection task has gone.
+    Closed,
+}
+
+/// The router's end of a channel's outbox.
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+impl Outbox {
+    /// Queues `item` without waiting.
+    pub fn try_send(&self, item: Outgoing) -> Result<(), SendError> {
+        let waker = {
+            let mut state = self.shared.lock();
+            if !state.receiver_alive {
+                return Err(SendError::Closed);
+            }
+            if state.items.len() >= self.shared.capacity {
+                return Err(SendError::Full);
+            }
+            state.items.push_back(item);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Whether the connection task has gone.
+    pub fn is_closed(&self) -> bool {
+        !self.shared.lock().receiver_alive
+    }
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Outbox {
+        self.shared.lock().senders += 1;
+        Outbox {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.shared.lock();
+            state.senders -= 1;
+            if state.senders > 0 {
+                return;
+            }
+            state.waker.take()
+        };
+        // The receiver sees the end once the queue is drained.
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("capacity", &self.shared.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connection task's end of its outbox.
+pub struct OutboxReceiver {
+    shared: Arc<Shared>,
+}
+
+impl OutboxReceiver {
+    /// The next packet; `None` once every [`Outbox`] is dropped and the queue is empty.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
+        let mut state = self.shared.lock();
+        if let Some(item) = pop(&mut state) {
+            return Poll::Ready(Some(item));
+        }
+        if state.senders == 0 {
+            return Poll::Ready(None);
+        }
+        match &state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Waits for the next packet; `None` once every [`Outbox`] is dropped and the queue is
+    /// empty.
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next packet if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        pop(&mut self.shared.lock())
+    }
+}
+
+fn pop(state: &mut State) -> Option<Outgoing> {
+    let item = state.items.pop_front()?;
+    if state.items.is_empty() && state.items.capacity() > SHRINK_ABOVE {
+        // An idle connection should not keep the memory of a burst.
+        state.items = VecDeque::new();
+    }
+    Some(item)
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        let items = {
+            let mut state = self.shared.lock();
+            state.receiver_alive = false;
+            state.waker = None;
+            std::mem::take(&mut state.items)
+        };
+        // Dropped outside the lock.
+        drop(items);
+    }
+}
+
+impl std::fmt::Debug for OutboxReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxReceiver").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CloseReason;
+    use herald_protocol::Packet;
+
+    fn ping() -> Outgoing {
+        Outgoing::Packet(Packet::PingResp)
+    }
+
+    #[tokio::test]
+    async fn delivers_in_order_and_refuses_when_full() {
+        let (tx, mut rx) = channel_outbox(2);
+        assert_eq!(tx.try_send(ping()), Ok(()));
+        assert_eq!(tx.try_send(Outgoing::Close(CloseReason::Kicked)), Ok(()));
+        assert_eq!(tx.try_send(ping()), Err(SendError::Full));
+        assert!(matches!(
+            rx.recv().await,
+            Some(Outgoing::Packet(Packet::PingResp))
+        ));
+        assert!(matches!(
+            rx.try_recv(),
+            Some(Outgoing::Close(CloseReason::Kicked))
+        ));
+        assert!(rx.try_recv().is_none());
+        assert_eq!(tx.try_send(ping()), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_is_woken_by_a_send_and_by_the_last_sender_leaving() {
+        let (tx, mut rx) = channel_outbox(8);
+        let second = tx.clone();
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await.is_some();
+            let end = rx.recv().await.is_none();
+            (first, end)
+        });
+        tokio::task::yield_now().await;
+        second.try_send(ping()).expect("room");
+        drop(second);
+        tokio::task::yield_now().await;
+        drop(tx);
+        assert_eq!(reader.await.expect("reader"), (true, true));
+    }
+
+    #[tokio::test]
+    async fn sending_to_a_gone_receiver_fails_and_the_queue_is_freed() {
+        let (tx, rx) = channel_outbox(8);
+        tx.try_send(ping()).expect("room");
+        assert!(!tx.is_closed());
+        drop(rx);
+        assert!(tx.is_closed());
+        assert_eq!(tx.try_send(ping()), Err(SendError::Closed));
+        assert!(tx.shared.lock().items.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_drained_burst_gives_its_memory_back() {
+        let (tx, mut rx) = channel_outbox(1024);
+        for _ in 0..500 {
+            tx.try_send(ping()).expect("room");
+        }
+        while rx.try_recv().is_some() {}
+        assert_eq!(rx.shared.lock().items.capacity(), 0);
+    }
+}
