@@ -89,8 +89,9 @@ impl Broker {
         }
         let data_dir = config.storage.data_dir.clone();
         let sync = config.storage.sync;
+        let cache_bytes = config.storage.cache_bytes;
         let (store, mut snapshot) = tokio::task::spawn_blocking(move || {
-            let mut store = RedbStore::open(&data_dir, sync)?;
+            let mut store = RedbStore::open_with_cache(&data_dir, sync, cache_bytes)?;
             let snapshot = store.load()?;
             Ok::<_, herald_store::StoreError>((store, snapshot))
         })

@@ -269,6 +269,8 @@ pub struct Storage {
     /// "always" or "interval".
     pub sync: String,
     pub interval_ms: u64,
+    /// redb's page cache, MiB.
+    pub cache_mb: u64,
 }
 
 impl Default for Storage {
@@ -276,6 +278,7 @@ impl Default for Storage {
         Storage {
             sync: "always".into(),
             interval_ms: 100,
+            cache_mb: 16,
         }
     }
 }

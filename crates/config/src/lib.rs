@@ -81,6 +81,8 @@ pub struct WsListenerSettings {
 pub struct StorageSettings {
     pub data_dir: PathBuf,
     pub sync: SyncMode,
+    /// The store's page cache, bytes (`storage.cache_mb`).
+    pub cache_bytes: usize,
 }
 
 /// A validated configuration, split into the settings each crate takes.

@@ -34,6 +34,7 @@ fn the_shipped_config_parses_to_the_demo() {
     );
     assert_eq!(config.storage.data_dir, std::path::PathBuf::from("data"));
     assert_eq!(config.storage.sync, herald_store::SyncMode::Always);
+    assert_eq!(config.storage.cache_bytes, 16 << 20);
     assert_eq!(
         config.demo_keys,
         vec![
@@ -90,6 +91,7 @@ fn every_validation_error_is_reported_at_once() {
         on_denied_publish = "explode"
         [storage]
         sync = "sometimes"
+        cache_mb = 0
         [listeners.tcp]
         bind = "nowhere"
     "#;
@@ -103,6 +105,7 @@ fn every_validation_error_is_reported_at_once() {
         "limits.max_inflight",
         "limits.on_denied_publish",
         "storage.sync",
+        "storage.cache_mb",
         "listeners.tcp.bind",
     ] {
         assert!(

@@ -204,6 +204,7 @@ pub fn validate(
         1,
         60,
     );
+    let cache_bytes = errors.range("storage.cache_mb", file.storage.cache_mb, 1, 1 << 20) << 20;
     if !errors.0.is_empty() {
         return Err(ConfigErrors(errors.0));
     }
@@ -219,6 +220,7 @@ pub fn validate(
         storage: StorageSettings {
             data_dir: PathBuf::from(file.node.data_dir),
             sync,
+            cache_bytes,
         },
         demo_keys,
         sinks,

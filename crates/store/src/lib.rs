@@ -30,7 +30,7 @@ use std::fmt;
 
 pub use error::StoreError;
 pub use memory::MemoryStore;
-pub use redb_store::{FORMAT_VERSION, RedbStore};
+pub use redb_store::{DEFAULT_CACHE_BYTES, FORMAT_VERSION, RedbStore};
 
 /// A message kept on disk (queued for a persistent session, or retained).
 #[derive(Clone, PartialEq, Eq)]
@@ -223,4 +223,12 @@ pub trait Store: Send + 'static {
         to_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64, bytes::Bytes)>, StoreError>;
+
+    /// The payload of one history entry, `None` if there is none (never written, or pruned).
+    /// Reads everything applied so far.
+    fn history_entry(
+        &mut self,
+        client_id: &str,
+        seq: u64,
+    ) -> Result<Option<bytes::Bytes>, StoreError>;
 }

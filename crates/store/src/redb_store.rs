@@ -69,9 +69,11 @@ pub(crate) const KEY_FORMAT_VERSION: &str = "format_version";
 pub(crate) const KEY_NEXT_SEQ: &str = "next_seq";
 pub(crate) const KEY_NEXT_OUTBOX_ID: &str = "next_outbox_id";
 
-/// redb's page cache. Its default (1 GiB) is sized for a database server; the broker's working
-/// set is the queues of offline sessions, which it reads once at start-up.
-const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// redb's page cache unless the caller sets one (`storage.cache_mb`). redb's default (1 GiB) is
+/// sized for a database server. The broker reads its tables once, at start-up, and then only
+/// writes: the cache holds the B-tree pages commits touch, and pages that fall out of it are
+/// read back from the OS page cache. Every byte of it counts in the broker's resident memory.
+pub const DEFAULT_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// In interval mode, a log that grows past this is flushed by `apply` itself, so that a caller
 /// that rarely flushes does not make start-up replay unbounded.
@@ -131,6 +133,15 @@ impl RedbStore {
     /// (redb otherwise keeps it at its high-water mark), then start an empty log in interval
     /// mode or remove it in always mode.
     pub fn open(data_dir: &Path, sync: SyncMode) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with_cache(data_dir, sync, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`RedbStore::open`] with a page cache of `cache_bytes`.
+    pub fn open_with_cache(
+        data_dir: &Path,
+        sync: SyncMode,
+        cache_bytes: usize,
+    ) -> Result<RedbStore, StoreError> {
         fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir, e))?;
         let db_path = data_dir.join(DB_FILE);
         let log = Wal::read(data_dir)?;
@@ -143,7 +154,7 @@ impl RedbStore {
             return Err(orphan_log(pending, &db_path));
         }
         let mut db = Builder::new()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(cache_bytes)
             .set_check_integrity_on_open(true)
             .create(&db_path)
             .at(&db_path, "opening the database")?;
@@ -266,6 +277,14 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<Vec<(u64, u64, bytes::Bytes)>, StoreError> {
         redb_read::history(&self.db, &self.db_path, client_id, from_ms..=to_ms, limit)
+    }
+
+    fn history_entry(
+        &mut self,
+        client_id: &str,
+        seq: u64,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        redb_read::history_entry(&self.db, &self.db_path, client_id, seq)
     }
 }
 
