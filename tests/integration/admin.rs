@@ -198,6 +198,15 @@ async fn a_device_is_seen_online_kicked_and_seen_offline() {
             .as_array()
             .is_some_and(|c| c.iter().any(|c| c["clientId"] == DEV))
     );
+
+    // The last event is read from the history, so a restart keeps it.
+    let before = get(admin, &format!("/api/v1/clients/{DEV}")).await.json();
+    assert_eq!(before["lastEvent"], events[1]);
+    let broker = broker.restart().await;
+    let admin = admin_addr(&broker);
+    let after = get(admin, &format!("/api/v1/clients/{DEV}")).await.json();
+    assert_eq!(after["seq"], before["seq"]);
+    assert_eq!(after["lastEvent"], before["lastEvent"]);
     broker.stop().await;
 }
 

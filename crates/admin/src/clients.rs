@@ -57,20 +57,52 @@ pub(crate) struct ClientView {
     online: bool,
     channels: Vec<ChannelInfo>,
     seq: u64,
-    /// The last presence event as emitted, or `null` when none since the broker started.
+    /// The event with that seq as emitted, read from the history; `null` for a client without
+    /// events.
     last_event: Option<Box<RawValue>>,
 }
 
-impl From<ClientState> for ClientView {
-    fn from(state: ClientState) -> ClientView {
-        ClientView {
-            last_event: state.last_event.as_deref().and_then(raw_json),
-            client_id: state.client_id,
-            online: state.online,
-            channels: state.channels,
-            seq: state.seq,
-        }
+/// The views of `states`, each with its last event read from the presence history. The router
+/// reports states only once their events are durable, so the event with each `seq` is there.
+async fn views(state: &AdminState, states: Vec<ClientState>) -> Result<Vec<ClientView>, ApiError> {
+    let wanted: Vec<(String, u64)> = states
+        .iter()
+        .filter(|s| s.seq > 0)
+        .map(|s| (s.client_id.clone(), s.seq))
+        .collect();
+    let mut events = Vec::new().into_iter();
+    if !wanted.is_empty() {
+        let read = state.router.history.events(wanted);
+        events = match tokio::time::timeout(ROUTER_WAIT, read).await {
+            Ok(Ok(events)) => events.into_iter(),
+            Ok(Err(error)) => return Err(ApiError::Unavailable(error)),
+            Err(_) => return Err(store_timeout()),
+        };
     }
+    Ok(states
+        .into_iter()
+        .map(|s| {
+            let event = if s.seq > 0 { events.next().flatten() } else { None };
+            let last_event = event.and_then(|json| {
+                let raw = raw_json(&json);
+                if raw.is_none() {
+                    warn!(client_id = %s.client_id, seq = s.seq, "a stored presence event is not JSON; left out");
+                }
+                raw
+            });
+            ClientView {
+                client_id: s.client_id,
+                online: s.online,
+                channels: s.channels,
+                seq: s.seq,
+                last_event,
+            }
+        })
+        .collect())
+}
+
+fn store_timeout() -> ApiError {
+    ApiError::Unavailable("the store did not answer in time".into())
 }
 
 /// An event's JSON as it was emitted (key order kept). The router only emits valid JSON.
@@ -83,7 +115,7 @@ async fn query_states(state: &AdminState, ids: Vec<String>) -> Result<Vec<Client
     let states = state
         .ask(ROUTER_WAIT, |reply| Input::QueryClients { ids, reply })
         .await?;
-    Ok(states.into_iter().map(ClientView::from).collect())
+    views(state, states).await
 }
 
 /// `GET /api/v1/clients/{clientId}`
@@ -162,7 +194,7 @@ pub(crate) async fn list(
         .then(|| states.last().map(|s| s.client_id.clone()))
         .flatten();
     Ok(Json(Page {
-        clients: states.into_iter().map(ClientView::from).collect(),
+        clients: views(&state, states).await?,
         next_cursor,
     }))
 }
@@ -194,11 +226,7 @@ pub(crate) async fn events(
     let entries = match tokio::time::timeout(ROUTER_WAIT, read).await {
         Ok(Ok(entries)) => entries,
         Ok(Err(error)) => return Err(ApiError::Unavailable(error)),
-        Err(_) => {
-            return Err(ApiError::Unavailable(
-                "the store did not answer in time".into(),
-            ));
-        }
+        Err(_) => return Err(store_timeout()),
     };
     let events = entries
         .iter()

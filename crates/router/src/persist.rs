@@ -31,6 +31,11 @@ enum Request {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<HistoryEntry>, String>>,
     },
+    /// Single events by `(client id, seq)`, answered after the writes queued before it.
+    Events {
+        wanted: Vec<(String, u64)>,
+        reply: oneshot::Sender<Result<Vec<Option<bytes::Bytes>>, String>>,
+    },
 }
 
 /// Reads presence history through the storage thread. Holds no strong reference to it, so the
@@ -59,6 +64,21 @@ impl HistoryReader {
             reply,
         };
         tx.send(request)
+            .await
+            .map_err(|_| "the broker is shutting down")?;
+        rx.await
+            .map_err(|_| "the storage thread stopped".to_string())?
+    }
+
+    /// The stored events `(client id, seq)`, each `None` where there is none, in the order
+    /// asked for.
+    pub async fn events(
+        &self,
+        wanted: Vec<(String, u64)>,
+    ) -> Result<Vec<Option<bytes::Bytes>>, String> {
+        let tx = self.tx.upgrade().ok_or("the broker is shutting down")?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Request::Events { wanted, reply })
             .await
             .map_err(|_| "the broker is shutting down")?;
         rx.await
@@ -128,7 +148,7 @@ fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::Unbound
                 tickets = Some(tickets.map_or((ticket, ticket), |(from, _)| (from, ticket)));
             }
             Request::Flush { done } => flushes.push(done),
-            read @ Request::History { .. } => reads.push(read),
+            read @ (Request::History { .. } | Request::Events { .. }) => reads.push(read),
         }
     }
     if let Some((from, to)) = tickets {
@@ -155,18 +175,28 @@ fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::Unbound
         }
     }
     for read in reads {
-        if let Request::History {
-            client_id,
-            from_ms,
-            to_ms,
-            limit,
-            reply,
-        } = read
-        {
-            let result = store
-                .history(&client_id, from_ms, to_ms, limit)
-                .map_err(|e| e.to_string());
-            let _ = reply.send(result);
+        match read {
+            Request::History {
+                client_id,
+                from_ms,
+                to_ms,
+                limit,
+                reply,
+            } => {
+                let result = store
+                    .history(&client_id, from_ms, to_ms, limit)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            Request::Events { wanted, reply } => {
+                let result = wanted
+                    .iter()
+                    .map(|(client_id, seq)| store.history_entry(client_id, *seq))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            Request::Apply { .. } | Request::Flush { .. } => {}
         }
     }
 }

@@ -198,7 +198,6 @@ impl Router {
         if self.settings.presence.snapshot_topic && kind != EventKind::ConnectFailed {
             self.publish_snapshot(&event, kind != EventKind::TcpClean);
         }
-        self.last_events.insert(client.clone(), json.clone());
         RouterStats::add(&self.stats.presence_events[kind as usize], 1);
         let event = Event {
             kind,
@@ -413,7 +412,6 @@ impl Router {
             online: !channels.is_empty(),
             channels,
             seq: self.client_seqs.get(id).copied().unwrap_or(0),
-            last_event: self.last_events.get(id).cloned(),
         }
     }
 

@@ -17,7 +17,9 @@ use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
 use crate::session::{Queued, Session};
 use crate::tree::SubscriptionTree;
-use crate::types::{ChannelId, CloseReason, Event, Input, Message, RouterSettings, now_ms};
+use crate::types::{
+    ChannelId, ClientState, CloseReason, Event, Input, Message, RouterSettings, now_ms,
+};
 
 /// Counters the router keeps; read by the admin side and the tests.
 #[derive(Debug, Default)]
@@ -123,6 +125,9 @@ pub(crate) enum Deferred {
     Outbox(Vec<(Arc<SinkQueue>, OutboxEntry)>),
     /// Tells an internal publisher (the admin API, the `mqtt` sink) that its message is durable.
     Notify(oneshot::Sender<()>),
+    /// Answers a query once the state it reports is durable, so that the events it names can
+    /// be read back from the store.
+    Answer(Box<dyn FnOnce() + Send>),
 }
 
 struct Pending {
@@ -147,8 +152,6 @@ pub struct Router {
     pub(crate) client_seqs: HashMap<ClientId, u64>,
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
-    /// The last event of each client id since start.
-    pub(crate) last_events: HashMap<ClientId, bytes::Bytes>,
     pending: VecDeque<Pending>,
     pending_per_channel: HashMap<ChannelId, usize>,
     /// The highest ticket known durable.
@@ -193,7 +196,6 @@ impl Router {
             client_seqs: HashMap::new(),
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
-            last_events: HashMap::new(),
             pending: VecDeque::new(),
             pending_per_channel: HashMap::new(),
             committed: 0,
@@ -399,7 +401,8 @@ impl Router {
                 }
             }
             Input::QueryClients { ids, reply } => {
-                let _ = reply.send(ids.iter().map(|id| self.client_state(id)).collect());
+                let states: Vec<ClientState> = ids.iter().map(|id| self.client_state(id)).collect();
+                self.answer(reply, states);
             }
             Input::ListClients {
                 group,
@@ -409,7 +412,7 @@ impl Router {
                 reply,
             } => {
                 let page = self.list_clients(group.as_deref(), online, after.as_deref(), limit);
-                let _ = reply.send(page);
+                self.answer(reply, page);
             }
             Input::Kick { client_id, reply } => {
                 let channel = self
@@ -485,6 +488,18 @@ impl Router {
         }
     }
 
+    /// Sends client states once the events whose seqs they report are durable (at once when
+    /// nothing is waiting), so the caller can read those events from the store.
+    fn answer(&mut self, reply: oneshot::Sender<Vec<ClientState>>, states: Vec<ClientState>) {
+        if states.is_empty() {
+            let _ = reply.send(states);
+            return;
+        }
+        self.defer(Deferred::Answer(Box::new(move || {
+            let _ = reply.send(states);
+        })));
+    }
+
     /// Runs `action` once everything staged so far is durable, after every earlier deferred
     /// action (at once if nothing is waiting).
     pub(crate) fn defer(&mut self, action: Deferred) {
@@ -514,6 +529,7 @@ impl Router {
                 let _ = done.send(());
                 return;
             }
+            Deferred::Answer(answer) => return answer(),
         };
         let Some(channel) = channel else { return };
         let Some(session) = self.session_of(channel) else {

@@ -261,10 +261,9 @@ pub struct ClientState {
     pub client_id: String,
     pub online: bool,
     pub channels: Vec<ChannelInfo>,
-    /// The last presence seq (0: never seen).
+    /// The last presence seq (0: never seen). The event itself is in the store's history
+    /// (`HistoryReader::events`) once the state is reported.
     pub seq: u64,
-    /// The last presence event's JSON, when one was emitted since the broker started.
-    pub last_event: Option<Bytes>,
 }
 
 /// What the `connect_failed` event reports of a refused CONNECT.

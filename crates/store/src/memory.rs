@@ -236,4 +236,12 @@ impl Store for MemoryStore {
             .map(|(seq, (time_ms, payload))| (*seq, *time_ms, payload.clone()))
             .collect())
     }
+
+    fn history_entry(&mut self, client_id: &str, seq: u64) -> Result<Option<Bytes>, StoreError> {
+        Ok(self
+            .history
+            .get(client_id)
+            .and_then(|entries| entries.get(&seq))
+            .map(|(_, payload)| payload.clone()))
+    }
 }

@@ -64,6 +64,26 @@ pub(crate) fn history(
     Ok(found)
 }
 
+/// The payload of the history entry `(client_id, seq)`, if there is one.
+pub(crate) fn history_entry(
+    db: &Database,
+    path: &Path,
+    client_id: &str,
+    seq: u64,
+) -> Result<Option<Bytes>, StoreError> {
+    let txn = db.begin_read().at(path, "reading")?;
+    let table = txn.open_table(HISTORY).at(path, "opening table history")?;
+    let Some(value) = table
+        .get((client_id, seq))
+        .at(path, "reading the history")?
+    else {
+        return Ok(None);
+    };
+    let (_, payload) = codec::decode_history_entry(value.value())
+        .map_err(|e| corrupt(path, "history", &(client_id, seq), e))?;
+    Ok(Some(payload))
+}
+
 fn corrupt(path: &Path, table: &str, key: &dyn fmt::Debug, error: DecodeError) -> StoreError {
     StoreError::Corrupt(format!(
         "{}: table {table}, key {key:?}: {error}",

@@ -222,6 +222,27 @@ pub(crate) fn next_outbox_id_is_one_past_the_largest_ever_stored<S: Store, G>(
     assert_eq!(next_id(&mut store), u64::MAX);
 }
 
+pub(crate) fn history_entry_is_found_by_client_and_seq<S: Store, G>(fresh: impl Fresh<S, G>) {
+    let (mut store, _guard) = fresh();
+    let mut ops = vec![
+        put_history("c", 1, 100, "e1"),
+        put_history("c", 2, 200, "e2"),
+        put_history("c", 3, 300, "e3"),
+        put_history("cc", 4, 300, "other"),
+    ];
+    ops.push(Op::PruneHistory {
+        client_id: "c".into(),
+        below_seq: 2,
+    });
+    store.apply(&ops).expect("apply");
+    let mut entry = |client: &str, seq: u64| store.history_entry(client, seq).expect("read");
+    assert_eq!(entry("c", 3), Some(Bytes::from_static(b"e3")));
+    assert_eq!(entry("c", 2), Some(Bytes::from_static(b"e2")));
+    assert_eq!(entry("c", 1), None, "pruned");
+    assert_eq!(entry("c", 4), None, "another client's seq");
+    assert_eq!(entry("missing", 1), None);
+}
+
 pub(crate) fn history_filters_by_time_and_limit<S: Store, G>(fresh: impl Fresh<S, G>) {
     let (mut store, _guard) = fresh();
     // Seq 7 was seen at 250 after seq 6 at 500: the clock stepped back.
