@@ -39,7 +39,7 @@ impl Router {
         session.attached = Some(Attached {
             id: request.channel,
             outbox: request.outbox,
-            will: request.will,
+            will: request.will.map(Box::new),
             peer: request.peer,
             protocol: request.protocol,
             username: request.username,
@@ -80,7 +80,7 @@ impl Router {
     }
 
     /// Removes a session's subscriptions and, for a persistent one, its stored state.
-    fn discard_session(&mut self, session: Session) {
+    fn discard_session(&mut self, session: Box<Session>) {
         for filter in session.subscriptions.keys() {
             self.tree.remove(filter, &session.client_id);
         }

@@ -273,7 +273,8 @@ impl Router {
         };
         self.route(Message {
             topic: Topic::from_trusted(format!("$presence/{}", event.client_id)),
-            payload: Bytes::from(payload),
+            // Exact size: the snapshot stays in memory as long as the client id is known.
+            payload: Bytes::from(payload.into_boxed_slice()),
             qos: QoS::AtLeastOnce,
             retain: true,
             published_at_ms: event.time,

@@ -140,7 +140,8 @@ struct Pending {
 /// The broker's state. Owned by one task; see the crate docs.
 pub struct Router {
     pub(crate) settings: RouterSettings,
-    pub(crate) sessions: HashMap<ClientId, Session>,
+    /// Boxed: the map's slots (about 1.6 per session) stay small.
+    pub(crate) sessions: HashMap<ClientId, Box<Session>>,
     pub(crate) channels: HashMap<ChannelId, ClientId>,
     pub(crate) tree: SubscriptionTree,
     pub(crate) retained: BTreeMap<String, Message>,
@@ -450,6 +451,7 @@ impl Router {
         let client = self.channels.get(&channel)?;
         self.sessions
             .get_mut(client)
+            .map(|s| &mut **s)
             .filter(|s| s.channel_id() == Some(channel))
     }
 

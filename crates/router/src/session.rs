@@ -16,7 +16,8 @@ use crate::types::{ChannelId, Message, Outgoing, Transport, now_ms};
 pub struct Attached {
     pub id: ChannelId,
     pub outbox: Outbox,
-    pub will: Option<Will>,
+    /// Boxed: most clients have none.
+    pub will: Option<Box<Will>>,
     pub peer: SocketAddr,
     pub protocol: Protocol,
     pub username: Option<String>,
@@ -75,8 +76,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(client_id: ClientId, persistent: bool) -> Session {
-        Session {
+    pub fn new(client_id: ClientId, persistent: bool) -> Box<Session> {
+        Box::new(Session {
             client_id,
             persistent,
             subscriptions: HashMap::new(),
@@ -86,7 +87,7 @@ impl Session {
             incoming_qos2: HashSet::new(),
             next_packet_id: 0,
             created_at_ms: now_ms(),
-        }
+        })
     }
 
     pub fn record(&self) -> herald_store::SessionRecord {
