@@ -278,7 +278,7 @@ impl Default for Storage {
         Storage {
             sync: "always".into(),
             interval_ms: 100,
-            cache_mb: 16,
+            cache_mb: 4,
         }
     }
 }

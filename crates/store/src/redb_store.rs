@@ -73,7 +73,7 @@ pub(crate) const KEY_NEXT_OUTBOX_ID: &str = "next_outbox_id";
 /// sized for a database server. The broker reads its tables once, at start-up, and then only
 /// writes: the cache holds the B-tree pages commits touch, and pages that fall out of it are
 /// read back from the OS page cache. Every byte of it counts in the broker's resident memory.
-pub const DEFAULT_CACHE_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// In interval mode, a log that grows past this is flushed by `apply` itself, so that a caller
 /// that rarely flushes does not make start-up replay unbounded.
