@@ -13,8 +13,14 @@ use tokio::sync::oneshot;
 pub struct ChannelId(pub u128);
 
 impl ChannelId {
+    /// A new id: the time in ms since the Unix epoch in the top 48 bits, 80 random bits below
+    /// (the layout of a UUIDv7, without its version bits). Unique like a random id, but ids of
+    /// channels opened together are close, so the store inserts each commit's new channel
+    /// records into a few B-tree pages instead of one random page per channel.
     pub fn random() -> ChannelId {
-        ChannelId(rand::random())
+        let time = u128::from(now_ms() & ((1 << 48) - 1));
+        let random = rand::random::<u128>() & ((1 << 80) - 1);
+        ChannelId((time << 80) | random)
     }
 }
 
@@ -425,4 +431,26 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_ids_are_unique_32_hex_digits_and_grow_with_time() {
+        let first = ChannelId::random();
+        let ids: std::collections::HashSet<ChannelId> =
+            (0..10_000).map(|_| ChannelId::random()).collect();
+        assert_eq!(ids.len(), 10_000);
+        std::thread::sleep(Duration::from_millis(2));
+        let later = ChannelId::random();
+        assert!(later > first && ids.iter().all(|id| *id < later));
+        let text = later.to_string();
+        assert_eq!(text.len(), 32);
+        assert!(text.chars().all(|c| c.is_ascii_hexdigit()));
+        // The top 48 bits are the time in ms.
+        let ms = (later.0 >> 80) as u64;
+        assert!(ms.abs_diff(now_ms()) < 60_000, "{ms}");
+    }
 }
