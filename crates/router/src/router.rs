@@ -68,11 +68,11 @@ impl RouterHandle {
     /// It does not wait while the router's queue has room (nearly always); only the waiting
     /// send is boxed, so a connection task does not carry that state (a few hundred bytes)
     /// through its idle time.
-    pub fn route(&self, input: Input) -> Route<'_> {
+    pub fn route(&self, input: Input) -> Route {
         match self.inputs.try_send(input) {
             Ok(()) => Route::Done(true),
             Err(mpsc::error::TrySendError::Full(input)) => {
-                let inputs = &self.inputs;
+                let inputs = self.inputs.clone();
                 Route::Waiting(Box::pin(async move { inputs.send(input).await.is_ok() }))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Route::Done(false),
@@ -97,12 +97,12 @@ impl RouterHandle {
 }
 
 /// The future of [`RouterHandle::route`]: `true` once the router has the input.
-pub enum Route<'a> {
+pub enum Route {
     Done(bool),
-    Waiting(Pin<Box<dyn Future<Output = bool> + Send + 'a>>),
+    Waiting(Pin<Box<dyn Future<Output = bool> + Send>>),
 }
 
-impl Future for Route<'_> {
+impl Future for Route {
     type Output = bool;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use herald_auth::{Principal, UPLOAD_TOKEN_TOPIC};
 use herald_protocol::codec::check_filter_syntax;
 use herald_protocol::{Codec, DecodeError, Packet, Publish, QoS};
-use herald_router::{ChannelId, CloseReason, Input, OutboxReceiver, Outgoing, Transport};
+use herald_router::{ChannelId, CloseReason, Input, OutboxReceiver, Outgoing, Route, Transport};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Interval, Sleep};
 use tokio_util::codec::{Decoder, Encoder};
@@ -179,6 +179,22 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
+/// What a handled wake-up leaves to wait for.
+enum Step {
+    Continue,
+    Close(CloseReason),
+    /// Write out what was queued, then close if told to.
+    Flush {
+        then_close: Option<CloseReason>,
+    },
+    /// The router has the input unless its queue was full; then wait for room. Then pause
+    /// for `throttle`, if the connection publishes faster than its limits.
+    Route {
+        route: Route,
+        throttle: Option<Duration>,
+    },
+}
+
 /// What woke a connection up.
 enum Wake {
     Read(Result<Packet, ReadError>),
@@ -204,7 +220,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     ///
     /// An idle connection waits here, so what this future holds is what an idle connection
     /// costs: one keepalive timer (re-armed only when it fires, not on every packet), the
-    /// credential re-check timer only for connections that need it, and no buffers.
+    /// credential re-check timer only for connections that need it, and no buffers. Packets
+    /// and outbox wake-ups are handled synchronously; what is left to wait for (a socket
+    /// write, rarely a full router queue or a throttle) is a small [`Step`].
     async fn serve(&mut self) -> CloseReason {
         self.framed.release_read_buffer();
         let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
@@ -224,22 +242,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 self.poll_wake(cx, outbox_first, keepalive.as_mut(), deadline, &mut recheck)
             })
             .await;
-            let ended = match wake {
+            let step = match wake {
                 Wake::Read(Ok(packet)) => {
                     if let Some(keep_alive) = self.keep_alive {
                         deadline = Some(Instant::now() + keep_alive);
                     }
-                    self.dispatch(packet).await
+                    self.dispatch(packet)
                 }
-                Wake::Read(Err(e)) => Some(self.read_failed(e)),
-                Wake::Outbox(out) => self.write_outbox(out).await,
+                Wake::Read(Err(e)) => Step::Close(self.read_failed(e)),
+                Wake::Outbox(out) => self.take_outbox(out),
                 Wake::Recheck => self.recheck_credentials(),
                 Wake::KeepaliveExpired => {
                     info!(client_id = %self.principal.client_id, channel = %self.channel, "keepalive expired (1.5x the client's keepalive without a packet)");
-                    Some(CloseReason::KeepaliveTimeout)
+                    Step::Close(CloseReason::KeepaliveTimeout)
                 }
             };
-            if let Some(reason) = ended {
+            if let Some(reason) = self.complete(step).await {
                 return reason;
             }
         }
@@ -281,6 +299,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         Poll::Pending
     }
 
+    /// Waits for what a handled wake-up left to do; `Some` ends the channel.
+    async fn complete(&mut self, step: Step) -> Option<CloseReason> {
+        match step {
+            Step::Continue => None,
+            Step::Close(reason) => Some(reason),
+            Step::Flush { then_close } => match self.framed.flush().await {
+                Ok(()) => then_close,
+                Err(e) => {
+                    debug!(channel = %self.channel, error = %e, "write failed");
+                    Some(then_close.unwrap_or(CloseReason::SocketClosed))
+                }
+            },
+            Step::Route { route, throttle } => {
+                if !route.await {
+                    return Some(CloseReason::ServerShutdown);
+                }
+                if let Some(wait) = throttle {
+                    // Boxed: throttling is the exception, and an idle connection should not
+                    // carry a timer's state for it.
+                    Box::pin(tokio::time::sleep(wait)).await;
+                }
+                None
+            }
+        }
+    }
+
     /// The one exit of every channel: the router hears why, then the socket is closed.
     async fn finish(self, reason: CloseReason) {
         let channel = self.channel;
@@ -292,13 +336,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         self.framed.close().await;
     }
 
-    fn recheck_credentials(&self) -> Option<CloseReason> {
+    fn recheck_credentials(&self) -> Step {
         let registry = self.context.auth.registry();
         match self.principal.still_valid(registry, herald_auth::now_ms()) {
-            Ok(()) => None,
+            Ok(()) => Step::Continue,
             Err(why) => {
                 info!(client_id = %self.principal.client_id, channel = %self.channel, why, "closing: credentials no longer valid");
-                Some(CloseReason::AuthRevoked)
+                Step::Close(CloseReason::AuthRevoked)
             }
         }
     }
@@ -318,20 +362,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         }
     }
 
-    /// Writes what the router sent, and whatever else is already queued, in one write.
-    async fn write_outbox(&mut self, first: Option<Outgoing>) -> Option<CloseReason> {
+    /// Queues what the router sent, and whatever else is already in the outbox, for one
+    /// write.
+    fn take_outbox(&mut self, first: Option<Outgoing>) -> Step {
         let mut next = first;
-        let mut close = None;
+        let mut then_close = None;
         for written in 1..=WRITE_BATCH {
             match next {
                 Some(Outgoing::Packet(packet)) => self.framed.queue(packet),
                 Some(Outgoing::Close(reason)) => {
-                    close = Some(reason);
+                    then_close = Some(reason);
                     break;
                 }
                 // The router dropped the channel (it ended it) or is gone.
                 None => {
-                    close = Some(CloseReason::ServerShutdown);
+                    then_close = Some(CloseReason::ServerShutdown);
                     break;
                 }
             }
@@ -343,32 +388,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 None => break,
             }
         }
-        if let Err(e) = self.framed.flush().await {
-            debug!(channel = %self.channel, error = %e, "write failed");
-            return Some(close.unwrap_or(CloseReason::SocketClosed));
-        }
-        close
+        Step::Flush { then_close }
     }
 
-    /// Hands `input` to the router at once (not on first poll), so the future holds only
-    /// the rare wait for room in the router's queue, not the input.
-    fn send(&self, input: Input) -> impl Future<Output = Option<CloseReason>> + use<'_, S> {
-        let route = self.context.router.route(input);
-        async move { (!route.await).then_some(CloseReason::ServerShutdown) }
+    /// Hands `input` to the router now; the step waits only if its queue is full.
+    fn send(&self, input: Input) -> Step {
+        Step::Route {
+            route: self.context.router.route(input),
+            throttle: None,
+        }
     }
 
     /// One match over every packet a client may send.
-    async fn dispatch(&mut self, packet: Packet) -> Option<CloseReason> {
+    fn dispatch(&mut self, packet: Packet) -> Step {
         let channel = self.channel;
         match packet {
-            Packet::Publish(publish) => self.publish(publish).await,
-            Packet::PubAck(packet_id) => self.send(Input::PubAck { channel, packet_id }).await,
-            Packet::PubRec(packet_id) => self.send(Input::PubRec { channel, packet_id }).await,
-            Packet::PubRel(packet_id) => self.send(Input::PubRel { channel, packet_id }).await,
-            Packet::PubComp(packet_id) => self.send(Input::PubComp { channel, packet_id }).await,
-            Packet::Subscribe { packet_id, filters } => {
-                Box::pin(self.subscribe(packet_id, filters)).await
-            }
+            Packet::Publish(publish) => self.publish(publish),
+            Packet::PubAck(packet_id) => self.send(Input::PubAck { channel, packet_id }),
+            Packet::PubRec(packet_id) => self.send(Input::PubRec { channel, packet_id }),
+            Packet::PubRel(packet_id) => self.send(Input::PubRel { channel, packet_id }),
+            Packet::PubComp(packet_id) => self.send(Input::PubComp { channel, packet_id }),
+            Packet::Subscribe { packet_id, filters } => self.subscribe(packet_id, filters),
             Packet::Unsubscribe { packet_id, filters } => {
                 if let Some(bad) = filters.iter().find(|f| !check_filter_syntax(f)) {
                     return self
@@ -379,13 +419,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                     packet_id,
                     filters,
                 })
-                .await
             }
-            Packet::PingReq => match self.framed.write(Packet::PingResp).await {
-                Ok(()) => None,
-                Err(_) => Some(CloseReason::SocketClosed),
-            },
-            Packet::Disconnect => Some(CloseReason::ClientDisconnect),
+            Packet::PingReq => {
+                self.framed.queue(Packet::PingResp);
+                Step::Flush { then_close: None }
+            }
+            Packet::Disconnect => Step::Close(CloseReason::ClientDisconnect),
             Packet::Connect(_) => self.protocol_error("second CONNECT"),
             other => {
                 self.protocol_error(&format!("{} is not a packet a client sends", other.name()))
@@ -393,92 +432,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         }
     }
 
-    fn protocol_error(&self, why: &str) -> Option<CloseReason> {
+    fn protocol_error(&self, why: &str) -> Step {
         warn!(client_id = %self.principal.client_id, channel = %self.channel, why, "closing on a protocol error");
-        Some(CloseReason::ProtocolError)
+        Step::Close(CloseReason::ProtocolError)
     }
 
-    async fn publish(&mut self, publish: Publish) -> Option<CloseReason> {
+    fn publish(&mut self, publish: Publish) -> Step {
         let topic = publish.topic.as_str();
         let max = self.context.settings.max_topic_len;
         if topic.len() > max {
             warn!(client_id = %self.principal.client_id, limit = "limits.max_topic_len", len = topic.len(), max, "topic too long; closing");
-            return Some(CloseReason::ProtocolError);
+            return Step::Close(CloseReason::ProtocolError);
         }
-        // The exceptions are boxed, so their state does not weigh on every connection.
         if topic == UPLOAD_TOKEN_TOPIC && self.principal.is_token_mode() {
-            return Box::pin(self.upload_token(publish)).await;
+            return self.upload_token(publish);
         }
         if !self.principal.can_publish(topic) {
-            return Box::pin(self.denied_publish(publish)).await;
+            return self.denied_publish(publish);
         }
-        self.throttle(topic.len() + publish.payload.len()).await;
-        self.send(Input::Publish {
+        let throttle = self.throttle(topic.len() + publish.payload.len());
+        let input = Input::Publish {
             channel: self.channel,
             publish,
-        })
-        .await
+        };
+        Step::Route {
+            route: self.context.router.route(input),
+            throttle,
+        }
     }
 
-    /// Slows the connection down when it publishes faster than its limits allow; TCP then
-    /// pushes back on the client. The timer is boxed: throttling is the exception, and an
-    /// idle connection should not carry a timer's state for it.
-    async fn throttle(&mut self, size: usize) {
+    /// How long to pause reading when the connection publishes faster than its limits allow;
+    /// TCP then pushes back on the client.
+    fn throttle(&mut self, size: usize) -> Option<Duration> {
         let by_count = self.messages.as_mut().and_then(|b| b.take(1.0));
         let by_size = self.bytes.as_mut().and_then(|b| b.take(size as f64));
-        if let Some(wait) = by_count.max(by_size) {
+        let wait = by_count.max(by_size);
+        if wait.is_some() {
             ServerStats::add(&self.context.stats.throttled);
-            Box::pin(tokio::time::sleep(wait)).await;
         }
+        wait
     }
 
     /// A token-mode client refreshes its tokens (DESIGN.md 3.2). The message is not routed; the
     /// acknowledgement confirms the new token. An invalid token closes the connection with
     /// `protocol_error`: the client learns at once that its refresh failed.
-    async fn upload_token(&mut self, publish: Publish) -> Option<CloseReason> {
+    fn upload_token(&mut self, publish: Publish) -> Step {
         let now = herald_auth::now_ms();
         let auth = &self.context.auth;
         if let Err(refusal) = auth.upload_token(&mut self.principal, &publish.payload, now) {
             warn!(client_id = %self.principal.client_id, channel = %self.channel, %refusal, "token upload refused; closing");
-            return Some(CloseReason::ProtocolError);
+            return Step::Close(CloseReason::ProtocolError);
         }
         info!(client_id = %self.principal.client_id, channel = %self.channel, "token uploaded");
-        self.acknowledge_unrouted(&publish).await
+        self.acknowledge_unrouted(&publish)
     }
 
     /// Acknowledges a PUBLISH that is not routed (a token upload, an ignored denied publish).
     /// The acknowledgement goes through the router, behind the channel's acknowledgements that
     /// still wait for storage, so PUBACKs keep the order of their PUBLISHes.
-    async fn acknowledge_unrouted(&mut self, publish: &Publish) -> Option<CloseReason> {
+    fn acknowledge_unrouted(&self, publish: &Publish) -> Step {
         let packet = match (publish.qos, publish.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(id),
             // PUBREL will come back and be answered by the router with PUBCOMP.
             (QoS::ExactlyOnce, Some(id)) => Packet::PubRec(id),
-            _ => return None,
+            _ => return Step::Continue,
         };
         let channel = self.channel;
-        self.send(Input::Acknowledge { channel, packet }).await
+        self.send(Input::Acknowledge { channel, packet })
     }
 
-    async fn denied_publish(&mut self, publish: Publish) -> Option<CloseReason> {
+    fn denied_publish(&self, publish: Publish) -> Step {
         let client = &self.principal.client_id;
         match self.context.settings.on_denied_publish {
             DeniedPublish::Disconnect => {
                 warn!(client_id = %client, topic = %publish.topic, "publish not allowed; closing (limits.on_denied_publish = \"disconnect\")");
-                Some(CloseReason::NotAuthorized)
+                Step::Close(CloseReason::NotAuthorized)
             }
             DeniedPublish::Ignore => {
                 info!(client_id = %client, topic = %publish.topic, "publish not allowed; dropped (limits.on_denied_publish = \"ignore\")");
-                self.acknowledge_unrouted(&publish).await
+                self.acknowledge_unrouted(&publish)
             }
         }
     }
 
-    async fn subscribe(
-        &mut self,
-        packet_id: herald_protocol::PacketId,
-        filters: Vec<(String, QoS)>,
-    ) -> Option<CloseReason> {
+    fn subscribe(&self, packet_id: herald_protocol::PacketId, filters: Vec<(String, QoS)>) -> Step {
         let max = self.context.settings.max_topic_len;
         let mut checked = Vec::with_capacity(filters.len());
         for (filter, qos) in filters {
@@ -502,7 +539,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             packet_id,
             filters: checked,
         })
-        .await
     }
 }
 
@@ -521,11 +557,12 @@ mod tests {
 
     /// Every open connection is one task holding this future, so its size is most of what an
     /// idle connection costs (docs/benchmarks.md). It was 2,144 bytes before the handshake,
-    /// the waiting router send and the rare paths were boxed; keep it from creeping back.
+    /// the waiting router send and the rare paths were boxed and packets were handled
+    /// synchronously (832 in a release build since); keep it from creeping back.
     #[test]
     fn an_open_connection_task_stays_small() {
         type Args = (TcpStream, SocketAddr, Transport, Arc<crate::Context>);
         let size = future_size(|(s, p, t, c): Args| super::run(s, p, t, c));
-        assert!(size <= 1280, "a connection task is {size} bytes");
+        assert!(size <= 1024, "a connection task is {size} bytes");
     }
 }
