@@ -69,14 +69,7 @@ impl RouterHandle {
     /// send is boxed, so a connection task does not carry that state (a few hundred bytes)
     /// through its idle time.
     pub fn route(&self, input: Input) -> Route {
-        match self.inputs.try_send(input) {
-            Ok(()) => Route::Done(true),
-            Err(mpsc::error::TrySendError::Full(input)) => {
-                let inputs = self.inputs.clone();
-                Route::Waiting(Box::pin(async move { inputs.send(input).await.is_ok() }))
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Route::Done(false),
-        }
+        Route::new(&self.inputs, input)
     }
 
     /// Closes every channel and waits until their events are durable.
@@ -100,6 +93,19 @@ impl RouterHandle {
 pub enum Route {
     Done(bool),
     Waiting(Pin<Box<dyn Future<Output = bool> + Send>>),
+}
+
+impl Route {
+    fn new(inputs: &mpsc::Sender<Input>, input: Input) -> Route {
+        match inputs.try_send(input) {
+            Ok(()) => Route::Done(true),
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                let inputs = inputs.clone();
+                Route::Waiting(Box::pin(async move { inputs.send(input).await.is_ok() }))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Route::Done(false),
+        }
+    }
 }
 
 impl Future for Route {
@@ -628,5 +634,33 @@ fn from_stored(stored: herald_store::StoredMessage) -> Message {
         qos: QoS::from_u8(stored.qos).unwrap_or(QoS::AtLeastOnce),
         retain: stored.retain,
         published_at_ms: stored.published_at_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ChannelId;
+
+    fn input() -> Input {
+        Input::Closed {
+            channel: ChannelId(1),
+            reason: CloseReason::Kicked,
+        }
+    }
+
+    #[tokio::test]
+    async fn route_hands_over_at_once_waits_when_full_and_fails_when_the_router_is_gone() {
+        let (inputs, mut router) = mpsc::channel(1);
+        assert!(matches!(Route::new(&inputs, input()), Route::Done(true)));
+        // The queue is full: the route waits for room, and gets it once the router reads.
+        let waiting = Route::new(&inputs, input());
+        assert!(matches!(waiting, Route::Waiting(_)));
+        let delivered = tokio::spawn(waiting);
+        assert!(router.recv().await.is_some());
+        assert!(delivered.await.expect("task"));
+        assert!(router.recv().await.is_some());
+        drop(router);
+        assert!(!Route::new(&inputs, input()).await);
     }
 }
