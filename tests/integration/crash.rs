@@ -1,13 +1,21 @@
 //! SIGKILL of the broker in the middle of QoS 1 traffic: no acknowledged message to a
-//! persistent session is lost, and none is delivered twice without DUP.
+//! persistent session is lost, and none is delivered twice without DUP. And QoS 2 stays
+//! exactly once across a SIGKILL.
 
 use std::collections::HashMap;
+use std::num::NonZeroU16;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_testkit::{BrokerProcess, TestClient, open_config, options};
+use bytes::Bytes;
+use herald_protocol::{Packet, Publish, QoS as WireQoS, Topic};
+use herald_testkit::{BrokerProcess, RawClient, TestClient, open_config, options};
 use rumqttc::QoS;
+
+fn pid(n: u16) -> NonZeroU16 {
+    NonZeroU16::new(n).expect("non-zero")
+}
 
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
@@ -118,5 +126,72 @@ async fn sigkill_in_the_middle_of_qos1_traffic(storage: &str) {
         firsts.windows(2).all(|w| w[0] < w[1]),
         "offline delivery out of order"
     );
+    broker.kill();
+}
+
+async fn raw_session(addr: std::net::SocketAddr, id: &str) -> (RawClient, bool) {
+    let mut raw = RawClient::connect(addr).await;
+    raw.send(RawClient::connect_packet(id, None, None, false))
+        .await;
+    match raw.recv().await {
+        Some(Packet::ConnAck(ack)) => (raw, ack.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+fn qos2_publish(id: u16, payload: &'static [u8], dup: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup,
+        qos: WireQoS::ExactlyOnce,
+        retain: false,
+        topic: Topic::new("q2/t", 64).expect("topic"),
+        packet_id: NonZeroU16::new(id),
+        payload: Bytes::from_static(payload),
+    })
+}
+
+/// Exactly once across a crash: a QoS 2 PUBLISH the broker answered with PUBREC is not routed
+/// again when the client retransmits it to the restarted broker, and an id released by
+/// PUBCOMP stays released, so its reuse for a new message is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_does_not_make_qos2_deliver_twice() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = open_config(&dir.path().join("data"), "[storage]\nsync = \"always\"\n");
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let mut sub = TestClient::connected(options(broker.addr, "q2-sub", false)).await;
+    sub.subscribe("q2/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+
+    let (mut publisher, _) = raw_session(broker.addr, "q2-pub").await;
+    publisher.send(qos2_publish(9, b"once", false)).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubRec(pid(9))));
+    // The broker dies before the PUBREL arrives.
+    broker.kill();
+
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let (mut publisher, present) = raw_session(broker.addr, "q2-pub").await;
+    assert!(present);
+    publisher.send(qos2_publish(9, b"once", true)).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubRec(pid(9))));
+    publisher.send(Packet::PubRel(pid(9))).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubComp(pid(9))));
+    broker.kill();
+
+    // After the PUBCOMP the client may reuse id 9 for a new message.
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let (mut publisher, _) = raw_session(broker.addr, "q2-pub").await;
+    publisher.send(qos2_publish(9, b"second", false)).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubRec(pid(9))));
+    publisher.send(Packet::PubRel(pid(9))).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubComp(pid(9))));
+
+    let mut sub = TestClient::connected(options(broker.addr, "q2-sub", false)).await;
+    let mut got = Vec::new();
+    while let Some(Ok(packet)) = sub.next_incoming(Duration::from_millis(1500)).await {
+        if let rumqttc::Packet::Publish(p) = packet {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    assert_eq!(got, ["once", "second"]);
     broker.kill();
 }

@@ -31,6 +31,15 @@ impl Router {
                 return;
             }
             session.incoming_qos2.insert(id);
+            if session.persistent {
+                // In the batch the PUBREC waits for: after a crash, a retransmission of this
+                // PUBLISH is recognised and not routed again.
+                let client_id = session.client_id.to_string();
+                self.persister.stage(Op::PutIncomingQos2 {
+                    client_id,
+                    packet_id: id.get(),
+                });
+            }
         }
         RouterStats::add(&self.stats.messages_received, 1);
         RouterStats::add(&self.stats.received_by_qos[publish.qos.as_u8() as usize], 1);
@@ -58,8 +67,18 @@ impl Router {
         let Some(session) = self.session_of(channel) else {
             return;
         };
-        session.incoming_qos2.remove(&packet_id);
-        self.reply(channel, Deferred::Send(Packet::PubComp(packet_id)), false);
+        let durable = session.incoming_qos2.remove(&packet_id) && session.persistent;
+        if durable {
+            // The PUBCOMP waits for the id to be forgotten on disk too: once the client has it,
+            // it may reuse the id for a new message, which must not be taken for a
+            // retransmission after a crash.
+            let client_id = session.client_id.to_string();
+            self.persister.stage(Op::DeleteIncomingQos2 {
+                client_id,
+                packet_id: packet_id.get(),
+            });
+        }
+        self.reply(channel, Deferred::Send(Packet::PubComp(packet_id)), durable);
     }
 
     pub(crate) fn handle_puback(&mut self, channel: ChannelId, packet_id: PacketId) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use herald_protocol::{ClientId, Packet, QoS, Topic};
+use herald_protocol::{ClientId, Packet, PacketId, QoS, Topic};
 use herald_store::{Op, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -233,6 +233,8 @@ impl Router {
     fn restore(&mut self, snapshot: herald_store::Snapshot) {
         let mut queues: HashMap<String, Vec<(u64, herald_store::StoredMessage)>> =
             snapshot.queues.into_iter().collect();
+        let mut incoming_qos2: HashMap<String, Vec<u16>> =
+            snapshot.incoming_qos2.into_iter().collect();
         let count = snapshot.sessions.len();
         for (id, record) in snapshot.sessions {
             let client = match ClientId::parse_any(&id, usize::MAX) {
@@ -257,7 +259,17 @@ impl Router {
                     dup: true,
                 });
             }
+            // QoS 2 messages this client published that were routed but not yet released: a
+            // retransmission is acknowledged, not routed a second time.
+            let released = incoming_qos2.remove(&id).unwrap_or_default();
+            session
+                .incoming_qos2
+                .extend(released.into_iter().filter_map(PacketId::new));
             self.sessions.insert(client, session);
+        }
+        for (client, _) in incoming_qos2 {
+            self.persister
+                .stage(Op::DeleteSession { client_id: client });
         }
         for (client, queue) in queues {
             warn!(client_id = %client, messages = queue.len(), "queued messages without a session; removing");

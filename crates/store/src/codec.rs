@@ -40,6 +40,8 @@ const TAG_PUT_TOKEN: u8 = 14;
 const TAG_DELETE_TOKEN: u8 = 15;
 const TAG_PUT_CREDENTIAL: u8 = 16;
 const TAG_DELETE_CREDENTIAL: u8 = 17;
+const TAG_PUT_INCOMING_QOS2: u8 = 18;
+const TAG_DELETE_INCOMING_QOS2: u8 = 19;
 
 /// Why bytes could not be decoded. The caller adds which file and key they came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +200,24 @@ fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
         Op::DeleteSession { client_id } => {
             out.push(TAG_DELETE_SESSION);
             put_str(out, client_id)
+        }
+        Op::PutIncomingQos2 {
+            client_id,
+            packet_id,
+        } => {
+            out.push(TAG_PUT_INCOMING_QOS2);
+            put_str(out, client_id)?;
+            out.extend_from_slice(&packet_id.to_be_bytes());
+            Ok(())
+        }
+        Op::DeleteIncomingQos2 {
+            client_id,
+            packet_id,
+        } => {
+            out.push(TAG_DELETE_INCOMING_QOS2);
+            put_str(out, client_id)?;
+            out.extend_from_slice(&packet_id.to_be_bytes());
+            Ok(())
         }
         Op::Enqueue {
             client_id,
@@ -392,6 +412,10 @@ impl<'a> Reader<'a> {
         Ok(self.array::<1>(what)?[0])
     }
 
+    fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.array(what)?))
+    }
+
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.array("length")?))
     }
@@ -521,6 +545,14 @@ impl<'a> Reader<'a> {
             TAG_DELETE_SESSION => Op::DeleteSession {
                 client_id: self.string("client id")?,
             },
+            TAG_PUT_INCOMING_QOS2 => Op::PutIncomingQos2 {
+                client_id: self.string("client id")?,
+                packet_id: self.u16("packet id")?,
+            },
+            TAG_DELETE_INCOMING_QOS2 => Op::DeleteIncomingQos2 {
+                client_id: self.string("client id")?,
+                packet_id: self.u16("packet id")?,
+            },
             TAG_ENQUEUE => Op::Enqueue {
                 client_id: self.string("client id")?,
                 seq: self.u64("seq")?,
@@ -611,6 +643,14 @@ mod tests {
             },
             Op::DeleteSession {
                 client_id: "gone".into(),
+            },
+            Op::PutIncomingQos2 {
+                client_id: "GID@@@dev-1".into(),
+                packet_id: u16::MAX,
+            },
+            Op::DeleteIncomingQos2 {
+                client_id: "GID@@@dev-1".into(),
+                packet_id: 1,
             },
             Op::Enqueue {
                 client_id: "GID@@@dev-1".into(),
@@ -828,8 +868,25 @@ mod tests {
         assert_eq!(decode_batch(&auth), Ok(auth_ops.clone()));
         assert_eq!(encode_batch(&auth_ops).expect("encode"), auth);
 
-        let error = decode_batch(&[1, 0, 0, 0, 1, 18]).expect_err("unknown tag");
-        assert!(error.to_string().contains("unknown op tag 18"), "{error}");
+        // PutIncomingQos2 "c" 0x0102, DeleteIncomingQos2 "c" 0xFFFF
+        let qos2 = [
+            1, 0, 0, 0, 2, 18, 0, 0, 0, 1, b'c', 1, 2, 19, 0, 0, 0, 1, b'c', 0xFF, 0xFF,
+        ];
+        let qos2_ops = vec![
+            Op::PutIncomingQos2 {
+                client_id: "c".into(),
+                packet_id: 0x0102,
+            },
+            Op::DeleteIncomingQos2 {
+                client_id: "c".into(),
+                packet_id: u16::MAX,
+            },
+        ];
+        assert_eq!(decode_batch(&qos2), Ok(qos2_ops.clone()));
+        assert_eq!(encode_batch(&qos2_ops).expect("encode"), qos2);
+
+        let error = decode_batch(&[1, 0, 0, 0, 1, 20]).expect_err("unknown tag");
+        assert!(error.to_string().contains("unknown op tag 20"), "{error}");
     }
 
     #[test]

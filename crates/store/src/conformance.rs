@@ -120,8 +120,36 @@ pub(crate) fn mixed_batch() -> Vec<Op> {
             record: session(&["z"]),
         },
         enqueue("c", 4, "c4"),
+        Op::PutIncomingQos2 {
+            client_id: "c".into(),
+            packet_id: 9,
+        },
         Op::DeleteSession {
             client_id: "c".into(),
+        },
+        Op::PutIncomingQos2 {
+            client_id: "b".into(),
+            packet_id: u16::MAX,
+        },
+        Op::PutIncomingQos2 {
+            client_id: "a".into(),
+            packet_id: 7,
+        },
+        Op::PutIncomingQos2 {
+            client_id: "a".into(),
+            packet_id: 2,
+        },
+        Op::PutIncomingQos2 {
+            client_id: "a".into(),
+            packet_id: 3,
+        },
+        Op::DeleteIncomingQos2 {
+            client_id: "a".into(),
+            packet_id: 3,
+        },
+        Op::DeleteIncomingQos2 {
+            client_id: "b".into(),
+            packet_id: 1,
         },
         Op::PutClientSeq {
             client_id: "a".into(),
@@ -234,6 +262,7 @@ pub(crate) fn mixed_snapshot() -> Snapshot {
         next_outbox_id: 5,
         tokens: vec![("tok".into(), mixed_token())],
         credentials: vec![("a".into(), mixed_credential())],
+        incoming_qos2: vec![("a".into(), vec![2, 7]), ("b".into(), vec![u16::MAX])],
     }
 }
 
@@ -321,7 +350,15 @@ pub(crate) fn delete_session_removes_only_its_queue<S: Store, G>(fresh: impl Fre
         });
         ops.push(enqueue(client, base, "first"));
         ops.push(enqueue(client, base + 1, "second"));
+        ops.push(Op::PutIncomingQos2 {
+            client_id: (*client).to_owned(),
+            packet_id: i as u16 + 1,
+        });
     }
+    ops.push(Op::PutIncomingQos2 {
+        client_id: "a".into(),
+        packet_id: u16::MAX,
+    });
     ops.push(enqueue("a", u64::MAX - 1, "edge"));
     store.apply(&ops).expect("apply");
 
@@ -350,6 +387,16 @@ pub(crate) fn delete_session_removes_only_its_queue<S: Store, G>(fresh: impl Fre
             ("ab", vec![10, 11]),
             ("b", vec![30, 31])
         ]
+    );
+    assert_eq!(
+        snapshot.incoming_qos2,
+        [
+            ("".to_owned(), vec![5]),
+            ("a\u{0}".to_owned(), vec![3]),
+            ("ab".to_owned(), vec![2]),
+            ("b".to_owned(), vec![4])
+        ],
+        "the session's QoS 2 ids go with it"
     );
     // Deleting a session that does not exist is fine (idempotence).
     store

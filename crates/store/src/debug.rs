@@ -48,6 +48,22 @@ impl fmt::Debug for Op {
                 .debug_struct("DeleteSession")
                 .field("client_id", client_id)
                 .finish(),
+            Op::PutIncomingQos2 {
+                client_id,
+                packet_id,
+            } => f
+                .debug_struct("PutIncomingQos2")
+                .field("client_id", client_id)
+                .field("packet_id", packet_id)
+                .finish(),
+            Op::DeleteIncomingQos2 {
+                client_id,
+                packet_id,
+            } => f
+                .debug_struct("DeleteIncomingQos2")
+                .field("client_id", client_id)
+                .field("packet_id", packet_id)
+                .finish(),
             Op::Enqueue {
                 client_id,
                 seq,
@@ -171,6 +187,7 @@ impl fmt::Debug for Snapshot {
             .field("next_outbox_id", &self.next_outbox_id)
             .field("tokens", &self.tokens.len())
             .field("credentials", &self.credentials)
+            .field("incoming_qos2", &self.incoming_qos2)
             .finish()
     }
 }
@@ -242,7 +259,8 @@ mod tests {
         assert_eq!(
             format!("{:?}", Snapshot::default()),
             "Snapshot { sessions: [], queues: [], retained: [], next_seq: 0, client_seqs: [], \
-             channels: [], outboxes: [], next_outbox_id: 0, tokens: 0, credentials: [] }"
+             channels: [], outboxes: [], next_outbox_id: 0, tokens: 0, credentials: [], \
+             incoming_qos2: [] }"
         );
     }
 }

@@ -102,8 +102,14 @@ pub enum Op {
         client_id: String,
         record: SessionRecord,
     },
-    /// Deletes the session record and every message queued for it.
+    /// Deletes the session record, every message queued for it and its QoS 2 ids awaiting
+    /// PUBREL.
     DeleteSession { client_id: String },
+    /// Records that the QoS 2 PUBLISH `packet_id` of `client_id` was routed and waits for its
+    /// PUBREL: a retransmission after a restart must not be routed again.
+    PutIncomingQos2 { client_id: String, packet_id: u16 },
+    /// The PUBREL of `packet_id` came: the id is free again.
+    DeleteIncomingQos2 { client_id: String, packet_id: u16 },
     /// Queues `message` for `client_id` under `seq` (replacing what was there).
     Enqueue {
         client_id: String,
@@ -186,6 +192,9 @@ pub struct Snapshot {
     pub tokens: Vec<(String, TokenRecord)>,
     /// Device credentials, sorted by client id.
     pub credentials: Vec<(String, CredentialRecord)>,
+    /// Per client id (sorted), the QoS 2 packet ids it published that await PUBREL, sorted.
+    /// Clients without any are left out.
+    pub incoming_qos2: Vec<(String, Vec<u16>)>,
 }
 
 /// When [`RedbStore`] makes a batch durable against power loss.

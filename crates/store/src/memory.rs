@@ -4,7 +4,7 @@
 //! nothing. The shared behavioural tests (`conformance`) hold it to the same results as
 //! [`crate::RedbStore`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use bytes::Bytes;
@@ -31,6 +31,8 @@ pub struct MemoryStore {
     history: BTreeMap<String, BTreeMap<u64, (u64, Bytes)>>,
     tokens: BTreeMap<String, TokenRecord>,
     credentials: BTreeMap<String, CredentialRecord>,
+    /// client id → QoS 2 packet ids awaiting PUBREL; a client with none has no entry.
+    incoming_qos2: BTreeMap<String, BTreeSet<u16>>,
 }
 
 // Counts only: outbox and history payloads may carry user data.
@@ -48,6 +50,7 @@ impl fmt::Debug for MemoryStore {
             .field("history", &self.history.len())
             .field("tokens", &self.tokens.len())
             .field("credentials", &self.credentials.len())
+            .field("incoming_qos2", &self.incoming_qos2.len())
             .finish()
     }
 }
@@ -65,6 +68,27 @@ impl MemoryStore {
             Op::DeleteSession { client_id } => {
                 self.sessions.remove(client_id);
                 self.queues.remove(client_id);
+                self.incoming_qos2.remove(client_id);
+            }
+            Op::PutIncomingQos2 {
+                client_id,
+                packet_id,
+            } => {
+                self.incoming_qos2
+                    .entry(client_id.clone())
+                    .or_default()
+                    .insert(*packet_id);
+            }
+            Op::DeleteIncomingQos2 {
+                client_id,
+                packet_id,
+            } => {
+                if let Some(ids) = self.incoming_qos2.get_mut(client_id) {
+                    ids.remove(packet_id);
+                    if ids.is_empty() {
+                        self.incoming_qos2.remove(client_id);
+                    }
+                }
             }
             Op::Enqueue {
                 client_id,
@@ -203,6 +227,11 @@ impl Store for MemoryStore {
                 .credentials
                 .iter()
                 .map(|(c, r)| (c.clone(), r.clone()))
+                .collect(),
+            incoming_qos2: self
+                .incoming_qos2
+                .iter()
+                .map(|(c, ids)| (c.clone(), ids.iter().copied().collect()))
                 .collect(),
         })
     }

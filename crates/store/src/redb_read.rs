@@ -14,8 +14,8 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
 use crate::codec::{self, DecodeError};
 use crate::error::EngineContext;
 use crate::redb_store::{
-    CHANNELS, CLIENT_SEQS, CREDENTIALS, HISTORY, KEY_NEXT_OUTBOX_ID, KEY_NEXT_SEQ, META, OUTBOX,
-    QUEUE, RETAINED, SESSIONS, TOKENS,
+    CHANNELS, CLIENT_SEQS, CREDENTIALS, HISTORY, INCOMING_QOS2, KEY_NEXT_OUTBOX_ID, KEY_NEXT_SEQ,
+    META, OUTBOX, QUEUE, RETAINED, SESSIONS, TOKENS,
 };
 use crate::{Snapshot, StoreError};
 
@@ -126,6 +126,20 @@ fn load_mqtt(
         let message = codec::decode_message(value.value())
             .map_err(|e| corrupt(path, "retained", &key.value(), e))?;
         snapshot.retained.push(message);
+    }
+
+    let incoming = txn
+        .open_table(INCOMING_QOS2)
+        .at(path, "opening table incoming_qos2")?;
+    for entry in incoming.iter().at(path, "reading QoS 2 ids")? {
+        let (key, _) = entry.at(path, "reading QoS 2 ids")?;
+        let (client, packet_id) = key.value();
+        match snapshot.incoming_qos2.last_mut() {
+            Some((last, ids)) if last == client => ids.push(packet_id),
+            _ => snapshot
+                .incoming_qos2
+                .push((client.to_owned(), vec![packet_id])),
+        }
     }
 
     // next_seq is written with every Enqueue; the max is only a guard against a future bug.

@@ -22,10 +22,13 @@
 //!
 //! - `tokens`: token → encoded [`crate::TokenRecord`].
 //! - `credentials`: client id → encoded [`crate::CredentialRecord`].
+//! - `incoming_qos2`: `(client id, packet id)` → nothing: the QoS 2 PUBLISHes of persistent
+//!   sessions that were routed and await their PUBREL.
 //!
 //! `client_seqs` to `history` came with presence, `tokens` and `credentials` with the token and
-//! device-credential modes, all under the same [`FORMAT_VERSION`]: a Herald from before ignores
-//! them, and this one creates them when it opens a file that lacks them.
+//! device-credential modes, `incoming_qos2` later, all under the same [`FORMAT_VERSION`]: a
+//! Herald from before ignores them, and this one creates them when it opens a file that lacks
+//! them.
 //!
 //! Durability: [`SyncMode::Always`] commits every batch with `Durability::Immediate` (fsync).
 //! [`SyncMode::Interval`] appends the batch to the log (survives a process crash), then commits
@@ -64,6 +67,8 @@ pub(crate) const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::
 pub(crate) const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+pub(crate) const INCOMING_QOS2: TableDefinition<(&str, u16), ()> =
+    TableDefinition::new("incoming_qos2");
 
 pub(crate) const KEY_FORMAT_VERSION: &str = "format_version";
 pub(crate) const KEY_NEXT_SEQ: &str = "next_seq";
@@ -115,6 +120,7 @@ struct Tables<'txn> {
     history: Table<'txn, (&'static str, u64), &'static [u8]>,
     tokens: Table<'txn, &'static str, &'static [u8]>,
     credentials: Table<'txn, &'static str, &'static [u8]>,
+    incoming_qos2: Table<'txn, (&'static str, u16), ()>,
 }
 
 /// The two counters of `meta` that ops move forward.
@@ -369,6 +375,7 @@ fn add_missing_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
         HISTORY.name(),
         TOKENS.name(),
         CREDENTIALS.name(),
+        INCOMING_QOS2.name(),
     ];
     let missing: Vec<&str> = all
         .into_iter()
@@ -485,6 +492,9 @@ impl<'txn> Tables<'txn> {
             credentials: txn
                 .open_table(CREDENTIALS)
                 .at(path, "opening table credentials")?,
+            incoming_qos2: txn
+                .open_table(INCOMING_QOS2)
+                .at(path, "opening table incoming_qos2")?,
         })
     }
 
@@ -526,6 +536,25 @@ impl<'txn> Tables<'txn> {
                 self.queue
                     .retain_in((client, 0)..=(client, u64::MAX), |_, _| false)
                     .at(path, "deleting a session's queue")?;
+                self.incoming_qos2
+                    .retain_in((client, 0)..=(client, u16::MAX), |_, _| false)
+                    .at(path, "deleting a session's QoS 2 ids")?;
+            }
+            Op::PutIncomingQos2 {
+                client_id,
+                packet_id,
+            } => {
+                self.incoming_qos2
+                    .insert((client_id.as_str(), *packet_id), ())
+                    .at(path, "writing a QoS 2 id")?;
+            }
+            Op::DeleteIncomingQos2 {
+                client_id,
+                packet_id,
+            } => {
+                self.incoming_qos2
+                    .remove((client_id.as_str(), *packet_id))
+                    .at(path, "deleting a QoS 2 id")?;
             }
             Op::Enqueue {
                 client_id,

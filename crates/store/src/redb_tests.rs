@@ -19,8 +19,8 @@ use crate::conformance::{
     put_history, put_outbox, session,
 };
 use crate::redb_store::{
-    CHANNELS, CLIENT_SEQS, CREDENTIALS, DB_FILE, HISTORY, KEY_FORMAT_VERSION, KEY_NEXT_SEQ, META,
-    OUTBOX, QUEUE, RETAINED, SESSIONS, TOKENS,
+    CHANNELS, CLIENT_SEQS, CREDENTIALS, DB_FILE, HISTORY, INCOMING_QOS2, KEY_FORMAT_VERSION,
+    KEY_NEXT_SEQ, META, OUTBOX, QUEUE, RETAINED, SESSIONS, TOKENS,
 };
 use crate::wal::{HEADER_LEN, WAL_FILE};
 use crate::{FORMAT_VERSION, MemoryStore, Op, RedbStore, Snapshot, Store, StoreError, SyncMode};
@@ -460,6 +460,7 @@ fn a_store_from_before_presence_opens_and_gains_the_new_tables() {
             CLIENT_SEQS.name(),
             CREDENTIALS.name(),
             HISTORY.name(),
+            INCOMING_QOS2.name(),
             META.name(),
             OUTBOX.name(),
             QUEUE.name(),
