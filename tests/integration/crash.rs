@@ -195,3 +195,78 @@ async fn sigkill_does_not_make_qos2_deliver_twice() {
     assert_eq!(got, ["once", "second"]);
     broker.kill();
 }
+
+/// The other direction: a QoS 2 delivery to a persistent subscriber resumes where it was after
+/// a SIGKILL. A message the subscriber has not acknowledged comes again under its original
+/// packet id with DUP set (so a subscriber that took it can recognise it); one it has PUBRECed
+/// is completed with PUBREL, not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_resumes_qos2_deliveries_under_their_original_ids() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = open_config(&dir.path().join("data"), "[storage]\nsync = \"always\"\n");
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let (mut sub, _) = raw_session(broker.addr, "q2-out-sub").await;
+    sub.send(Packet::Subscribe {
+        packet_id: pid(1),
+        filters: vec![("q2/#".into(), WireQoS::ExactlyOnce)],
+    })
+    .await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck { .. })));
+    let mut publisher = TestClient::connected(options(broker.addr, "q2-out-pub", true)).await;
+    // Three complete exchanges first, so the ids below are not the ones a fresh broker would
+    // hand out first.
+    for _ in 0..3 {
+        publisher
+            .publish("q2/t", QoS::ExactlyOnce, false, b"warm-up")
+            .await;
+        let Some(Packet::Publish(warm)) = sub.recv().await else {
+            panic!("warm-up delivered")
+        };
+        let id = warm.packet_id.expect("id");
+        sub.send(Packet::PubRec(id)).await;
+        assert_eq!(sub.recv().await, Some(Packet::PubRel(id)));
+        sub.send(Packet::PubComp(id)).await;
+    }
+    publisher
+        .publish("q2/t", QoS::ExactlyOnce, false, b"first")
+        .await;
+    let Some(Packet::Publish(first)) = sub.recv().await else {
+        panic!("first delivered")
+    };
+    let first_id = first.packet_id.expect("id");
+    sub.send(Packet::PubRec(first_id)).await;
+    assert_eq!(sub.recv().await, Some(Packet::PubRel(first_id)));
+    publisher
+        .publish("q2/t", QoS::ExactlyOnce, false, b"second")
+        .await;
+    let Some(Packet::Publish(second)) = sub.recv().await else {
+        panic!("second delivered")
+    };
+    let second_id = second.packet_id.expect("id");
+    assert_ne!(first_id, second_id);
+    // The broker dies: "first" awaits its PUBCOMP, "second" its PUBREC.
+    broker.kill();
+
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let (mut sub, present) = raw_session(broker.addr, "q2-out-sub").await;
+    assert!(present);
+    assert_eq!(sub.recv().await, Some(Packet::PubRel(first_id)));
+    let Some(Packet::Publish(again)) = sub.recv().await else {
+        panic!("second delivered again")
+    };
+    assert_eq!(again.packet_id, Some(second_id));
+    assert!(again.dup);
+    assert_eq!(again.payload, Bytes::from_static(b"second"));
+    sub.send(Packet::PubComp(first_id)).await;
+    sub.send(Packet::PubRec(second_id)).await;
+    assert_eq!(sub.recv().await, Some(Packet::PubRel(second_id)));
+    sub.send(Packet::PubComp(second_id)).await;
+    sub.expect_silence(Duration::from_millis(500)).await;
+    broker.kill();
+
+    // Both are complete: nothing comes after another restart.
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let (mut sub, _) = raw_session(broker.addr, "q2-out-sub").await;
+    sub.expect_silence(Duration::from_millis(500)).await;
+    broker.kill();
+}

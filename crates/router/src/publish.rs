@@ -93,14 +93,23 @@ impl Router {
         let Some(session) = self.session_of(channel) else {
             return;
         };
+        let mut released = None;
         if let Some(inflight) = session
             .inflight
             .iter_mut()
             .find(|i| i.packet_id == packet_id && i.state == InflightState::Received)
         {
             inflight.state = InflightState::Complete;
+            released = inflight.queued.seq;
         }
-        self.reply(channel, Deferred::Send(Packet::PubRel(packet_id)), false);
+        // A stored message is marked released before the PUBREL goes out: after a crash the
+        // broker then resends the PUBREL, never the PUBLISH the client has already taken.
+        let durable = session.persistent && released.is_some();
+        if let Some(seq) = released.filter(|_| durable) {
+            let client_id = session.client_id.to_string();
+            self.persister.stage(Op::PutReleased { client_id, seq });
+        }
+        self.reply(channel, Deferred::Send(Packet::PubRel(packet_id)), durable);
     }
 
     /// The last acknowledgement of an outgoing message: forget it and send the next ones.
@@ -208,6 +217,7 @@ impl Router {
             seq,
             message: copy,
             dup: false,
+            released: false,
         };
         if session.enqueue(queued, limits, &mut ops) {
             RouterStats::add(&self.stats.queue_dropped, 1);

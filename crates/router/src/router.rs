@@ -235,6 +235,7 @@ impl Router {
             snapshot.queues.into_iter().collect();
         let mut incoming_qos2: HashMap<String, Vec<u16>> =
             snapshot.incoming_qos2.into_iter().collect();
+        let mut released: HashMap<String, Vec<u64>> = snapshot.released.into_iter().collect();
         let count = snapshot.sessions.len();
         for (id, record) in snapshot.sessions {
             let client = match ClientId::parse_any(&id, usize::MAX) {
@@ -251,12 +252,14 @@ impl Router {
                 self.tree.insert(&filter, &client, qos);
                 session.subscriptions.insert(filter, qos);
             }
+            let released_seqs = released.remove(&id).unwrap_or_default();
             for (seq, stored) in queues.remove(&id).unwrap_or_default() {
                 // Whether it was sent before the restart is unknown: mark it as a redelivery.
                 session.queue.push_back(Queued {
                     seq: Some(seq),
                     message: from_stored(stored),
                     dup: true,
+                    released: released_seqs.binary_search(&seq).is_ok(),
                 });
             }
             // QoS 2 messages this client published that were routed but not yet released: a

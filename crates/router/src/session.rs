@@ -32,6 +32,9 @@ pub struct Queued {
     pub message: Message,
     /// Set when the message may have been sent before (redelivery after a broker restart).
     pub dup: bool,
+    /// QoS 2 only: the client already sent PUBREC (before a restart), so the message is
+    /// completed with PUBREL, not sent again.
+    pub released: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,10 +122,28 @@ impl Session {
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1);
             if let Some(id) = PacketId::new(self.next_packet_id)
-                && !self.inflight.iter().any(|i| i.packet_id == id)
+                && !self.in_flight(id)
             {
                 return id;
             }
+        }
+    }
+
+    fn in_flight(&self, id: PacketId) -> bool {
+        self.inflight.iter().any(|i| i.packet_id == id)
+    }
+
+    /// The packet id of a queued message: derived from its store seq when it has one, so that
+    /// after a restart it is sent again under its original id (MQTT 3.1.1 4.4) and a client
+    /// awaiting its PUBREL recognises it; else the next free id. `None` while the derived id
+    /// is still in flight with another message (the queue waits, keeping its order).
+    fn packet_id_for(&mut self, queued: &Queued) -> Option<PacketId> {
+        match queued.seq {
+            Some(seq) => {
+                let id = PacketId::new((seq % u64::from(u16::MAX)) as u16 + 1)?;
+                (!self.in_flight(id)).then_some(id)
+            }
+            None => Some(self.allocate_packet_id()),
         }
     }
 
@@ -195,12 +216,18 @@ impl Session {
                 outcome.expired += 1;
                 continue;
             }
-            let packet_id = self.allocate_packet_id();
-            let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
-            let state = if queued.message.qos == QoS::ExactlyOnce {
-                InflightState::Received
+            let Some(packet_id) = self.packet_id_for(&queued) else {
+                self.queue.push_front(queued);
+                break;
+            };
+            let (packet, state) = if queued.released {
+                (Packet::PubRel(packet_id), InflightState::Complete)
+            } else if queued.message.qos == QoS::ExactlyOnce {
+                let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
+                (packet, InflightState::Received)
             } else {
-                InflightState::Ack
+                let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
+                (packet, InflightState::Ack)
             };
             self.inflight.push_back(Inflight {
                 packet_id,
@@ -235,4 +262,97 @@ pub fn publish_packet(message: &Message, packet_id: Option<PacketId>, dup: bool)
         packet_id,
         payload: message.payload.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use herald_protocol::Topic;
+
+    use super::*;
+    use crate::{OutboxReceiver, channel_outbox};
+
+    fn attached_session() -> (Box<Session>, OutboxReceiver) {
+        let client = ClientId::parse_any("c", 64).expect("id");
+        let mut session = Session::new(client, true);
+        let (outbox, rx) = channel_outbox(64);
+        session.attached = Some(Attached {
+            id: ChannelId(1),
+            outbox,
+            will: None,
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            protocol: Protocol::V311,
+            username: None,
+            transport: Transport::Tcp,
+            connected_at_ms: 0,
+        });
+        (session, rx)
+    }
+
+    fn queued(seq: u64, released: bool) -> Queued {
+        Queued {
+            seq: Some(seq),
+            message: Message {
+                topic: Topic::new("t", 64).expect("topic"),
+                payload: Bytes::from_static(b"m"),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                published_at_ms: now_ms(),
+            },
+            dup: true,
+            released,
+        }
+    }
+
+    const LIMITS: QueueLimits = QueueLimits {
+        max_inflight: 10,
+        max_queued_messages: 100,
+        max_queue_age: Duration::from_secs(60),
+    };
+
+    fn sent(rx: &mut OutboxReceiver) -> Vec<Packet> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|out| match out {
+                Outgoing::Packet(packet) => packet,
+                Outgoing::Close(reason) => panic!("closed: {reason}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stored_messages_go_out_under_ids_derived_from_their_seq() {
+        let (mut session, mut rx) = attached_session();
+        session.queue.push_back(queued(4, true));
+        session
+            .queue
+            .push_back(queued(u64::from(u16::MAX) + 6, false));
+        // Derives the same id as seq 6 - 65535 away: it waits for that one to complete.
+        session.queue.push_back(queued(6, false));
+        session.queue.push_back(queued(7, false));
+        let mut ops = Vec::new();
+        assert!(!session.pump(LIMITS, &mut ops).slow_consumer);
+        let packets = sent(&mut rx);
+        assert_eq!(packets.len(), 2, "{packets:?}");
+        assert_eq!(packets[0], Packet::PubRel(PacketId::new(5).expect("id")));
+        let Packet::Publish(publish) = &packets[1] else {
+            panic!("{packets:?}")
+        };
+        assert_eq!(publish.packet_id, PacketId::new(7));
+        assert!(publish.dup);
+        assert_eq!(session.queue.len(), 2, "seq 6 and 7 wait, in order");
+
+        let id = PacketId::new(7).expect("id");
+        assert!(session.take_inflight(id, InflightState::Received).is_some());
+        session.pump(LIMITS, &mut ops);
+        let ids: Vec<Option<PacketId>> = sent(&mut rx)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.packet_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [PacketId::new(7), PacketId::new(8)]);
+    }
 }

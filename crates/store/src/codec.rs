@@ -42,6 +42,7 @@ const TAG_PUT_CREDENTIAL: u8 = 16;
 const TAG_DELETE_CREDENTIAL: u8 = 17;
 const TAG_PUT_INCOMING_QOS2: u8 = 18;
 const TAG_DELETE_INCOMING_QOS2: u8 = 19;
+const TAG_PUT_RELEASED: u8 = 20;
 
 /// Why bytes could not be decoded. The caller adds which file and key they came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,6 +232,12 @@ fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
         }
         Op::Dequeue { client_id, seq } => {
             out.push(TAG_DEQUEUE);
+            put_str(out, client_id)?;
+            out.extend_from_slice(&seq.to_be_bytes());
+            Ok(())
+        }
+        Op::PutReleased { client_id, seq } => {
+            out.push(TAG_PUT_RELEASED);
             put_str(out, client_id)?;
             out.extend_from_slice(&seq.to_be_bytes());
             Ok(())
@@ -562,6 +569,10 @@ impl<'a> Reader<'a> {
                 client_id: self.string("client id")?,
                 seq: self.u64("seq")?,
             },
+            TAG_PUT_RELEASED => Op::PutReleased {
+                client_id: self.string("client id")?,
+                seq: self.u64("seq")?,
+            },
             TAG_PUT_RETAINED => Op::PutRetained {
                 message: self.message()?,
             },
@@ -660,6 +671,10 @@ mod tests {
             Op::Dequeue {
                 client_id: "c".into(),
                 seq: 7,
+            },
+            Op::PutReleased {
+                client_id: "c".into(),
+                seq: 8,
             },
             Op::PutRetained {
                 message: message("r/é", b""),
@@ -885,8 +900,16 @@ mod tests {
         assert_eq!(decode_batch(&qos2), Ok(qos2_ops.clone()));
         assert_eq!(encode_batch(&qos2_ops).expect("encode"), qos2);
 
-        let error = decode_batch(&[1, 0, 0, 0, 1, 20]).expect_err("unknown tag");
-        assert!(error.to_string().contains("unknown op tag 20"), "{error}");
+        let released = [1, 0, 0, 0, 1, 20, 0, 0, 0, 1, b'c', 0, 0, 0, 0, 0, 0, 0, 8];
+        let released_ops = vec![Op::PutReleased {
+            client_id: "c".into(),
+            seq: 8,
+        }];
+        assert_eq!(decode_batch(&released), Ok(released_ops.clone()));
+        assert_eq!(encode_batch(&released_ops).expect("encode"), released);
+
+        let error = decode_batch(&[1, 0, 0, 0, 1, 21]).expect_err("unknown tag");
+        assert!(error.to_string().contains("unknown op tag 21"), "{error}");
     }
 
     #[test]

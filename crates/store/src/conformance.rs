@@ -99,6 +99,14 @@ pub(crate) fn mixed_batch() -> Vec<Op> {
         enqueue("a", 1, "a1"),
         enqueue("b", 2, "b2"),
         enqueue("a", 3, "a3"),
+        Op::PutReleased {
+            client_id: "a".into(),
+            seq: 1,
+        },
+        Op::PutReleased {
+            client_id: "a".into(),
+            seq: 3,
+        },
         Op::Dequeue {
             client_id: "a".into(),
             seq: 1,
@@ -120,6 +128,10 @@ pub(crate) fn mixed_batch() -> Vec<Op> {
             record: session(&["z"]),
         },
         enqueue("c", 4, "c4"),
+        Op::PutReleased {
+            client_id: "c".into(),
+            seq: 4,
+        },
         Op::PutIncomingQos2 {
             client_id: "c".into(),
             packet_id: 9,
@@ -263,6 +275,7 @@ pub(crate) fn mixed_snapshot() -> Snapshot {
         tokens: vec![("tok".into(), mixed_token())],
         credentials: vec![("a".into(), mixed_credential())],
         incoming_qos2: vec![("a".into(), vec![2, 7]), ("b".into(), vec![u16::MAX])],
+        released: vec![("a".into(), vec![3])],
     }
 }
 
@@ -354,6 +367,10 @@ pub(crate) fn delete_session_removes_only_its_queue<S: Store, G>(fresh: impl Fre
             client_id: (*client).to_owned(),
             packet_id: i as u16 + 1,
         });
+        ops.push(Op::PutReleased {
+            client_id: (*client).to_owned(),
+            seq: base + 1,
+        });
     }
     ops.push(Op::PutIncomingQos2 {
         client_id: "a".into(),
@@ -397,6 +414,16 @@ pub(crate) fn delete_session_removes_only_its_queue<S: Store, G>(fresh: impl Fre
             ("b".to_owned(), vec![4])
         ],
         "the session's QoS 2 ids go with it"
+    );
+    assert_eq!(
+        snapshot.released,
+        [
+            ("".to_owned(), vec![41]),
+            ("a\u{0}".to_owned(), vec![21]),
+            ("ab".to_owned(), vec![11]),
+            ("b".to_owned(), vec![31])
+        ],
+        "and its released marks"
     );
     // Deleting a session that does not exist is fine (idempotence).
     store

@@ -48,6 +48,11 @@ impl fmt::Debug for Op {
                 .debug_struct("DeleteSession")
                 .field("client_id", client_id)
                 .finish(),
+            Op::PutReleased { client_id, seq } => f
+                .debug_struct("PutReleased")
+                .field("client_id", client_id)
+                .field("seq", seq)
+                .finish(),
             Op::PutIncomingQos2 {
                 client_id,
                 packet_id,
@@ -188,6 +193,7 @@ impl fmt::Debug for Snapshot {
             .field("tokens", &self.tokens.len())
             .field("credentials", &self.credentials)
             .field("incoming_qos2", &self.incoming_qos2)
+            .field("released", &self.released)
             .finish()
     }
 }
@@ -260,7 +266,7 @@ mod tests {
             format!("{:?}", Snapshot::default()),
             "Snapshot { sessions: [], queues: [], retained: [], next_seq: 0, client_seqs: [], \
              channels: [], outboxes: [], next_outbox_id: 0, tokens: 0, credentials: [], \
-             incoming_qos2: [] }"
+             incoming_qos2: [], released: [] }"
         );
     }
 }

@@ -102,8 +102,8 @@ pub enum Op {
         client_id: String,
         record: SessionRecord,
     },
-    /// Deletes the session record, every message queued for it and its QoS 2 ids awaiting
-    /// PUBREL.
+    /// Deletes the session record, every message queued for it (and their released marks) and
+    /// its QoS 2 ids awaiting PUBREL.
     DeleteSession { client_id: String },
     /// Records that the QoS 2 PUBLISH `packet_id` of `client_id` was routed and waits for its
     /// PUBREL: a retransmission after a restart must not be routed again.
@@ -116,8 +116,11 @@ pub enum Op {
         seq: u64,
         message: StoredMessage,
     },
-    /// Removes the message queued for `client_id` under `seq`, if any.
+    /// Removes the message queued for `client_id` under `seq`, if any, and its released mark.
     Dequeue { client_id: String, seq: u64 },
+    /// Marks the QoS 2 message queued for `client_id` under `seq` as released: the client
+    /// sent PUBREC, so after a restart the broker resends PUBREL, not the PUBLISH.
+    PutReleased { client_id: String, seq: u64 },
     /// Creates or replaces the retained message of `message.topic`.
     PutRetained { message: StoredMessage },
     /// Removes the retained message of `topic`, if any.
@@ -195,6 +198,9 @@ pub struct Snapshot {
     /// Per client id (sorted), the QoS 2 packet ids it published that await PUBREL, sorted.
     /// Clients without any are left out.
     pub incoming_qos2: Vec<(String, Vec<u16>)>,
+    /// Per client id (sorted), the seqs of its queued QoS 2 messages marked released, sorted.
+    /// Clients without any are left out.
+    pub released: Vec<(String, Vec<u64>)>,
 }
 
 /// When [`RedbStore`] makes a batch durable against power loss.

@@ -33,6 +33,8 @@ pub struct MemoryStore {
     credentials: BTreeMap<String, CredentialRecord>,
     /// client id → QoS 2 packet ids awaiting PUBREL; a client with none has no entry.
     incoming_qos2: BTreeMap<String, BTreeSet<u16>>,
+    /// client id → seqs of queued messages marked released; a client with none has no entry.
+    released: BTreeMap<String, BTreeSet<u64>>,
 }
 
 // Counts only: outbox and history payloads may carry user data.
@@ -51,6 +53,7 @@ impl fmt::Debug for MemoryStore {
             .field("tokens", &self.tokens.len())
             .field("credentials", &self.credentials.len())
             .field("incoming_qos2", &self.incoming_qos2.len())
+            .field("released", &self.released.len())
             .finish()
     }
 }
@@ -69,6 +72,7 @@ impl MemoryStore {
                 self.sessions.remove(client_id);
                 self.queues.remove(client_id);
                 self.incoming_qos2.remove(client_id);
+                self.released.remove(client_id);
             }
             Op::PutIncomingQos2 {
                 client_id,
@@ -108,6 +112,18 @@ impl MemoryStore {
                         self.queues.remove(client_id);
                     }
                 }
+                if let Some(seqs) = self.released.get_mut(client_id) {
+                    seqs.remove(seq);
+                    if seqs.is_empty() {
+                        self.released.remove(client_id);
+                    }
+                }
+            }
+            Op::PutReleased { client_id, seq } => {
+                self.released
+                    .entry(client_id.clone())
+                    .or_default()
+                    .insert(*seq);
             }
             Op::PutRetained { message } => {
                 self.retained.insert(message.topic.clone(), message.clone());
@@ -232,6 +248,11 @@ impl Store for MemoryStore {
                 .incoming_qos2
                 .iter()
                 .map(|(c, ids)| (c.clone(), ids.iter().copied().collect()))
+                .collect(),
+            released: self
+                .released
+                .iter()
+                .map(|(c, seqs)| (c.clone(), seqs.iter().copied().collect()))
                 .collect(),
         })
     }

@@ -15,7 +15,7 @@ use crate::codec::{self, DecodeError};
 use crate::error::EngineContext;
 use crate::redb_store::{
     CHANNELS, CLIENT_SEQS, CREDENTIALS, HISTORY, INCOMING_QOS2, KEY_NEXT_OUTBOX_ID, KEY_NEXT_SEQ,
-    META, OUTBOX, QUEUE, RETAINED, SESSIONS, TOKENS,
+    META, OUTBOX, QUEUE, RELEASED, RETAINED, SESSIONS, TOKENS,
 };
 use crate::{Snapshot, StoreError};
 
@@ -139,6 +139,18 @@ fn load_mqtt(
             _ => snapshot
                 .incoming_qos2
                 .push((client.to_owned(), vec![packet_id])),
+        }
+    }
+
+    let released = txn
+        .open_table(RELEASED)
+        .at(path, "opening table released")?;
+    for entry in released.iter().at(path, "reading released marks")? {
+        let (key, _) = entry.at(path, "reading released marks")?;
+        let (client, seq) = key.value();
+        match snapshot.released.last_mut() {
+            Some((last, seqs)) if last == client => seqs.push(seq),
+            _ => snapshot.released.push((client.to_owned(), vec![seq])),
         }
     }
 

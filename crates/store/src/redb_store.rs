@@ -24,9 +24,11 @@
 //! - `credentials`: client id → encoded [`crate::CredentialRecord`].
 //! - `incoming_qos2`: `(client id, packet id)` → nothing: the QoS 2 PUBLISHes of persistent
 //!   sessions that were routed and await their PUBREL.
+//! - `released`: `(client id, seq)` → nothing: queued QoS 2 messages the client has PUBRECed,
+//!   to be completed with PUBREL after a restart.
 //!
 //! `client_seqs` to `history` came with presence, `tokens` and `credentials` with the token and
-//! device-credential modes, `incoming_qos2` later, all under the same [`FORMAT_VERSION`]: a
+//! device-credential modes, `incoming_qos2` and `released` later, all under the same [`FORMAT_VERSION`]: a
 //! Herald from before ignores them, and this one creates them when it opens a file that lacks
 //! them.
 //!
@@ -69,6 +71,7 @@ pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("to
 pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
 pub(crate) const INCOMING_QOS2: TableDefinition<(&str, u16), ()> =
     TableDefinition::new("incoming_qos2");
+pub(crate) const RELEASED: TableDefinition<(&str, u64), ()> = TableDefinition::new("released");
 
 pub(crate) const KEY_FORMAT_VERSION: &str = "format_version";
 pub(crate) const KEY_NEXT_SEQ: &str = "next_seq";
@@ -121,6 +124,7 @@ struct Tables<'txn> {
     tokens: Table<'txn, &'static str, &'static [u8]>,
     credentials: Table<'txn, &'static str, &'static [u8]>,
     incoming_qos2: Table<'txn, (&'static str, u16), ()>,
+    released: Table<'txn, (&'static str, u64), ()>,
 }
 
 /// The two counters of `meta` that ops move forward.
@@ -376,6 +380,7 @@ fn add_missing_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
         TOKENS.name(),
         CREDENTIALS.name(),
         INCOMING_QOS2.name(),
+        RELEASED.name(),
     ];
     let missing: Vec<&str> = all
         .into_iter()
@@ -495,6 +500,9 @@ impl<'txn> Tables<'txn> {
             incoming_qos2: txn
                 .open_table(INCOMING_QOS2)
                 .at(path, "opening table incoming_qos2")?,
+            released: txn
+                .open_table(RELEASED)
+                .at(path, "opening table released")?,
         })
     }
 
@@ -539,6 +547,9 @@ impl<'txn> Tables<'txn> {
                 self.incoming_qos2
                     .retain_in((client, 0)..=(client, u16::MAX), |_, _| false)
                     .at(path, "deleting a session's QoS 2 ids")?;
+                self.released
+                    .retain_in((client, 0)..=(client, u64::MAX), |_, _| false)
+                    .at(path, "deleting a session's released marks")?;
             }
             Op::PutIncomingQos2 {
                 client_id,
@@ -571,6 +582,14 @@ impl<'txn> Tables<'txn> {
                 self.queue
                     .remove((client_id.as_str(), *seq))
                     .at(path, "removing a queued message")?;
+                self.released
+                    .remove((client_id.as_str(), *seq))
+                    .at(path, "removing a released mark")?;
+            }
+            Op::PutReleased { client_id, seq } => {
+                self.released
+                    .insert((client_id.as_str(), *seq), ())
+                    .at(path, "marking a message released")?;
             }
             Op::PutRetained { message } => {
                 let value = codec::encode_message(message).map_err(|e| too_large(path, &e))?;

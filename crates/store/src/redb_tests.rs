@@ -20,7 +20,7 @@ use crate::conformance::{
 };
 use crate::redb_store::{
     CHANNELS, CLIENT_SEQS, CREDENTIALS, DB_FILE, HISTORY, INCOMING_QOS2, KEY_FORMAT_VERSION,
-    KEY_NEXT_SEQ, META, OUTBOX, QUEUE, RETAINED, SESSIONS, TOKENS,
+    KEY_NEXT_SEQ, META, OUTBOX, QUEUE, RELEASED, RETAINED, SESSIONS, TOKENS,
 };
 use crate::wal::{HEADER_LEN, WAL_FILE};
 use crate::{FORMAT_VERSION, MemoryStore, Op, RedbStore, Snapshot, Store, StoreError, SyncMode};
@@ -464,6 +464,7 @@ fn a_store_from_before_presence_opens_and_gains_the_new_tables() {
             META.name(),
             OUTBOX.name(),
             QUEUE.name(),
+            RELEASED.name(),
             RETAINED.name(),
             SESSIONS.name(),
             TOKENS.name(),
