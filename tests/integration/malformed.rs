@@ -53,6 +53,10 @@ async fn each_kind_of_malformed_packet_closes_only_its_connection() {
             "SUBSCRIBE with QoS 3",
             vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x03],
         ),
+        (
+            "SUBSCRIBE with a reserved bit in the QoS byte",
+            vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x41],
+        ),
         ("SUBSCRIBE with no filter", vec![0x82, 0x02, 0x00, 0x01]),
         (
             "server-only packet from a client",

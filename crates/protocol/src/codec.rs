@@ -73,6 +73,7 @@ impl Decoder for Codec {
     type Error = DecodeError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
+        check_subscribe_options(src)?;
         match self.inner.decode(src) {
             Ok(Some((packet, _len))) => from_wire(packet).map(Some),
             Ok(None) => Ok(None),
@@ -106,6 +107,49 @@ impl Encoder<&Packet> for Codec {
     fn encode(&mut self, packet: &Packet, dst: &mut BytesMut) -> Result<(), EncodeError> {
         self.encode(packet.clone(), dst)
     }
+}
+
+/// MQTT-3.8.3-4: a SUBSCRIBE whose requested-QoS byte has any of its 6 reserved bits set is
+/// malformed. rmqtt-codec masks those bits away, so a whole SUBSCRIBE at the start of `src` is
+/// checked here first. Anything incomplete or otherwise broken is left to the codec.
+fn check_subscribe_options(src: &[u8]) -> Result<(), DecodeError> {
+    if src.first() != Some(&0x82) {
+        return Ok(());
+    }
+    // The remaining length: up to 4 bytes of 7 bits each.
+    let mut remaining = 0usize;
+    let mut header = 1;
+    loop {
+        let Some(&byte) = src.get(header) else {
+            return Ok(());
+        };
+        remaining |= usize::from(byte & 0x7F) << (7 * (header - 1));
+        header += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if header > 4 {
+            return Ok(());
+        }
+    }
+    let Some(payload) = src.get(header..header + remaining) else {
+        return Ok(());
+    };
+    // After the packet id: (length, filter, options byte) until the end.
+    let mut at = 2;
+    while let Some(len) = payload.get(at..at + 2) {
+        at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let Some(&options) = payload.get(at) else {
+            return Ok(());
+        };
+        if options & 0xFC != 0 {
+            return Err(malformed(
+                "SUBSCRIBE requested-QoS byte has reserved bits set",
+            ));
+        }
+        at += 1;
+    }
+    Ok(())
 }
 
 fn malformed(what: &str) -> DecodeError {
@@ -331,6 +375,29 @@ mod tests {
         let mut codec = Codec::new(1024);
         let mut buf = BytesMut::from(bytes);
         codec.decode(&mut buf)
+    }
+
+    #[test]
+    fn subscribe_options_with_reserved_bits_are_malformed() {
+        // SUBSCRIBE id 1: "a" QoS 1, "b" with options 0x05 (QoS 1 plus a reserved bit).
+        let bad = [0x82, 10, 0, 1, 0, 1, b'a', 1, 0, 1, b'b', 0x05];
+        assert!(matches!(decode_all(&bad), Err(DecodeError::Malformed(_))));
+        let good = [0x82, 10, 0, 1, 0, 1, b'a', 1, 0, 1, b'b', 2];
+        let Ok(Some(Packet::Subscribe { filters, .. })) = decode_all(&good) else {
+            panic!("valid SUBSCRIBE")
+        };
+        assert_eq!(
+            filters,
+            [
+                ("a".to_string(), QoS::AtLeastOnce),
+                ("b".to_string(), QoS::ExactlyOnce)
+            ]
+        );
+        // Incomplete: wait for more, whatever the bytes so far.
+        assert!(matches!(decode_all(&bad[..11]), Ok(None)));
+        // A QoS of 3 was already refused by the codec.
+        let three = [0x82, 6, 0, 1, 0, 1, b'a', 3];
+        assert!(decode_all(&three).is_err());
     }
 
     #[test]
