@@ -196,6 +196,20 @@ async fn sigkill_does_not_make_qos2_deliver_twice() {
     broker.kill();
 }
 
+/// Publishes `payload` at QoS 2 and returns the packet id it reaches `sub` under.
+async fn relay_qos2(publisher: &mut TestClient, sub: &mut RawClient, payload: &[u8]) -> NonZeroU16 {
+    publisher
+        .publish("q2/t", QoS::ExactlyOnce, false, payload)
+        .await;
+    match sub.recv().await {
+        Some(Packet::Publish(publish)) => {
+            assert_eq!(publish.payload, payload);
+            publish.packet_id.expect("a QoS 2 packet id")
+        }
+        other => panic!("expected the PUBLISH of {payload:?}, got {other:?}"),
+    }
+}
+
 /// The other direction: a QoS 2 delivery to a persistent subscriber resumes where it was after
 /// a SIGKILL. A message the subscriber has not acknowledged comes again under its original
 /// packet id with DUP set (so a subscriber that took it can recognise it); one it has PUBRECed
@@ -216,33 +230,15 @@ async fn sigkill_resumes_qos2_deliveries_under_their_original_ids() {
     // Three complete exchanges first, so the ids below are not the ones a fresh broker would
     // hand out first.
     for _ in 0..3 {
-        publisher
-            .publish("q2/t", QoS::ExactlyOnce, false, b"warm-up")
-            .await;
-        let Some(Packet::Publish(warm)) = sub.recv().await else {
-            panic!("warm-up delivered")
-        };
-        let id = warm.packet_id.expect("id");
+        let id = relay_qos2(&mut publisher, &mut sub, b"warm-up").await;
         sub.send(Packet::PubRec(id)).await;
         assert_eq!(sub.recv().await, Some(Packet::PubRel(id)));
         sub.send(Packet::PubComp(id)).await;
     }
-    publisher
-        .publish("q2/t", QoS::ExactlyOnce, false, b"first")
-        .await;
-    let Some(Packet::Publish(first)) = sub.recv().await else {
-        panic!("first delivered")
-    };
-    let first_id = first.packet_id.expect("id");
+    let first_id = relay_qos2(&mut publisher, &mut sub, b"first").await;
     sub.send(Packet::PubRec(first_id)).await;
     assert_eq!(sub.recv().await, Some(Packet::PubRel(first_id)));
-    publisher
-        .publish("q2/t", QoS::ExactlyOnce, false, b"second")
-        .await;
-    let Some(Packet::Publish(second)) = sub.recv().await else {
-        panic!("second delivered")
-    };
-    let second_id = second.packet_id.expect("id");
+    let second_id = relay_qos2(&mut publisher, &mut sub, b"second").await;
     assert_ne!(first_id, second_id);
     // The broker dies: "first" awaits its PUBCOMP, "second" its PUBREC.
     broker.kill();

@@ -9,7 +9,9 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use bytes::Bytes;
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+};
 
 use crate::codec::{self, DecodeError};
 use crate::error::EngineContext;
@@ -128,31 +130,8 @@ fn load_mqtt(
         snapshot.retained.push(message);
     }
 
-    let incoming = txn
-        .open_table(INCOMING_QOS2)
-        .at(path, "opening table incoming_qos2")?;
-    for entry in incoming.iter().at(path, "reading QoS 2 ids")? {
-        let (key, _) = entry.at(path, "reading QoS 2 ids")?;
-        let (client, packet_id) = key.value();
-        match snapshot.incoming_qos2.last_mut() {
-            Some((last, ids)) if last == client => ids.push(packet_id),
-            _ => snapshot
-                .incoming_qos2
-                .push((client.to_owned(), vec![packet_id])),
-        }
-    }
-
-    let released = txn
-        .open_table(RELEASED)
-        .at(path, "opening table released")?;
-    for entry in released.iter().at(path, "reading released marks")? {
-        let (key, _) = entry.at(path, "reading released marks")?;
-        let (client, seq) = key.value();
-        match snapshot.released.last_mut() {
-            Some((last, seqs)) if last == client => seqs.push(seq),
-            _ => snapshot.released.push((client.to_owned(), vec![seq])),
-        }
-    }
+    snapshot.incoming_qos2 = grouped_keys(txn, path, INCOMING_QOS2)?;
+    snapshot.released = grouped_keys(txn, path, RELEASED)?;
 
     // next_seq is written with every Enqueue; the max is only a guard against a future bug.
     snapshot.next_seq = counter(txn, path, KEY_NEXT_SEQ)?.max(one_past(largest_seq));
@@ -225,6 +204,29 @@ fn load_auth(
         snapshot.credentials.push((key.value().to_owned(), record));
     }
     Ok(())
+}
+
+/// The keys of a `(client id, n)` → `()` table, grouped by client id, in key order.
+fn grouped_keys<N>(
+    txn: &ReadTransaction,
+    path: &Path,
+    table: TableDefinition<(&'static str, N), ()>,
+) -> Result<Vec<(String, Vec<N>)>, StoreError>
+where
+    N: redb::Key + for<'a> redb::Value<SelfType<'a> = N> + 'static,
+{
+    let reading = format!("reading table {}", table.name());
+    let table = txn.open_table(table).at(path, &reading)?;
+    let mut groups: Vec<(String, Vec<N>)> = Vec::new();
+    for entry in table.iter().at(path, &reading)? {
+        let (key, _) = entry.at(path, &reading)?;
+        let (client, n) = key.value();
+        match groups.last_mut() {
+            Some((last, items)) if last == client => items.push(n),
+            _ => groups.push((client.to_owned(), vec![n])),
+        }
+    }
+    Ok(groups)
 }
 
 fn counter(txn: &ReadTransaction, path: &Path, key: &str) -> Result<u64, StoreError> {
