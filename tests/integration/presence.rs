@@ -387,6 +387,52 @@ async fn the_retained_snapshot_tells_late_subscribers_the_state() {
     assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
     let codes = device.subscribe("$notice/#", QoS::AtLeastOnce).await;
     assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+
+    // A wildcard subscription gets every snapshot, in the documented key order; and so it does
+    // after a restart, from the store.
+    let keys = [
+        "clientId",
+        "online",
+        "since",
+        "channelId",
+        "clientIp",
+        "seq",
+        "lastEvent",
+        "reason",
+        "node",
+        "v",
+    ];
+    let mut broker = broker;
+    for round in 0..2 {
+        let mut all = TestClient::connected(backend_options(broker.addr, "GID_demo@@@all")).await;
+        all.subscribe("$presence/#", QoS::AtLeastOnce).await;
+        let mut states = Vec::new();
+        while let Some(Ok(packet)) = all.next_incoming(Duration::from_millis(500)).await {
+            if let rumqttc::Packet::Publish(p) = packet {
+                assert!(p.retain, "round {round}");
+                states.push((
+                    p.topic.clone(),
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                ));
+            }
+        }
+        let (_, dev_state) = states
+            .iter()
+            .find(|(topic, _)| *topic == format!("$presence/{DEV}"))
+            .unwrap_or_else(|| panic!("round {round}: no snapshot of {DEV} in {states:?}"));
+        let positions: Vec<usize> = keys
+            .iter()
+            .map(|k| dev_state.find(&format!("\"{k}\":")).expect("key present"))
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{dev_state}");
+        let state: Value = serde_json::from_str(dev_state).expect("JSON");
+        assert_eq!(state["online"], false, "round {round}");
+        assert_eq!(state["reason"], "socket_closed", "round {round}");
+        all.disconnect().await;
+        if round == 0 {
+            broker = broker.restart().await;
+        }
+    }
     broker.stop().await;
 }
 

@@ -43,6 +43,44 @@ pub struct PresenceEvent {
     pub v: u32,
 }
 
+/// The topic prefix of the retained snapshots.
+pub(crate) const SNAPSHOT_PREFIX: &str = "$presence/";
+
+/// A client's `$presence` snapshot as the router keeps it: the typed parts, about 100 bytes
+/// with its map entry, where the rendered JSON, its topic and the retained map's entry took
+/// about 500 (docs/benchmarks.md). Rendered when it is stored or sent.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotState {
+    online: bool,
+    since: u64,
+    channel: ChannelId,
+    client_ip: std::net::SocketAddr,
+    seq: u64,
+    last_event: EventKind,
+    reason: Option<CloseReason>,
+}
+
+impl SnapshotState {
+    fn render(&self, client_id: &str, node: &str) -> Option<Bytes> {
+        let channel_id = self.channel.to_string();
+        let client_ip = self.client_ip.to_string();
+        let snapshot = Snapshot {
+            client_id,
+            online: self.online,
+            since: self.since,
+            channel_id: &channel_id,
+            client_ip: &client_ip,
+            seq: self.seq,
+            last_event: self.last_event.as_str(),
+            reason: self.reason.map(CloseReason::as_str),
+            node,
+            v: 1,
+        };
+        let json = serde_json::to_vec(&snapshot).ok()?;
+        Some(Bytes::from(json.into_boxed_slice()))
+    }
+}
+
 /// The retained snapshot on `$presence/<clientId>`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -196,7 +234,23 @@ impl Router {
         let outboxes = self.stage_outboxes(sinks, &json, time_ms);
         debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
         if self.settings.presence.snapshot_topic && kind != EventKind::ConnectFailed {
-            self.publish_snapshot(&event, kind != EventKind::TcpClean);
+            match event.client_ip.parse() {
+                Ok(client_ip) => {
+                    let state = SnapshotState {
+                        online: kind != EventKind::TcpClean,
+                        since: time_ms,
+                        channel,
+                        client_ip,
+                        seq,
+                        last_event: kind,
+                        reason,
+                    };
+                    self.publish_snapshot(&event, &client, state);
+                }
+                Err(_) => {
+                    warn!(client_id = %client, client_ip = %event.client_ip, "presence snapshot skipped: unreadable client address")
+                }
+            }
         }
         RouterStats::add(&self.stats.presence_events[kind as usize], 1);
         let event = Event {
@@ -252,33 +306,60 @@ impl Router {
     }
 
     /// Keeps `$presence/<clientId>` retained with the client's state after this event.
-    fn publish_snapshot(&mut self, event: &PresenceEvent, online: bool) {
+    fn publish_snapshot(&mut self, event: &PresenceEvent, client: &ClientId, state: SnapshotState) {
         if event.client_id.contains(['/', '+', '#', '\0']) {
             return;
         }
-        let snapshot = Snapshot {
-            client_id: &event.client_id,
-            online,
-            since: event.time,
-            channel_id: &event.channel_id,
-            client_ip: &event.client_ip,
-            seq: event.seq,
-            last_event: &event.event_type,
-            reason: event.reason.as_deref(),
-            node: &event.node,
-            v: 1,
-        };
-        let Ok(payload) = serde_json::to_vec(&snapshot) else {
+        let node = &self.settings.presence.node_id;
+        let Some(payload) = state.render(&event.client_id, node) else {
             return;
         };
-        self.route(Message {
-            topic: Topic::from_trusted(format!("$presence/{}", event.client_id)),
-            // Exact size: the snapshot stays in memory as long as the client id is known.
-            payload: Bytes::from(payload.into_boxed_slice()),
+        let message = Message {
+            topic: Topic::from_trusted(format!("{SNAPSHOT_PREFIX}{}", event.client_id)),
+            payload,
             qos: QoS::AtLeastOnce,
             retain: true,
             published_at_ms: event.time,
+        };
+        // Stored and delivered like any retained message, but kept in memory in its compact
+        // form (rendered again for each new subscription), replacing any full copy.
+        self.persister.stage(Op::PutRetained {
+            message: crate::router::to_stored(&message),
         });
+        self.retained.remove(message.topic.as_str());
+        self.snapshots.insert(client.clone(), state);
+        self.deliver_to_subscribers(&message);
+    }
+
+    /// The `$presence` snapshots a new subscription to `filter` receives, rendered.
+    pub(crate) fn snapshots_matching(&self, filter: &str) -> Vec<Message> {
+        if !filter.starts_with(SNAPSHOT_PREFIX) {
+            return Vec::new();
+        }
+        let node = &self.settings.presence.node_id;
+        let render = |client: &ClientId, state: &SnapshotState| {
+            Some(Message {
+                topic: Topic::from_trusted(format!("{SNAPSHOT_PREFIX}{client}")),
+                payload: state.render(client.as_str(), node)?,
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                published_at_ms: state.since,
+            })
+        };
+        let exact = &filter[SNAPSHOT_PREFIX.len()..];
+        if !exact.contains(['+', '#']) {
+            return self
+                .snapshots
+                .get_key_value(exact)
+                .and_then(|(client, state)| render(client, state))
+                .into_iter()
+                .collect();
+        }
+        self.snapshots
+            .iter()
+            .filter(|(client, _)| matches(filter, &format!("{SNAPSHOT_PREFIX}{client}")))
+            .filter_map(|(client, state)| render(client, state))
+            .collect()
     }
 
     /// At start-up, before any connection: every channel the store says was open when the

@@ -7,6 +7,7 @@ use herald_protocol::{ClientId, Packet, PacketId, Publish, QoS};
 use herald_store::Op;
 use tracing::warn;
 
+use crate::presence::SNAPSHOT_PREFIX;
 use crate::router::{Deferred, Router, RouterStats, to_stored};
 use crate::session::{InflightState, Queued, publish_packet};
 use crate::types::{ChannelId, CloseReason, Message, now_ms};
@@ -149,6 +150,12 @@ impl Router {
         if message.retain {
             self.retain(&message);
         }
+        self.deliver_to_subscribers(&message);
+    }
+
+    /// Delivers a copy to every session the message reaches: the subscribers of its topic, or
+    /// for a P2P topic the named client.
+    pub(crate) fn deliver_to_subscribers(&mut self, message: &Message) {
         let mut targets: HashMap<ClientId, QoS> = HashMap::new();
         if let Some(target) = p2p_target(message.topic.as_str()) {
             // P2P: only the named client, whether or not it subscribed.
@@ -159,12 +166,21 @@ impl Router {
             self.tree.matches(message.topic.as_str(), &mut targets);
         }
         for (client, granted) in targets {
-            self.deliver(&client, &message, granted, false);
+            self.deliver(&client, message, granted, false);
         }
     }
 
     fn retain(&mut self, message: &Message) {
         let topic = message.topic.to_string();
+        // A client allowed to publish on `$presence/...` replaces (or clears) the snapshot.
+        if let Some(client) = topic.strip_prefix(SNAPSHOT_PREFIX)
+            && self.snapshots.remove(client).is_some()
+            && message.payload.is_empty()
+        {
+            self.persister.stage(Op::DeleteRetained {
+                topic: topic.clone(),
+            });
+        }
         if message.payload.is_empty() {
             if self.retained.remove(&topic).is_some() {
                 self.persister.stage(Op::DeleteRetained { topic });

@@ -151,6 +151,8 @@ pub struct Router {
     pub(crate) channels: HashMap<ChannelId, ClientId>,
     pub(crate) tree: SubscriptionTree,
     pub(crate) retained: BTreeMap<String, Message>,
+    /// The `$presence/<clientId>` snapshots, compact (not in `retained`).
+    pub(crate) snapshots: HashMap<ClientId, crate::presence::SnapshotState>,
     pub(crate) persister: Persister,
     pub(crate) next_seq: u64,
     pub(crate) stats: Arc<RouterStats>,
@@ -196,6 +198,7 @@ impl Router {
             channels: HashMap::new(),
             tree: SubscriptionTree::default(),
             retained: BTreeMap::new(),
+            snapshots: HashMap::new(),
             persister,
             next_seq: snapshot.next_seq,
             stats: stats.clone(),

@@ -47,6 +47,9 @@ impl Router {
             for message in retained_matching(&self.retained, filter) {
                 retained.push((message.clone(), *qos));
             }
+            for message in self.snapshots_matching(filter) {
+                retained.push((message, *qos));
+            }
         }
         let durable = record.is_some();
         if let Some(record) = record {
