@@ -173,10 +173,26 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         principal: accepted.principal,
         outbox_rx,
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
-        messages: Bucket::new(u64::from(abuse.messages_per_sec)),
-        bytes: Bucket::new(abuse.bytes_per_sec),
+        throttles: Throttles::new(abuse),
         context,
     })
+}
+
+/// `limits.max_messages_per_sec` and `limits.max_bytes_per_sec` of one connection. Boxed in
+/// the channel, and absent when both are off (the default).
+struct Throttles {
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
+}
+
+impl Throttles {
+    fn new(abuse: &crate::guard::AbuseSettings) -> Option<Box<Throttles>> {
+        let throttles = Throttles {
+            messages: Bucket::new(u64::from(abuse.messages_per_sec)),
+            bytes: Bucket::new(abuse.bytes_per_sec),
+        };
+        (throttles.messages.is_some() || throttles.bytes.is_some()).then(|| Box::new(throttles))
+    }
 }
 
 /// What a handled wake-up leaves to wait for.
@@ -211,8 +227,7 @@ struct Channel<S> {
     outbox_rx: OutboxReceiver,
     keep_alive: Option<Duration>,
     /// `limits.max_messages_per_sec`, `limits.max_bytes_per_sec`.
-    messages: Option<Bucket>,
-    bytes: Option<Bucket>,
+    throttles: Option<Box<Throttles>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
@@ -257,7 +272,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                     Step::Close(CloseReason::KeepaliveTimeout)
                 }
             };
-            if let Some(reason) = self.complete(step).await {
+            // Awaited here, each in its own arm, so the task holds only the one it waits for.
+            let ended = match step {
+                Step::Continue => None,
+                Step::Close(reason) => Some(reason),
+                Step::Flush { then_close } => match self.framed.flush().await {
+                    Ok(()) => then_close,
+                    Err(e) => {
+                        debug!(channel = %self.channel, error = %e, "write failed");
+                        Some(then_close.unwrap_or(CloseReason::SocketClosed))
+                    }
+                },
+                Step::Route { route, throttle } => match (route.await, throttle) {
+                    (false, _) => Some(CloseReason::ServerShutdown),
+                    (true, None) => None,
+                    (true, Some(wait)) => {
+                        // Boxed: throttling is the exception, and an idle connection should
+                        // not carry a timer's state for it.
+                        Box::pin(tokio::time::sleep(wait)).await;
+                        None
+                    }
+                },
+            };
+            if let Some(reason) = ended {
                 return reason;
             }
         }
@@ -297,32 +334,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             let _ = timer.poll(cx);
         }
         Poll::Pending
-    }
-
-    /// Waits for what a handled wake-up left to do; `Some` ends the channel.
-    async fn complete(&mut self, step: Step) -> Option<CloseReason> {
-        match step {
-            Step::Continue => None,
-            Step::Close(reason) => Some(reason),
-            Step::Flush { then_close } => match self.framed.flush().await {
-                Ok(()) => then_close,
-                Err(e) => {
-                    debug!(channel = %self.channel, error = %e, "write failed");
-                    Some(then_close.unwrap_or(CloseReason::SocketClosed))
-                }
-            },
-            Step::Route { route, throttle } => {
-                if !route.await {
-                    return Some(CloseReason::ServerShutdown);
-                }
-                if let Some(wait) = throttle {
-                    // Boxed: throttling is the exception, and an idle connection should not
-                    // carry a timer's state for it.
-                    Box::pin(tokio::time::sleep(wait)).await;
-                }
-                None
-            }
-        }
     }
 
     /// The one exit of every channel: the router hears why, then the socket is closed.
@@ -464,8 +475,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// How long to pause reading when the connection publishes faster than its limits allow;
     /// TCP then pushes back on the client.
     fn throttle(&mut self, size: usize) -> Option<Duration> {
-        let by_count = self.messages.as_mut().and_then(|b| b.take(1.0));
-        let by_size = self.bytes.as_mut().and_then(|b| b.take(size as f64));
+        let throttles = self.throttles.as_mut()?;
+        let by_count = throttles.messages.as_mut().and_then(|b| b.take(1.0));
+        let by_size = throttles.bytes.as_mut().and_then(|b| b.take(size as f64));
         let wait = by_count.max(by_size);
         if wait.is_some() {
             ServerStats::add(&self.context.stats.throttled);
@@ -558,7 +570,7 @@ mod tests {
     /// Every open connection is one task holding this future, so its size is most of what an
     /// idle connection costs (docs/benchmarks.md). It was 2,144 bytes before the handshake,
     /// the waiting router send and the rare paths were boxed and packets were handled
-    /// synchronously (832 in a release build since); keep it from creeping back.
+    /// synchronously (736 in a release build since); keep it from creeping back.
     #[test]
     fn an_open_connection_task_stays_small() {
         type Args = (TcpStream, SocketAddr, Transport, Arc<crate::Context>);
