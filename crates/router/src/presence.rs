@@ -61,6 +61,27 @@ pub(crate) struct SnapshotState {
 }
 
 impl SnapshotState {
+    /// The compact form of a snapshot read back from the store: `(client id, state)`, if the
+    /// payload is one that renders back to exactly the same bytes on this node (else it stays
+    /// a plain retained message).
+    pub(crate) fn from_stored(payload: &[u8], node: &str) -> Option<(String, SnapshotState)> {
+        let stored: StoredSnapshot = serde_json::from_slice(payload).ok()?;
+        let state = SnapshotState {
+            online: stored.online,
+            since: stored.since,
+            channel: ChannelId(u128::from_str_radix(&stored.channel_id, 16).ok()?),
+            client_ip: stored.client_ip.parse().ok()?,
+            seq: stored.seq,
+            last_event: EventKind::parse(&stored.last_event)?,
+            reason: match stored.reason {
+                Some(reason) => Some(CloseReason::parse(&reason)?),
+                None => None,
+            },
+        };
+        let same = state.render(&stored.client_id, node)?;
+        (same.as_ref() == payload).then_some((stored.client_id, state))
+    }
+
     fn render(&self, client_id: &str, node: &str) -> Option<Bytes> {
         let channel_id = self.channel.to_string();
         let client_ip = self.client_ip.to_string();
@@ -79,6 +100,20 @@ impl SnapshotState {
         let json = serde_json::to_vec(&snapshot).ok()?;
         Some(Bytes::from(json.into_boxed_slice()))
     }
+}
+
+/// A snapshot as read back from the store.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredSnapshot {
+    client_id: String,
+    online: bool,
+    since: u64,
+    channel_id: String,
+    client_ip: String,
+    seq: u64,
+    last_event: String,
+    reason: Option<String>,
 }
 
 /// The retained snapshot on `$presence/<clientId>`.
@@ -519,5 +554,42 @@ impl Router {
             .filter(|s| online.is_none_or(|o| s.online == o))
             .take(limit)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_snapshot_comes_back_compact_only_when_it_renders_identically() {
+        for (online, last_event, reason) in [
+            (true, EventKind::Connect, None),
+            (
+                true,
+                EventKind::Disconnect,
+                Some(CloseReason::ClientDisconnect),
+            ),
+            (false, EventKind::TcpClean, Some(CloseReason::BrokerRestart)),
+        ] {
+            let state = SnapshotState {
+                online,
+                since: 1_732_345_678_901,
+                channel: ChannelId::random(),
+                client_ip: "[2001:db8::7]:51514".parse().expect("address"),
+                seq: 42,
+                last_event,
+                reason,
+            };
+            let payload = state.render("GID_demo@@@dev-1", "herald-1").expect("JSON");
+            let (id, back) = SnapshotState::from_stored(&payload, "herald-1").expect("compact");
+            assert_eq!(id, "GID_demo@@@dev-1");
+            assert_eq!(back.render(&id, "herald-1"), Some(payload.clone()));
+            // Written by another node, or by hand: kept as it is.
+            assert!(SnapshotState::from_stored(&payload, "herald-2").is_none());
+        }
+        let by_hand = br#"{"clientId":"x","online":true,"since":1,"channelId":"00","clientIp":"1.2.3.4:5","seq":1,"lastEvent":"connect","node":"herald-1","v":1,"extra":1}"#;
+        assert!(SnapshotState::from_stored(by_hand, "herald-1").is_none());
+        assert!(SnapshotState::from_stored(b"not json", "herald-1").is_none());
     }
 }

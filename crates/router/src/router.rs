@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
+use crate::presence::{SNAPSHOT_PREFIX, SnapshotState};
 use crate::session::{Queued, Session};
 use crate::tree::SubscriptionTree;
 use crate::types::{
@@ -282,8 +283,18 @@ impl Router {
             self.persister
                 .stage(Op::DeleteSession { client_id: client });
         }
+        let node = self.settings.presence.node_id.clone();
         for stored in snapshot.retained {
             let message = from_stored(stored);
+            // Presence snapshots this node wrote go back to their compact form.
+            if let Some(client_id) = message.topic.as_str().strip_prefix(SNAPSHOT_PREFIX)
+                && let Some((id, state)) = SnapshotState::from_stored(&message.payload, &node)
+                && id == client_id
+                && let Ok(client) = ClientId::parse_any(&id, usize::MAX)
+            {
+                self.snapshots.insert(client, state);
+                continue;
+            }
             self.retained.insert(message.topic.to_string(), message);
         }
         for (client, seq) in snapshot.client_seqs {
@@ -298,6 +309,7 @@ impl Router {
         info!(
             sessions = count,
             retained = self.retained.len(),
+            presence_snapshots = self.snapshots.len(),
             "state restored from storage"
         );
     }

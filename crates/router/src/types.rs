@@ -36,6 +36,22 @@ impl fmt::Debug for ChannelId {
     }
 }
 
+/// Every [`CloseReason`].
+const ALL_CLOSE_REASONS: [CloseReason; 12] = [
+    CloseReason::ClientDisconnect,
+    CloseReason::SocketClosed,
+    CloseReason::KeepaliveTimeout,
+    CloseReason::TakenOver,
+    CloseReason::ProtocolError,
+    CloseReason::Kicked,
+    CloseReason::AuthRevoked,
+    CloseReason::ServerShutdown,
+    CloseReason::BrokerRestart,
+    CloseReason::SlowConsumer,
+    CloseReason::NotAuthorized,
+    CloseReason::StorageFailure,
+];
+
 /// Why a channel ended. Every channel ends exactly once, with one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
@@ -66,6 +82,11 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The reason named `name` in events (the inverse of [`CloseReason::as_str`]).
+    pub fn parse(name: &str) -> Option<CloseReason> {
+        ALL_CLOSE_REASONS.into_iter().find(|r| r.as_str() == name)
+    }
+
     /// The reason as it appears in presence events and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -436,6 +457,14 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_reasons_parse_back_from_their_names() {
+        for reason in ALL_CLOSE_REASONS {
+            assert_eq!(CloseReason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(CloseReason::parse("tired"), None);
+    }
 
     #[test]
     fn channel_ids_are_unique_32_hex_digits_and_grow_with_time() {
