@@ -2,6 +2,7 @@
 //! `seq`, staged in the store together with that seq, the channel record, the history and every
 //! matching sink's outbox entry (one transaction), and handed on only after they are durable.
 
+use std::ops::Bound;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -532,7 +533,9 @@ impl Router {
         }
     }
 
-    /// Known client ids (any that ever had a presence event, or a session) in id order.
+    /// Known client ids (any that ever had a presence event, or a session: every session's
+    /// client id is in `client_seqs`) in id order. A page starts where the last one ended (and,
+    /// for a group, where the group's ids start) instead of sorting every known id.
     pub(crate) fn list_clients(
         &self,
         group: Option<&str>,
@@ -540,15 +543,18 @@ impl Router {
         after: Option<&str>,
         limit: usize,
     ) -> Vec<ClientState> {
-        let mut ids: Vec<&ClientId> = self.client_seqs.keys().collect();
-        ids.extend(
-            self.sessions
-                .keys()
-                .filter(|c| !self.client_seqs.contains_key(*c)),
-        );
-        ids.sort();
-        ids.into_iter()
-            .filter(|c| after.is_none_or(|a| c.as_str() > a))
+        let prefix = group.map(|g| format!("{g}{}", herald_protocol::client_id::SEPARATOR));
+        let prefix = prefix.as_deref();
+        let start = match (after, prefix) {
+            (Some(after), Some(prefix)) if after < prefix => Bound::Included(prefix),
+            (Some(after), _) => Bound::Excluded(after),
+            (None, Some(prefix)) => Bound::Included(prefix),
+            (None, None) => Bound::Unbounded,
+        };
+        self.client_seqs
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(client, _)| client)
+            .take_while(|c| prefix.is_none_or(|p| c.as_str().starts_with(p)))
             .filter(|c| group.is_none_or(|g| c.group() == Some(g)))
             .map(|c| self.client_state(c.as_str()))
             .filter(|s| online.is_none_or(|o| s.online == o))

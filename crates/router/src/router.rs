@@ -159,7 +159,8 @@ pub struct Router {
     pub(crate) stats: Arc<RouterStats>,
     pub(crate) events: Option<mpsc::Sender<Event>>,
     /// Last presence seq per client id.
-    pub(crate) client_seqs: HashMap<ClientId, u64>,
+    /// In id order, for the admin API's pages.
+    pub(crate) client_seqs: BTreeMap<ClientId, u64>,
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
     pending: VecDeque<Pending>,
@@ -204,7 +205,7 @@ impl Router {
             next_seq: snapshot.next_seq,
             stats: stats.clone(),
             events,
-            client_seqs: HashMap::new(),
+            client_seqs: BTreeMap::new(),
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
             pending: VecDeque::new(),
@@ -301,6 +302,10 @@ impl Router {
             if let Ok(client) = ClientId::parse_any(&client, usize::MAX) {
                 self.client_seqs.insert(client, seq);
             }
+        }
+        // Every session's client id is known to the admin API's listing, events or not.
+        for client in self.sessions.keys() {
+            self.client_seqs.entry(client.clone()).or_insert(0);
         }
         for (sink, entries) in snapshot.outboxes {
             self.restore_outbox(sink, entries);

@@ -306,3 +306,74 @@ async fn qos0_to_an_offline_session_is_dropped_and_counted() {
     }
     panic!("drop not counted");
 }
+
+#[tokio::test]
+async fn client_pages_follow_id_order_within_a_group() {
+    let h = start(RouterSettings::default());
+    let mut conns = Vec::new();
+    for id in [
+        "GID_bbb@@@1",
+        "GID_aaa@@@2",
+        "plain",
+        "GID_aaaa@@@x",
+        "GID_aaa@@@1",
+    ] {
+        conns.push(h.connect(id, true, 64).await);
+    }
+    // "GID_aaa@@@2" goes offline.
+    h.send(Input::Closed {
+        channel: conns[1].channel,
+        reason: CloseReason::SocketClosed,
+    })
+    .await;
+    let h = &h;
+    let page = |group: Option<&str>, online: Option<bool>, after: Option<&str>, limit: usize| {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let input = Input::ListClients {
+            group: group.map(str::to_string),
+            online,
+            after: after.map(str::to_string),
+            limit,
+            reply,
+        };
+        async move {
+            h.send(input).await;
+            let states = tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .expect("answer in time")
+                .expect("answer");
+            states.into_iter().map(|s| s.client_id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        page(None, None, None, 10).await,
+        [
+            "GID_aaa@@@1",
+            "GID_aaa@@@2",
+            "GID_aaaa@@@x",
+            "GID_bbb@@@1",
+            "plain"
+        ]
+    );
+    assert_eq!(page(Some("GID_aaa"), None, None, 1).await, ["GID_aaa@@@1"]);
+    assert_eq!(
+        page(Some("GID_aaa"), None, Some("GID_aaa@@@1"), 1).await,
+        ["GID_aaa@@@2"]
+    );
+    assert!(
+        page(Some("GID_aaa"), None, Some("GID_aaa@@@2"), 5)
+            .await
+            .is_empty(),
+        "GID_aaaa is another group"
+    );
+    // A cursor from before the group starts the page at the group.
+    assert_eq!(
+        page(Some("GID_bbb"), None, Some("A"), 5).await,
+        ["GID_bbb@@@1"]
+    );
+    assert_eq!(
+        page(Some("GID_aaa"), Some(true), None, 5).await,
+        ["GID_aaa@@@1"]
+    );
+    assert_eq!(page(None, None, Some("GID_bbb@@@1"), 5).await, ["plain"]);
+}
