@@ -117,7 +117,7 @@ fn load_mqtt(
         let message = codec::decode_message(value.value())
             .map_err(|e| corrupt(path, "queue", &key.value(), e))?;
         largest_seq = largest_seq.max(Some(seq));
-        push_grouped(&mut snapshot.queues, client_id, seq, message);
+        push_grouped(&mut snapshot.queues, client_id, (seq, message));
     }
 
     let retained = txn
@@ -172,7 +172,7 @@ fn load_presence(
         let payload = codec::decode_outbox_entry(value.value())
             .map_err(|e| corrupt(path, "outbox", &key.value(), e))?;
         largest_id = largest_id.max(Some(id));
-        push_grouped(&mut snapshot.outboxes, sink, id, payload);
+        push_grouped(&mut snapshot.outboxes, sink, (id, payload));
     }
 
     // As for next_seq: written with every PutOutbox, the max is a guard.
@@ -221,10 +221,7 @@ where
     for entry in table.iter().at(path, &reading)? {
         let (key, _) = entry.at(path, &reading)?;
         let (client, n) = key.value();
-        match groups.last_mut() {
-            Some((last, items)) if last == client => items.push(n),
-            _ => groups.push((client.to_owned(), vec![n])),
-        }
+        push_grouped(&mut groups, client, n);
     }
     Ok(groups)
 }
@@ -241,9 +238,9 @@ fn one_past(largest: Option<u64>) -> u64 {
 
 /// Appends to the last group if it has this key, or starts a new group: the tables iterate
 /// grouped by their first key field (client id or sink id).
-fn push_grouped<T>(groups: &mut Vec<(String, Vec<(u64, T)>)>, key: &str, n: u64, item: T) {
+fn push_grouped<T>(groups: &mut Vec<(String, Vec<T>)>, key: &str, item: T) {
     match groups.last_mut() {
-        Some((last, items)) if last == key => items.push((n, item)),
-        _ => groups.push((key.to_owned(), vec![(n, item)])),
+        Some((last, items)) if last == key => items.push(item),
+        _ => groups.push((key.to_owned(), vec![item])),
     }
 }
