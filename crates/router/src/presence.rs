@@ -83,6 +83,17 @@ impl SnapshotState {
         (same.as_ref() == payload).then_some((stored.client_id, state))
     }
 
+    /// The retained message on `$presence/<client>` that carries this state.
+    fn message(&self, client: &ClientId, node: &str) -> Option<Message> {
+        Some(Message {
+            topic: Topic::from_trusted(format!("{SNAPSHOT_PREFIX}{client}")),
+            payload: self.render(client.as_str(), node)?,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            published_at_ms: self.since,
+        })
+    }
+
     fn render(&self, client_id: &str, node: &str) -> Option<Bytes> {
         let channel_id = self.channel.to_string();
         let client_ip = self.client_ip.to_string();
@@ -281,7 +292,7 @@ impl Router {
                         last_event: kind,
                         reason,
                     };
-                    self.publish_snapshot(&event, &client, state);
+                    self.publish_snapshot(&client, state);
                 }
                 Err(_) => {
                     warn!(client_id = %client, client_ip = %event.client_ip, "presence snapshot skipped: unreadable client address")
@@ -342,20 +353,12 @@ impl Router {
     }
 
     /// Keeps `$presence/<clientId>` retained with the client's state after this event.
-    fn publish_snapshot(&mut self, event: &PresenceEvent, client: &ClientId, state: SnapshotState) {
-        if event.client_id.contains(['/', '+', '#', '\0']) {
+    fn publish_snapshot(&mut self, client: &ClientId, state: SnapshotState) {
+        if client.as_str().contains(['/', '+', '#', '\0']) {
             return;
         }
-        let node = &self.settings.presence.node_id;
-        let Some(payload) = state.render(&event.client_id, node) else {
+        let Some(message) = state.message(client, &self.settings.presence.node_id) else {
             return;
-        };
-        let message = Message {
-            topic: Topic::from_trusted(format!("{SNAPSHOT_PREFIX}{}", event.client_id)),
-            payload,
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            published_at_ms: event.time,
         };
         // Stored and delivered like any retained message, but kept in memory in its compact
         // form (rendered again for each new subscription), replacing any full copy.
@@ -369,32 +372,28 @@ impl Router {
 
     /// The `$presence` snapshots a new subscription to `filter` receives, rendered.
     pub(crate) fn snapshots_matching(&self, filter: &str) -> Vec<Message> {
-        if !filter.starts_with(SNAPSHOT_PREFIX) {
+        let Some(clients) = filter.strip_prefix(SNAPSHOT_PREFIX) else {
             return Vec::new();
-        }
-        let node = &self.settings.presence.node_id;
-        let render = |client: &ClientId, state: &SnapshotState| {
-            Some(Message {
-                topic: Topic::from_trusted(format!("{SNAPSHOT_PREFIX}{client}")),
-                payload: state.render(client.as_str(), node)?,
-                qos: QoS::AtLeastOnce,
-                retain: true,
-                published_at_ms: state.since,
-            })
         };
-        let exact = &filter[SNAPSHOT_PREFIX.len()..];
-        if !exact.contains(['+', '#']) {
+        let node = &self.settings.presence.node_id;
+        if !clients.contains(['+', '#']) {
             return self
                 .snapshots
-                .get_key_value(exact)
-                .and_then(|(client, state)| render(client, state))
+                .get_key_value(clients)
+                .and_then(|(client, state)| state.message(client, node))
                 .into_iter()
                 .collect();
         }
+        // One topic buffer for the whole walk, not one allocation per known client.
+        let mut topic = String::from(SNAPSHOT_PREFIX);
         self.snapshots
             .iter()
-            .filter(|(client, _)| matches(filter, &format!("{SNAPSHOT_PREFIX}{client}")))
-            .filter_map(|(client, state)| render(client, state))
+            .filter(|(client, _)| {
+                topic.truncate(SNAPSHOT_PREFIX.len());
+                topic.push_str(client.as_str());
+                matches(filter, &topic)
+            })
+            .filter_map(|(client, state)| state.message(client, node))
             .collect()
     }
 
