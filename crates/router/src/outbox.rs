@@ -82,8 +82,21 @@ impl SinkQueue {
     }
 
     /// Removes the entries with these ids (delivered, or dropped for age).
+    ///
+    /// Entries are in id order and are delivered from the front, so the ids are nearly always
+    /// a prefix: popped without looking at the rest of the outbox (a backlog of 100,000 entries
+    /// drained 64 at a time must not be scanned once per batch). Ids below the new front are
+    /// gone already (dropped for room); only ids past it need a scan.
     pub fn remove(&self, ids: &[u64]) {
-        self.lock().retain(|e| !ids.contains(&e.id));
+        let mut entries = self.lock();
+        while entries.front().is_some_and(|e| ids.contains(&e.id)) {
+            entries.pop_front();
+        }
+        if let Some(front) = entries.front().map(|e| e.id)
+            && ids.iter().any(|id| *id > front)
+        {
+            entries.retain(|e| !ids.contains(&e.id));
+        }
     }
 
     /// Waits until the outbox may have entries.
@@ -97,5 +110,41 @@ impl SinkQueue {
     /// Entries waiting.
     pub fn depth(&self) -> usize {
         self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64) -> OutboxEntry {
+        OutboxEntry {
+            id,
+            payload: Bytes::from_static(b"e"),
+            added_ms: 0,
+        }
+    }
+
+    fn ids(queue: &SinkQueue) -> Vec<u64> {
+        queue.peek(usize::MAX).iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn removal_takes_a_prefix_skips_gone_ids_and_finds_later_ones() {
+        let queue = SinkQueue::new("s", 4);
+        for id in 1..=5 {
+            queue.push(entry(id));
+        }
+        // 1 was dropped for room; removing 1 and 2 removes 2.
+        assert_eq!(ids(&queue), [2, 3, 4, 5]);
+        queue.remove(&[1, 2]);
+        assert_eq!(ids(&queue), [3, 4, 5]);
+        // Not a prefix: 4 alone.
+        queue.remove(&[4]);
+        assert_eq!(ids(&queue), [3, 5]);
+        queue.remove(&[3, 5]);
+        assert_eq!(queue.depth(), 0);
+        queue.remove(&[9]);
+        assert_eq!(queue.depth(), 0);
     }
 }
