@@ -147,8 +147,8 @@ impl Session {
         }
     }
 
-    /// Queues a QoS 1/2 message, dropping the oldest queued one when the queue is full.
-    /// Returns the dropped message's store op, if any.
+    /// Queues a QoS 1/2 message, dropping the oldest queued one when the queue is full (its
+    /// `Dequeue` goes into `ops`). Returns whether a message was dropped.
     pub fn enqueue(&mut self, queued: Queued, limits: QueueLimits, ops: &mut Vec<Op>) -> bool {
         let mut dropped = false;
         if self.queue.len() + self.inflight.len() >= limits.max_queued_messages {
@@ -206,7 +206,9 @@ impl Session {
             let Some(queued) = self.queue.pop_front() else {
                 break;
             };
-            if queued.message.published_at_ms < oldest_allowed {
+            // A released message is already in the client's hands: it is completed (PUBREL),
+            // never expired, or its id would stay taken on the client's side.
+            if !queued.released && queued.message.published_at_ms < oldest_allowed {
                 if let Some(seq) = queued.seq {
                     ops.push(Op::Dequeue {
                         client_id: self.client_id.to_string(),
@@ -220,14 +222,16 @@ impl Session {
                 self.queue.push_front(queued);
                 break;
             };
-            let (packet, state) = if queued.released {
-                (Packet::PubRel(packet_id), InflightState::Complete)
-            } else if queued.message.qos == QoS::ExactlyOnce {
-                let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
-                (packet, InflightState::Received)
-            } else {
-                let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
-                (packet, InflightState::Ack)
+            let (packet, state) = match (queued.released, queued.message.qos) {
+                (true, _) => (Packet::PubRel(packet_id), InflightState::Complete),
+                (false, qos) => {
+                    let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
+                    let state = match qos {
+                        QoS::ExactlyOnce => InflightState::Received,
+                        _ => InflightState::Ack,
+                    };
+                    (packet, state)
+                }
             };
             self.inflight.push_back(Inflight {
                 packet_id,
@@ -354,5 +358,23 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, [PacketId::new(7), PacketId::new(8)]);
+    }
+
+    #[test]
+    fn a_released_message_is_completed_however_old() {
+        let (mut session, mut rx) = attached_session();
+        let mut old = queued(4, true);
+        old.message.published_at_ms = 0;
+        session.queue.push_back(old);
+        let mut expired = queued(5, false);
+        expired.message.published_at_ms = 0;
+        session.queue.push_back(expired);
+        let mut ops = Vec::new();
+        let outcome = session.pump(LIMITS, &mut ops);
+        assert_eq!(outcome.expired, 1, "the unreleased old one expires");
+        assert_eq!(
+            sent(&mut rx),
+            [Packet::PubRel(PacketId::new(5).expect("id"))]
+        );
     }
 }
