@@ -189,11 +189,7 @@ fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::Unbound
                 let _ = reply.send(result);
             }
             Request::Events { wanted, reply } => {
-                let result = wanted
-                    .iter()
-                    .map(|(client_id, seq)| store.history_entry(client_id, *seq))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string());
+                let result = store.history_entries(&wanted).map_err(|e| e.to_string());
                 let _ = reply.send(result);
             }
             Request::Apply { .. } | Request::Flush { .. } => {}

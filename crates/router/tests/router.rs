@@ -46,8 +46,11 @@ impl Store for FlakyStore {
     ) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
         self.inner.history(client_id, from_ms, to_ms, limit)
     }
-    fn history_entry(&mut self, client_id: &str, seq: u64) -> Result<Option<Bytes>, StoreError> {
-        self.inner.history_entry(client_id, seq)
+    fn history_entries(
+        &mut self,
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        self.inner.history_entries(wanted)
     }
 }
 

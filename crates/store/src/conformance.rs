@@ -639,8 +639,8 @@ macro_rules! conformance_tests {
                 super::presence::next_outbox_id_is_one_past_the_largest_ever_stored($fresh)
             }
             #[test]
-            fn history_entry_is_found_by_client_and_seq() {
-                super::presence::history_entry_is_found_by_client_and_seq($fresh)
+            fn history_entries_are_found_by_client_and_seq() {
+                super::presence::history_entries_are_found_by_client_and_seq($fresh)
             }
             #[test]
             fn history_filters_by_time_and_limit() {

@@ -1,6 +1,8 @@
 //! Herald's durable state: persistent sessions, the messages queued for them while they are
-//! offline, and retained messages; and for presence, each client id's last event seq, the
-//! channels that are open, a durable outbox per sink and a bounded history of events per client.
+//! offline (with the QoS 2 state that keeps them exactly once across a crash), retained
+//! messages, issued tokens and device credentials; and for presence, each client id's last
+//! event seq, the channels that are open, a durable outbox per sink and a bounded history of
+//! events per client.
 //!
 //! The rest of the broker sees only the [`Store`] trait and the plain data types defined here.
 //! The storage engine (redb) stays inside [`RedbStore`]; [`MemoryStore`] has the same semantics
@@ -239,11 +241,11 @@ pub trait Store: Send + 'static {
         limit: usize,
     ) -> Result<Vec<(u64, u64, bytes::Bytes)>, StoreError>;
 
-    /// The payload of one history entry, `None` if there is none (never written, or pruned).
+    /// The payloads of the history entries `(client id, seq)`, in the order asked for, `None`
+    /// where there is none (never written, or pruned). One read of the store for all of them.
     /// Reads everything applied so far.
-    fn history_entry(
+    fn history_entries(
         &mut self,
-        client_id: &str,
-        seq: u64,
-    ) -> Result<Option<bytes::Bytes>, StoreError>;
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<Option<bytes::Bytes>>, StoreError>;
 }

@@ -86,14 +86,9 @@ impl MemoryStore {
             Op::DeleteIncomingQos2 {
                 client_id,
                 packet_id,
-            } => {
-                if let Some(ids) = self.incoming_qos2.get_mut(client_id) {
-                    ids.remove(packet_id);
-                    if ids.is_empty() {
-                        self.incoming_qos2.remove(client_id);
-                    }
-                }
-            }
+            } => remove_and_drop_empty(&mut self.incoming_qos2, client_id, |ids| {
+                ids.remove(packet_id);
+            }),
             Op::Enqueue {
                 client_id,
                 seq,
@@ -106,18 +101,12 @@ impl MemoryStore {
                 self.next_seq = self.next_seq.max(seq.saturating_add(1));
             }
             Op::Dequeue { client_id, seq } => {
-                if let Some(queue) = self.queues.get_mut(client_id) {
+                remove_and_drop_empty(&mut self.queues, client_id, |queue| {
                     queue.remove(seq);
-                    if queue.is_empty() {
-                        self.queues.remove(client_id);
-                    }
-                }
-                if let Some(seqs) = self.released.get_mut(client_id) {
+                });
+                remove_and_drop_empty(&mut self.released, client_id, |seqs| {
                     seqs.remove(seq);
-                    if seqs.is_empty() {
-                        self.released.remove(client_id);
-                    }
-                }
+                });
             }
             Op::PutReleased { client_id, seq } => {
                 self.released
@@ -183,17 +172,34 @@ impl MemoryStore {
     }
 }
 
-/// Runs `remove` on the inner map of `key`, then drops it if it is left empty.
-fn remove_and_drop_empty<V>(
-    maps: &mut BTreeMap<String, BTreeMap<u64, V>>,
+/// Runs `remove` on the inner collection of `key`, then drops it if it is left empty.
+fn remove_and_drop_empty<C: Emptiable>(
+    maps: &mut BTreeMap<String, C>,
     key: &str,
-    remove: impl FnOnce(&mut BTreeMap<u64, V>),
+    remove: impl FnOnce(&mut C),
 ) {
     if let Some(inner) = maps.get_mut(key) {
         remove(inner);
         if inner.is_empty() {
             maps.remove(key);
         }
+    }
+}
+
+/// The inner collections of the per-client maps.
+trait Emptiable {
+    fn is_empty(&self) -> bool;
+}
+
+impl<K, V> Emptiable for BTreeMap<K, V> {
+    fn is_empty(&self) -> bool {
+        BTreeMap::is_empty(self)
+    }
+}
+
+impl<T> Emptiable for BTreeSet<T> {
+    fn is_empty(&self) -> bool {
+        BTreeSet::is_empty(self)
     }
 }
 
@@ -287,11 +293,16 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    fn history_entry(&mut self, client_id: &str, seq: u64) -> Result<Option<Bytes>, StoreError> {
-        Ok(self
-            .history
-            .get(client_id)
-            .and_then(|entries| entries.get(&seq))
-            .map(|(_, payload)| payload.clone()))
+    fn history_entries(
+        &mut self,
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        Ok(wanted
+            .iter()
+            .map(|(client_id, seq)| {
+                let entries = self.history.get(client_id)?;
+                entries.get(seq).map(|(_, payload)| payload.clone())
+            })
+            .collect())
     }
 }

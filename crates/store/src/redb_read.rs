@@ -66,24 +66,29 @@ pub(crate) fn history(
     Ok(found)
 }
 
-/// The payload of the history entry `(client_id, seq)`, if there is one.
-pub(crate) fn history_entry(
+/// The payloads of the history entries `wanted`, in that order, `None` where there is none;
+/// one read transaction for all of them.
+pub(crate) fn history_entries(
     db: &Database,
     path: &Path,
-    client_id: &str,
-    seq: u64,
-) -> Result<Option<Bytes>, StoreError> {
+    wanted: &[(String, u64)],
+) -> Result<Vec<Option<Bytes>>, StoreError> {
     let txn = db.begin_read().at(path, "reading")?;
     let table = txn.open_table(HISTORY).at(path, "opening table history")?;
-    let Some(value) = table
-        .get((client_id, seq))
-        .at(path, "reading the history")?
-    else {
-        return Ok(None);
-    };
-    let (_, payload) = codec::decode_history_entry(value.value())
-        .map_err(|e| corrupt(path, "history", &(client_id, seq), e))?;
-    Ok(Some(payload))
+    let mut found = Vec::with_capacity(wanted.len());
+    for (client_id, seq) in wanted {
+        let key = (client_id.as_str(), *seq);
+        let payload = match table.get(key).at(path, "reading the history")? {
+            Some(value) => {
+                let (_, payload) = codec::decode_history_entry(value.value())
+                    .map_err(|e| corrupt(path, "history", &key, e))?;
+                Some(payload)
+            }
+            None => None,
+        };
+        found.push(payload);
+    }
+    Ok(found)
 }
 
 fn corrupt(path: &Path, table: &str, key: &dyn fmt::Debug, error: DecodeError) -> StoreError {
@@ -93,7 +98,8 @@ fn corrupt(path: &Path, table: &str, key: &dyn fmt::Debug, error: DecodeError) -
     ))
 }
 
-/// Sessions, queues, retained messages and `next_seq`.
+/// Sessions, queues, retained messages, QoS 2 ids awaiting PUBREL, released marks and
+/// `next_seq`.
 fn load_mqtt(
     txn: &ReadTransaction,
     path: &Path,

@@ -78,9 +78,9 @@ pub(crate) const KEY_NEXT_SEQ: &str = "next_seq";
 pub(crate) const KEY_NEXT_OUTBOX_ID: &str = "next_outbox_id";
 
 /// redb's page cache unless the caller sets one (`storage.cache_mb`). redb's default (1 GiB) is
-/// sized for a database server. The broker reads its tables once, at start-up, and then only
-/// writes: the cache holds the B-tree pages commits touch, and pages that fall out of it are
-/// read back from the OS page cache. Every byte of it counts in the broker's resident memory.
+/// sized for a database server. The broker reads its tables once, at start-up, and then mostly
+/// writes (its only reads are the admin API's history queries): the cache holds the B-tree
+/// pages commits touch, and pages that fall out of it are read back from the OS page cache. Every byte of it counts in the broker's resident memory.
 pub const DEFAULT_CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// In interval mode, a log that grows past this is flushed by `apply` itself, so that a caller
@@ -138,8 +138,8 @@ impl RedbStore {
     /// Opens the store in `data_dir` (created if missing), or creates it.
     ///
     /// Start-up work, in order: check every page's checksum (a file redb did not write is
-    /// refused rather than trusted), check the format version, create the tables a file from
-    /// before presence lacks, replay the write-ahead log and commit it durably, compact the file
+    /// refused rather than trusted), check the format version, create the tables a file from an
+    /// earlier Herald lacks, replay the write-ahead log and commit it durably, compact the file
     /// (redb otherwise keeps it at its high-water mark), then start an empty log in interval
     /// mode or remove it in always mode.
     pub fn open(data_dir: &Path, sync: SyncMode) -> Result<RedbStore, StoreError> {
@@ -289,12 +289,11 @@ impl Store for RedbStore {
         redb_read::history(&self.db, &self.db_path, client_id, from_ms..=to_ms, limit)
     }
 
-    fn history_entry(
+    fn history_entries(
         &mut self,
-        client_id: &str,
-        seq: u64,
-    ) -> Result<Option<bytes::Bytes>, StoreError> {
-        redb_read::history_entry(&self.db, &self.db_path, client_id, seq)
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<Option<bytes::Bytes>>, StoreError> {
+        redb_read::history_entries(&self.db, &self.db_path, wanted)
     }
 }
 
@@ -358,8 +357,8 @@ fn initialize(db: &Database, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Creates, durably, the tables that a store written by an earlier Herald (before presence) does
-/// not have yet. Existing tables and their data are left as they are.
+/// Creates, durably, the tables that a store written by an earlier Herald (before presence,
+/// tokens and credentials, or the QoS 2 tables) does not have yet. Existing tables and their data are left as they are.
 fn add_missing_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
     let existing: BTreeSet<String> = db
         .begin_read()

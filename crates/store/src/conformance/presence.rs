@@ -222,7 +222,7 @@ pub(crate) fn next_outbox_id_is_one_past_the_largest_ever_stored<S: Store, G>(
     assert_eq!(next_id(&mut store), u64::MAX);
 }
 
-pub(crate) fn history_entry_is_found_by_client_and_seq<S: Store, G>(fresh: impl Fresh<S, G>) {
+pub(crate) fn history_entries_are_found_by_client_and_seq<S: Store, G>(fresh: impl Fresh<S, G>) {
     let (mut store, _guard) = fresh();
     let mut ops = vec![
         put_history("c", 1, 100, "e1"),
@@ -235,12 +235,31 @@ pub(crate) fn history_entry_is_found_by_client_and_seq<S: Store, G>(fresh: impl 
         below_seq: 2,
     });
     store.apply(&ops).expect("apply");
-    let mut entry = |client: &str, seq: u64| store.history_entry(client, seq).expect("read");
+    let mut entry = |client: &str, seq: u64| {
+        let wanted = [(client.to_owned(), seq)];
+        let mut found = store.history_entries(&wanted).expect("read");
+        assert_eq!(found.len(), 1);
+        found.remove(0)
+    };
     assert_eq!(entry("c", 3), Some(Bytes::from_static(b"e3")));
     assert_eq!(entry("c", 2), Some(Bytes::from_static(b"e2")));
     assert_eq!(entry("c", 1), None, "pruned");
     assert_eq!(entry("c", 4), None, "another client's seq");
     assert_eq!(entry("missing", 1), None);
+    // Several at once, in the order asked for.
+    let wanted = [
+        ("cc".to_owned(), 4),
+        ("c".to_owned(), 1),
+        ("c".to_owned(), 3),
+    ];
+    assert_eq!(
+        store.history_entries(&wanted).expect("read"),
+        [
+            Some(Bytes::from_static(b"other")),
+            None,
+            Some(Bytes::from_static(b"e3"))
+        ]
+    );
 }
 
 pub(crate) fn history_filters_by_time_and_limit<S: Store, G>(fresh: impl Fresh<S, G>) {
