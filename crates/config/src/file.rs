@@ -278,7 +278,7 @@ impl Default for Storage {
         Storage {
             sync: "always".into(),
             interval_ms: 100,
-            cache_mb: 4,
+            cache_mb: (herald_store::DEFAULT_CACHE_BYTES >> 20) as u64,
         }
     }
 }
