@@ -103,10 +103,11 @@ impl Router {
             inflight.state = InflightState::Complete;
             released = inflight.queued.seq;
         }
-        // A stored message is marked released before the PUBREL goes out: after a crash the
-        // broker then resends the PUBREL, never the PUBLISH the client has already taken.
-        let durable = session.persistent && released.is_some();
-        if let Some(seq) = released.filter(|_| durable) {
+        // A stored message (only persistent sessions' messages have a seq) is marked released
+        // before the PUBREL goes out: after a crash the broker then resends the PUBREL, never
+        // the PUBLISH the client has already taken.
+        let durable = released.is_some();
+        if let Some(seq) = released {
             let client_id = session.client_id.to_string();
             self.persister.stage(Op::PutReleased { client_id, seq });
         }

@@ -40,7 +40,6 @@ pub struct RouterStats {
     pub received_by_qos: [AtomicU64; 3],
     /// PUBLISH sent to clients, by QoS.
     pub sent_by_qos: [AtomicU64; 3],
-    /// Presence events emitted: connect, disconnect, tcpclean.
     /// Presence events emitted: connect, disconnect, tcpclean, connect_failed.
     pub presence_events: [AtomicU64; 4],
 }
@@ -134,7 +133,7 @@ pub(crate) enum Deferred {
     Notify(oneshot::Sender<()>),
     /// Answers a query once the state it reports is durable, so that the events it names can
     /// be read back from the store.
-    Answer(Box<dyn FnOnce() + Send>),
+    Answer(oneshot::Sender<Vec<ClientState>>, Vec<ClientState>),
 }
 
 struct Pending {
@@ -269,10 +268,10 @@ impl Router {
             }
             // QoS 2 messages this client published that were routed but not yet released: a
             // retransmission is acknowledged, not routed a second time.
-            let released = incoming_qos2.remove(&id).unwrap_or_default();
+            let awaiting_pubrel = incoming_qos2.remove(&id).unwrap_or_default();
             session
                 .incoming_qos2
-                .extend(released.into_iter().filter_map(PacketId::new));
+                .extend(awaiting_pubrel.into_iter().filter_map(PacketId::new));
             self.sessions.insert(client, session);
         }
         for (client, _) in incoming_qos2 {
@@ -538,9 +537,7 @@ impl Router {
             let _ = reply.send(states);
             return;
         }
-        self.defer(Deferred::Answer(Box::new(move || {
-            let _ = reply.send(states);
-        })));
+        self.defer(Deferred::Answer(reply, states));
     }
 
     /// Runs `action` once everything staged so far is durable, after every earlier deferred
@@ -572,7 +569,10 @@ impl Router {
                 let _ = done.send(());
                 return;
             }
-            Deferred::Answer(answer) => return answer(),
+            Deferred::Answer(reply, states) => {
+                let _ = reply.send(states);
+                return;
+            }
         };
         let Some(channel) = channel else { return };
         let Some(session) = self.session_of(channel) else {

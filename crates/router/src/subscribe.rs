@@ -100,8 +100,8 @@ impl Router {
 
 /// The retained messages `filter` matches. Retained messages are kept in topic order, so only
 /// the topics that start with the filter's literal part (the levels before its first wildcard)
-/// are looked at: subscribing to `dev/1/cmd` costs one lookup however many `$presence/...`
-/// snapshots are retained, not a scan of all of them.
+/// are looked at: subscribing to `dev/1/cmd` costs one lookup however many other topics have a
+/// retained message, not a scan of all of them.
 pub(crate) fn retained_matching<'a>(
     retained: &'a BTreeMap<String, Message>,
     filter: &'a str,

@@ -1,14 +1,16 @@
 //! The binary encoding of stored values and of write-ahead log batches.
 //!
 //! Owns the byte layout of a [`StoredMessage`], a [`SessionRecord`], a [`ChannelRecord`], an
-//! outbox entry, a history entry and a batch of [`Op`]s. Keys are not encoded here: redb orders
+//! outbox entry, a history entry, a token and a device credential record, and a batch of
+//! [`Op`]s. Keys are not encoded here: redb orders
 //! them itself (see `redb_store`). Each encoded value starts with a version byte, so a later
 //! layout can be read next to this one. Integers are big-endian; strings and byte strings are a
 //! `u32` length followed by the bytes.
 //!
 //! A batch is a count and then ops, each a tag byte and its fields. New kinds of op get new tags
 //! under the same layout version, so every batch an earlier Herald wrote (tags 1 to 6) still
-//! decodes (tags 7 to 13 came with presence, 14 to 17 with tokens and device credentials); a tag
+//! decodes (tags 7 to 13 came with presence, 14 to 17 with tokens and device credentials, 18 to
+//! 20 with the QoS 2 ids and released marks that keep QoS 2 exactly once across a crash); a tag
 //! this Herald does not know is an error, never skipped.
 //!
 //! Decoding never trusts a length: a truncated or garbage input gives a [`DecodeError`], never a
