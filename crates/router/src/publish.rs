@@ -240,16 +240,9 @@ impl Router {
             RouterStats::add(&self.stats.queue_dropped, 1);
             warn!(client_id = %client, limit = "limits.max_queued_messages", "session queue full; dropped its oldest message");
         }
-        let before = session.inflight.len();
         let outcome = session.pump(limits, &mut ops);
-        let sent = session.inflight.len().saturating_sub(before);
         let channel = session.channel_id();
         self.stage_all(ops);
-        RouterStats::add(&self.stats.messages_sent, sent as u64);
-        RouterStats::add(
-            &self.stats.sent_by_qos[granted.min(message.qos).as_u8() as usize],
-            sent as u64,
-        );
         self.after_send(channel, outcome);
     }
 }

@@ -597,6 +597,12 @@ impl Router {
         channel: Option<ChannelId>,
         outcome: crate::session::SendOutcome,
     ) {
+        // Counted here, for every caller of `pump` (a new message, an acknowledgement that
+        // freed the window, a reconnect), under each message's own QoS.
+        for (qos, sent) in outcome.sent_by_qos.into_iter().enumerate() {
+            RouterStats::add(&self.stats.messages_sent, sent);
+            RouterStats::add(&self.stats.sent_by_qos[qos], sent);
+        }
         if outcome.expired > 0 {
             RouterStats::add(&self.stats.queue_expired, outcome.expired);
             warn!(channel = ?channel, dropped = outcome.expired, limit = "limits.max_queue_age_secs", "queued messages expired before delivery");

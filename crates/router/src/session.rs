@@ -62,6 +62,8 @@ pub struct SendOutcome {
     pub slow_consumer: bool,
     /// Queued messages dropped for their age.
     pub expired: u64,
+    /// PUBLISH packets sent, by QoS.
+    pub sent_by_qos: [u64; 3],
 }
 
 #[derive(Debug)]
@@ -225,6 +227,7 @@ impl Session {
             let (packet, state) = match (queued.released, queued.message.qos) {
                 (true, _) => (Packet::PubRel(packet_id), InflightState::Complete),
                 (false, qos) => {
+                    outcome.sent_by_qos[qos.as_u8() as usize] += 1;
                     let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
                     let state = match qos {
                         QoS::ExactlyOnce => InflightState::Received,
@@ -336,7 +339,13 @@ mod tests {
         session.queue.push_back(queued(6, false));
         session.queue.push_back(queued(7, false));
         let mut ops = Vec::new();
-        assert!(!session.pump(LIMITS, &mut ops).slow_consumer);
+        let outcome = session.pump(LIMITS, &mut ops);
+        assert!(!outcome.slow_consumer);
+        assert_eq!(
+            outcome.sent_by_qos,
+            [0, 0, 1],
+            "a PUBREL is not a PUBLISH sent"
+        );
         let packets = sent(&mut rx);
         assert_eq!(packets.len(), 2, "{packets:?}");
         assert_eq!(packets[0], Packet::PubRel(PacketId::new(5).expect("id")));
