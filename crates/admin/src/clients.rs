@@ -72,24 +72,19 @@ async fn views(state: &AdminState, states: Vec<ClientState>) -> Result<Vec<Clien
         .collect();
     let mut events = Vec::new().into_iter();
     if !wanted.is_empty() {
-        let read = state.router.history.events(wanted);
-        events = match tokio::time::timeout(ROUTER_WAIT, read).await {
-            Ok(Ok(events)) => events.into_iter(),
-            Ok(Err(error)) => return Err(ApiError::Unavailable(error)),
-            Err(_) => return Err(store_timeout()),
-        };
+        events = read_store(state.router.history.events(wanted))
+            .await?
+            .into_iter();
     }
     Ok(states
         .into_iter()
         .map(|s| {
-            let event = if s.seq > 0 { events.next().flatten() } else { None };
-            let last_event = event.and_then(|json| {
-                let raw = raw_json(&json);
-                if raw.is_none() {
-                    warn!(client_id = %s.client_id, seq = s.seq, "a stored presence event is not JSON; left out");
-                }
-                raw
-            });
+            let event = if s.seq > 0 {
+                events.next().flatten()
+            } else {
+                None
+            };
+            let last_event = event.and_then(|json| raw_json(&s.client_id, s.seq, &json));
             ClientView {
                 client_id: s.client_id,
                 online: s.online,
@@ -101,14 +96,30 @@ async fn views(state: &AdminState, states: Vec<ClientState>) -> Result<Vec<Clien
         .collect())
 }
 
-fn store_timeout() -> ApiError {
-    ApiError::Unavailable("the store did not answer in time".into())
+/// A read through the storage thread, within the router's wait; 503 when it fails or is late.
+async fn read_store<T>(read: impl Future<Output = Result<T, String>>) -> Result<T, ApiError> {
+    match tokio::time::timeout(ROUTER_WAIT, read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(ApiError::Unavailable(error)),
+        Err(_) => Err(ApiError::Unavailable(
+            "the store did not answer in time".into(),
+        )),
+    }
 }
 
-/// An event's JSON as it was emitted (key order kept). The router only emits valid JSON.
-fn raw_json(bytes: &[u8]) -> Option<Box<RawValue>> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    RawValue::from_string(text.to_string()).ok()
+/// The stored event `seq` of `client_id` as it was emitted (key order kept). The router only
+/// emits valid JSON; anything else is logged and left out.
+fn raw_json(client_id: &str, seq: u64, bytes: &[u8]) -> Option<Box<RawValue>> {
+    let raw = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| RawValue::from_string(text.to_string()).ok());
+    if raw.is_none() {
+        warn!(
+            client_id,
+            seq, "a stored presence event is not JSON; left out"
+        );
+    }
+    raw
 }
 
 async fn query_states(state: &AdminState, ids: Vec<String>) -> Result<Vec<ClientView>, ApiError> {
@@ -222,21 +233,10 @@ pub(crate) async fn events(
         ));
     }
     let limit = params.number("limit", 1..=MAX_LIMIT, DEFAULT_LIMIT)? as usize;
-    let read = state.router.history.history(&id, from, to, limit);
-    let entries = match tokio::time::timeout(ROUTER_WAIT, read).await {
-        Ok(Ok(entries)) => entries,
-        Ok(Err(error)) => return Err(ApiError::Unavailable(error)),
-        Err(_) => return Err(store_timeout()),
-    };
+    let entries = read_store(state.router.history.history(&id, from, to, limit)).await?;
     let events = entries
         .iter()
-        .filter_map(|(seq, _, json)| {
-            let raw = raw_json(json);
-            if raw.is_none() {
-                warn!(client_id = %id, seq, "a stored presence event is not JSON; left out");
-            }
-            raw
-        })
+        .filter_map(|(seq, _, json)| raw_json(&id, *seq, json))
         .collect();
     Ok(Json(Events { events }))
 }
