@@ -1,8 +1,10 @@
 //! The wire codec: bytes to [`Packet`] and back. The only module that touches `rmqtt-codec`.
 //!
-//! Decoding returns `Ok(None)` when more bytes are needed (a normal outcome). On top of the
-//! third-party decoder it enforces what that decoder lets through: wildcards or NUL in a
-//! PUBLISH or will topic, and a password without a user name.
+//! Decoding returns `Ok(None)` when more bytes are needed (a normal outcome). It frames whole
+//! packets itself (the third-party decoder is only given complete packets, so it is never left
+//! in the middle of one) and, on top of that decoder, enforces what it lets through: reserved
+//! bits in a SUBSCRIBE's requested-QoS bytes, wildcards or NUL in a PUBLISH or will topic, and
+//! a password without a user name.
 
 use bytes::BytesMut;
 use rmqtt_codec::error::DecodeError as WireDecodeError;
@@ -56,6 +58,7 @@ impl From<std::io::Error> for EncodeError {
 #[derive(Debug)]
 pub struct Codec {
     inner: v3::Codec,
+    max_packet_size: u32,
 }
 
 impl Codec {
@@ -64,6 +67,7 @@ impl Codec {
     pub fn new(max_packet_size: u32) -> Codec {
         Codec {
             inner: v3::Codec::new(max_packet_size.max(1)),
+            max_packet_size: max_packet_size.max(1),
         }
     }
 }
@@ -73,7 +77,16 @@ impl Decoder for Codec {
     type Error = DecodeError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
-        check_subscribe_options(src)?;
+        match frame(src, self.max_packet_size) {
+            Frame::Incomplete { missing } => {
+                // Room for the whole packet at once, not a read of 64 bytes at a time.
+                src.reserve(missing);
+                return Ok(None);
+            }
+            Frame::Whole(len) => check_subscribe_options(&src[..len])?,
+            // Too large, or a broken length: the inner decoder reports it at once.
+            Frame::Refuse => {}
+        }
         match self.inner.decode(src) {
             Ok(Some((packet, _len))) => from_wire(packet).map(Some),
             Ok(None) => Ok(None),
@@ -109,33 +122,57 @@ impl Encoder<&Packet> for Codec {
     }
 }
 
-/// MQTT-3.8.3-4: a SUBSCRIBE whose requested-QoS byte has any of its 6 reserved bits set is
-/// malformed. rmqtt-codec masks those bits away, so a whole SUBSCRIBE at the start of `src` is
-/// checked here first. Anything incomplete or otherwise broken is left to the codec.
-fn check_subscribe_options(src: &[u8]) -> Result<(), DecodeError> {
-    if src.first() != Some(&0x82) {
-        return Ok(());
-    }
-    // The remaining length: up to 4 bytes of 7 bits each.
+/// Where the packet at the start of a buffer stands.
+enum Frame {
+    /// More bytes are needed: `missing` of them, if the header is whole (else 0).
+    Incomplete { missing: usize },
+    /// A whole packet of this many bytes (fixed header included).
+    Whole(usize),
+    /// A remaining length over the limit, or longer than 4 bytes.
+    Refuse,
+}
+
+/// Reads the fixed header at the start of `src` without consuming anything.
+fn frame(src: &[u8], max_packet_size: u32) -> Frame {
     let mut remaining = 0usize;
-    let mut header = 1;
+    let mut at = 1;
     loop {
-        let Some(&byte) = src.get(header) else {
-            return Ok(());
+        let Some(&byte) = src.get(at) else {
+            return Frame::Incomplete { missing: 0 };
         };
-        remaining |= usize::from(byte & 0x7F) << (7 * (header - 1));
-        header += 1;
+        remaining |= usize::from(byte & 0x7F) << (7 * (at - 1));
+        at += 1;
         if byte & 0x80 == 0 {
             break;
         }
-        if header > 4 {
-            return Ok(());
+        if at > 4 {
+            return Frame::Refuse;
         }
     }
-    let Some(payload) = src.get(header..header + remaining) else {
+    if remaining > max_packet_size as usize {
+        return Frame::Refuse;
+    }
+    let len = at + remaining;
+    match src.len().checked_sub(len) {
+        Some(_) => Frame::Whole(len),
+        None => Frame::Incomplete {
+            missing: len - src.len(),
+        },
+    }
+}
+
+/// MQTT-3.8.3-4: a SUBSCRIBE whose requested-QoS byte has any of its 6 reserved bits set is
+/// malformed. rmqtt-codec masks those bits away, so the whole `packet` is checked first;
+/// anything otherwise broken is left to the codec.
+fn check_subscribe_options(packet: &[u8]) -> Result<(), DecodeError> {
+    if packet.first() != Some(&0x82) {
+        return Ok(());
+    }
+    // Skip the remaining length, then the packet id; then (length, filter, options byte)s.
+    let Some(header) = packet.iter().skip(1).position(|b| b & 0x80 == 0) else {
         return Ok(());
     };
-    // After the packet id: (length, filter, options byte) until the end.
+    let payload = &packet[header + 2..];
     let mut at = 2;
     while let Some(len) = payload.get(at..at + 2) {
         at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
@@ -395,6 +432,30 @@ mod tests {
         );
         // Incomplete: wait for more, whatever the bytes so far.
         assert!(matches!(decode_all(&bad[..11]), Ok(None)));
+        // Split anywhere, the check still sees the whole packet.
+        for split in 1..bad.len() {
+            let mut codec = Codec::new(1024);
+            let mut buf = BytesMut::from(&bad[..split]);
+            assert!(
+                matches!(codec.decode(&mut buf), Ok(None)),
+                "split at {split}"
+            );
+            buf.extend_from_slice(&bad[split..]);
+            assert!(
+                matches!(codec.decode(&mut buf), Err(DecodeError::Malformed(_))),
+                "split at {split}"
+            );
+        }
+        // A packet id whose first byte is 0x82, split after the header: still a valid packet.
+        let unsubscribe = [0xA2, 5, 0x82, 1, 0, 1, b'a'];
+        let mut codec = Codec::new(1024);
+        let mut buf = BytesMut::from(&unsubscribe[..2]);
+        assert!(matches!(codec.decode(&mut buf), Ok(None)));
+        buf.extend_from_slice(&unsubscribe[2..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Ok(Some(Packet::Unsubscribe { .. }))
+        ));
         // A QoS of 3 was already refused by the codec.
         let three = [0x82, 6, 0, 1, 0, 1, b'a', 3];
         assert!(decode_all(&three).is_err());
