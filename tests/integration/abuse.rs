@@ -132,6 +132,31 @@ async fn password_guessing_bans_the_address_for_a_while() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_will_topic_is_not_a_failed_login() {
+    let broker = TestBroker::demo(&format!(
+        "[limits]\nmax_auth_failures_per_ip = 3\nauth_ban_secs = 60\n{OPS_KEY}"
+    ))
+    .await;
+    let id = "GID_demo@@@will";
+    // Right credentials, a will topic the key may not publish to: refused, five times.
+    for _ in 0..5 {
+        let mut options = signed_options(broker.addr, id, true);
+        options.set_last_will(rumqttc::LastWill::new(
+            "elsewhere/will",
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+        let refused = TestClient::connect(options).await.err().unwrap_or_default();
+        assert!(refused.contains("NotAuthorized"), "{refused}");
+    }
+    assert_eq!(metric(&broker, "herald_auth_failures_total").await, 0);
+    assert_eq!(metric(&broker, "herald_auth_bans_total").await, 0);
+    still_serves(&broker, id).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_flood_is_slowed_down_not_dropped() {
     let broker = TestBroker::demo(&format!("[limits]\nmax_messages_per_sec = 50\n{OPS_KEY}")).await;
     let mut sub =

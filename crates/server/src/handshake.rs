@@ -20,30 +20,30 @@ pub(crate) struct Accepted {
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
-    context: &Context,
     peer: SocketAddr,
     client_id: &str,
     code: ConnectReturnCode,
     why: &str,
 ) {
     warn!(%peer, client_id, code = code.as_u8(), refusal = code.as_str(), why, "connection refused");
-    if matches!(
-        code,
-        ConnectReturnCode::BadUsernameOrPassword | ConnectReturnCode::NotAuthorized
-    ) {
-        ServerStats::add(&context.stats.auth_failures);
-        if context.guard.auth_failed(peer.ip()) {
-            ServerStats::add(&context.stats.bans);
-            let secs = context.guard.settings().auth_ban.as_secs();
-            warn!(%peer, limit = "limits.max_auth_failures_per_ip", ban_secs = secs, "too many failed logins: address banned");
-        }
-    }
     let _ = framed
         .write(Packet::ConnAck(ConnAck {
             session_present: false,
             code,
         }))
         .await;
+}
+
+/// Counts a CONNECT refused for its credentials towards the address's ban
+/// (`limits.max_auth_failures_per_ip`). Only credentials count: a refused client id or will
+/// topic is the client's configuration, not a guess.
+fn failed_login(context: &Context, peer: SocketAddr) {
+    ServerStats::add(&context.stats.auth_failures);
+    if context.guard.auth_failed(peer.ip()) {
+        ServerStats::add(&context.stats.bans);
+        let secs = context.guard.settings().auth_ban.as_secs();
+        warn!(%peer, limit = "limits.max_auth_failures_per_ip", ban_secs = secs, "too many failed logins: address banned");
+    }
 }
 
 /// Reads and checks the CONNECT. `None` means the connection was refused (and told so where
@@ -70,22 +70,13 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(ReadError::Decode(DecodeError::UnsupportedProtocolLevel)) => {
             let code = ConnectReturnCode::UnacceptableProtocolVersion;
-            refuse(
-                framed,
-                context,
-                peer,
-                "",
-                code,
-                "protocol level is not 3 or 4",
-            )
-            .await;
+            refuse(framed, peer, "", code, "protocol level is not 3 or 4").await;
             return None;
         }
         Err(ReadError::Decode(DecodeError::EmptyClientIdWithoutCleanSession)) => {
             let code = ConnectReturnCode::IdentifierRejected;
             refuse(
                 framed,
-                context,
                 peer,
                 "",
                 code,
@@ -115,7 +106,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             if matches!(refusal, Refusal::ClientId(ClientIdError::TooLong { .. })) {
                 why.push_str(" (limits.max_client_id_len)");
             }
-            refuse(framed, context, peer, &id, refusal.return_code(), &why).await;
+            refuse(framed, peer, &id, refusal.return_code(), &why).await;
             return None;
         }
     };
@@ -127,15 +118,8 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(principal) => principal,
         Err(refusal) => {
             let code = refusal.return_code();
-            refuse(
-                framed,
-                context,
-                peer,
-                client_id.as_str(),
-                code,
-                &refusal.to_string(),
-            )
-            .await;
+            failed_login(context, peer);
+            refuse(framed, peer, client_id.as_str(), code, &refusal.to_string()).await;
             report_failure(context, &connect, &client_id, peer, transport, code);
             return None;
         }
@@ -153,7 +137,6 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(why) = why {
             refuse(
                 framed,
-                context,
                 peer,
                 client_id.as_str(),
                 ConnectReturnCode::NotAuthorized,
