@@ -61,6 +61,28 @@ struct Source {
     banned_until: Option<Instant>,
 }
 
+impl Source {
+    fn new(now: Instant) -> Source {
+        Source {
+            second: now,
+            connects: 0,
+            minute: now,
+            failures: 0,
+            banned_until: None,
+        }
+    }
+
+    fn banned(&self, now: Instant) -> bool {
+        self.banned_until.is_some_and(|until| until > now)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Sources {
+    map: HashMap<IpAddr, Source>,
+    last_purge: Option<Instant>,
+}
+
 /// Why a new connection is refused before it is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -72,10 +94,11 @@ pub enum Refused {
 #[derive(Debug, Default)]
 pub struct Guard {
     settings: AbuseSettings,
-    sources: Mutex<HashMap<IpAddr, Source>>,
+    sources: Mutex<Sources>,
 }
 
-/// Addresses tracked at most; beyond it idle ones are forgotten.
+/// Addresses tracked at most; beyond it idle ones are forgotten (at most once a second), and
+/// while every tracked one is still active a new address is not tracked.
 const MAX_SOURCES: usize = 100_000;
 
 impl Guard {
@@ -86,34 +109,42 @@ impl Guard {
         }
     }
 
-    fn with_source<T>(&self, ip: IpAddr, f: impl FnOnce(&mut Source, Instant) -> T) -> T {
+    /// Runs `f` on the address's record; `None` when the table is full of active addresses
+    /// and this one is not tracked (then nothing limits it: fail open, never a scan per call).
+    fn with_source<T>(&self, ip: IpAddr, f: impl FnOnce(&mut Source, Instant) -> T) -> Option<T> {
         let now = Instant::now();
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if sources.len() >= MAX_SOURCES {
-            sources.retain(|_, s| {
-                now.duration_since(s.minute) < Duration::from_secs(60)
-                    || s.banned_until.is_some_and(|b| b > now)
-            });
+        let Sources { map, last_purge } = &mut *sources;
+        if map.len() >= MAX_SOURCES && !map.contains_key(&ip) {
+            if last_purge.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+                *last_purge = Some(now);
+                map.retain(|_, s| {
+                    now.duration_since(s.minute) < Duration::from_secs(60) || s.banned(now)
+                });
+            }
+            if map.len() >= MAX_SOURCES {
+                return None;
+            }
         }
-        let source = sources.entry(ip).or_insert(Source {
-            second: now,
-            connects: 0,
-            minute: now,
-            failures: 0,
-            banned_until: None,
-        });
-        f(source, now)
+        let source = map.entry(ip).or_insert_with(|| Source::new(now));
+        Some(f(source, now))
     }
 
     /// Called for every accepted socket.
     pub fn admit(&self, ip: IpAddr) -> Result<(), Refused> {
         let rate = self.settings.connect_rate_per_ip;
+        if rate == 0 {
+            // Only a ban can refuse: look the address up, do not start tracking it.
+            let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let banned = sources
+                .map
+                .get(&ip)
+                .is_some_and(|s| s.banned(Instant::now()));
+            return if banned { Err(Refused::Banned) } else { Ok(()) };
+        }
         self.with_source(ip, |source, now| {
-            if source.banned_until.is_some_and(|until| until > now) {
+            if source.banned(now) {
                 return Err(Refused::Banned);
-            }
-            if rate == 0 {
-                return Ok(());
             }
             if now.duration_since(source.second) >= Duration::from_secs(1) {
                 source.second = now;
@@ -126,6 +157,7 @@ impl Guard {
                 Ok(())
             }
         })
+        .unwrap_or(Ok(()))
     }
 
     /// Called for every CONNECT refused for its credentials. `true` when it starts a ban.
@@ -141,13 +173,14 @@ impl Guard {
                 source.failures = 0;
             }
             source.failures += 1;
-            if source.failures >= limit && source.banned_until.is_none_or(|until| until <= now) {
+            if source.failures >= limit && !source.banned(now) {
                 source.banned_until = Some(now + ban);
                 source.failures = 0;
                 return true;
             }
             false
         })
+        .unwrap_or(false)
     }
 
     pub fn settings(&self) -> &AbuseSettings {
@@ -205,6 +238,42 @@ mod tests {
         assert!(!guard.auth_failed(b));
         assert!(guard.auth_failed(b));
         assert_eq!(guard.admit(b), Err(Refused::Banned));
+    }
+
+    #[test]
+    fn without_a_rate_only_bans_are_tracked_and_a_full_table_stays_full() {
+        let guard = Guard::new(AbuseSettings {
+            connect_rate_per_ip: 0,
+            auth_failures_per_ip: 1,
+            auth_ban: Duration::from_secs(60),
+            ..AbuseSettings::default()
+        });
+        let a: IpAddr = [10, 0, 0, 1].into();
+        assert_eq!(guard.admit(a), Ok(()));
+        let tracked = |g: &Guard| g.sources.lock().expect("lock").map.len();
+        assert_eq!(tracked(&guard), 0, "admitting does not track");
+        assert!(guard.auth_failed(a));
+        assert_eq!(guard.admit(a), Err(Refused::Banned));
+        // A table full of active addresses takes no new one, and does not grow.
+        {
+            let mut sources = guard.sources.lock().expect("lock");
+            let now = Instant::now();
+            for n in 0..MAX_SOURCES as u32 {
+                sources
+                    .map
+                    .insert(IpAddr::from((n + 1_000).to_be_bytes()), Source::new(now));
+            }
+        }
+        let before = tracked(&guard);
+        let b: IpAddr = [192, 0, 2, 1].into();
+        assert!(!guard.auth_failed(b), "untracked: no ban is claimed");
+        assert_eq!(guard.admit(b), Ok(()));
+        assert_eq!(tracked(&guard), before);
+        assert_eq!(
+            guard.admit(a),
+            Err(Refused::Banned),
+            "tracked ones keep their ban"
+        );
     }
 
     #[test]
