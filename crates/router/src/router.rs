@@ -234,15 +234,29 @@ impl Router {
         ))
     }
 
+    /// `id` as the router already holds it (one shared allocation per client id), else parsed.
+    fn known_client_id(&self, id: &str) -> Result<ClientId, herald_protocol::ClientIdError> {
+        match self.client_seqs.get_key_value(id) {
+            Some((client, _)) => Ok(client.clone()),
+            None => ClientId::parse_any(id, usize::MAX),
+        }
+    }
+
     fn restore(&mut self, snapshot: herald_store::Snapshot) {
         let mut queues: HashMap<String, Vec<(u64, herald_store::StoredMessage)>> =
             snapshot.queues.into_iter().collect();
         let mut incoming_qos2: HashMap<String, Vec<u16>> =
             snapshot.incoming_qos2.into_iter().collect();
         let mut released: HashMap<String, Vec<u64>> = snapshot.released.into_iter().collect();
+        // First, so that sessions and snapshots share these client ids' allocations.
+        for (client, seq) in snapshot.client_seqs {
+            if let Ok(client) = ClientId::parse_any(&client, usize::MAX) {
+                self.client_seqs.insert(client, seq);
+            }
+        }
         let count = snapshot.sessions.len();
         for (id, record) in snapshot.sessions {
-            let client = match ClientId::parse_any(&id, usize::MAX) {
+            let client = match self.known_client_id(&id) {
                 Ok(client) => client,
                 Err(e) => {
                     warn!(client_id = %id, error = %e, "stored session has an unusable client id; skipped");
@@ -290,17 +304,12 @@ impl Router {
             if let Some(client_id) = message.topic.as_str().strip_prefix(SNAPSHOT_PREFIX)
                 && let Some((id, state)) = SnapshotState::from_stored(&message.payload, &node)
                 && id == client_id
-                && let Ok(client) = ClientId::parse_any(&id, usize::MAX)
+                && let Ok(client) = self.known_client_id(&id)
             {
                 self.snapshots.insert(client, state);
                 continue;
             }
             self.retained.insert(message.topic.to_string(), message);
-        }
-        for (client, seq) in snapshot.client_seqs {
-            if let Ok(client) = ClientId::parse_any(&client, usize::MAX) {
-                self.client_seqs.insert(client, seq);
-            }
         }
         // Every session's client id is known to the admin API's listing, events or not.
         for client in self.sessions.keys() {
