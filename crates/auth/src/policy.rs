@@ -58,14 +58,6 @@ impl Principal {
         }
     }
 
-    /// The access key id, when the client authenticated with one.
-    pub fn access_key(&self) -> Option<&str> {
-        match &self.permissions {
-            Permissions::Key(key) => Some(&key.id),
-            Permissions::Anonymous | Permissions::Tokens(_) | Permissions::Device { .. } => None,
-        }
-    }
-
     /// Whether this is a token-mode connection (which may publish to [`UPLOAD_TOKEN_TOPIC`]).
     pub fn is_token_mode(&self) -> bool {
         matches!(self.permissions, Permissions::Tokens(_))

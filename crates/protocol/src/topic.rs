@@ -49,11 +49,6 @@ impl Topic {
     pub(crate) fn into_inner(self) -> ByteString {
         self.0
     }
-
-    /// The topic's levels, split on `/`.
-    pub fn levels(&self) -> std::str::Split<'_, char> {
-        self.0.split('/')
-    }
 }
 
 impl fmt::Debug for Topic {

@@ -1,5 +1,6 @@
-//! One connection's task: the socket, its buffers, and a `select!` over socket reads, the
-//! outbox from the router, and the keepalive deadline. Every end goes through one exit:
+//! One connection's task: the socket, its buffers, and one poll (`poll_wake`) over socket
+//! reads, the outbox from the router, the keepalive deadline and, for token and
+//! device-credential connections, the credential re-check. Every end goes through one exit:
 //! `Input::Closed` with the reason.
 
 use std::future::{Future, poll_fn};
@@ -37,7 +38,7 @@ pub(crate) struct Framed<S> {
     codec: Codec,
 }
 
-/// The end of a read: a packet, a clean EOF, or an error.
+/// Why no packet could be read: a clean EOF, an I/O error, or bytes that do not decode.
 pub(crate) enum ReadError {
     Closed,
     Io(std::io::Error),

@@ -190,7 +190,7 @@ fn spawn_connection(
         let stats = context.stats.clone();
         // The transport handshakes count against the CONNECT deadline too.
         let failed = match endpoint {
-            // Plain TCP is spawned on its own below; boxing keeps this task small.
+            // Never taken: plain TCP is spawned on its own above, in a task of its own size.
             Endpoint::Tcp => {
                 Box::pin(connection::run(stream, peer, transport, context)).await;
                 None
