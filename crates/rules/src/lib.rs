@@ -30,13 +30,45 @@ pub use webhook::signature;
 pub enum SinkError {
     #[error("{0}")]
     Failed(String),
+    /// The first `delivered` entries of the batch were accepted, then `error`: the runner
+    /// retries from the first one that was not, instead of sending the others again.
+    #[error("{error} (after {delivered} accepted)")]
+    Partial {
+        delivered: usize,
+        error: Box<SinkError>,
+    },
+}
+
+impl SinkError {
+    /// This error, met after the first `delivered` entries of a batch were accepted.
+    pub fn after(self, delivered: usize) -> SinkError {
+        match (delivered, self) {
+            (0, error) => error,
+            (delivered, SinkError::Partial { error, .. }) => {
+                SinkError::Partial { delivered, error }
+            }
+            (delivered, error) => SinkError::Partial {
+                delivered,
+                error: Box::new(error),
+            },
+        }
+    }
+
+    /// How many entries of the batch were accepted before the failure.
+    pub fn delivered(&self) -> usize {
+        match self {
+            SinkError::Failed(_) => 0,
+            SinkError::Partial { delivered, .. } => *delivered,
+        }
+    }
 }
 
 /// The future a sink's delivery returns.
 pub type Delivery<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;
 
 /// A destination for outbox entries. `deliver` gets entries in order and succeeds only when
-/// all of them were accepted by the destination.
+/// all of them were accepted by the destination; a sink that takes them one by one says how
+/// many it got through before a failure ([`SinkError::after`]).
 pub trait Sink: Send + 'static {
     fn deliver<'a>(&'a mut self, entries: &'a [OutboxEntry]) -> Delivery<'a>;
 }

@@ -70,9 +70,10 @@ impl Sink for MqttSink {
                 }
                 waiting.push(rx);
             }
-            for rx in waiting {
+            // Answered in order: the ones before a failure are stored.
+            for (stored, rx) in waiting.into_iter().enumerate() {
                 rx.await.map_err(|_| {
-                    SinkError::Failed("the broker could not store the message".into())
+                    SinkError::Failed("the broker could not store the message".into()).after(stored)
                 })?;
             }
             Ok(())

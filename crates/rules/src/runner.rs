@@ -78,6 +78,16 @@ pub fn spawn(
                     }
                 }
                 Err(e) => {
+                    let delivered = e.delivered().min(fresh.len());
+                    if delivered > 0 {
+                        queue
+                            .delivered
+                            .fetch_add(delivered as u64, Ordering::Relaxed);
+                        let ids = fresh[..delivered].iter().map(|e| e.id).collect();
+                        if !report(&queue, &router, ids).await {
+                            return;
+                        }
+                    }
                     queue.failures.fetch_add(1, Ordering::Relaxed);
                     queue.failing.store(true, Ordering::Relaxed);
                     warn!(sink = %queue.id, kind = settings.kind, error = %e, retry_in_ms = backoff.as_millis() as u64, waiting = queue.depth(), "sink delivery failed");
@@ -102,4 +112,74 @@ async fn report(queue: &SinkQueue, router: &RouterHandle, ids: Vec<u64>) -> bool
         })
         .await
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use herald_router::{OutboxEntry, Router, RouterSettings};
+
+    use super::*;
+    use crate::{Delivery, SinkError};
+
+    /// Takes two entries of its first batch, then fails; takes everything afterwards.
+    struct Flaky {
+        seen: Arc<Mutex<Vec<u64>>>,
+        calls: usize,
+    }
+
+    impl Sink for Flaky {
+        fn deliver<'a>(&'a mut self, entries: &'a [OutboxEntry]) -> Delivery<'a> {
+            Box::pin(async move {
+                self.calls += 1;
+                for (taken, entry) in entries.iter().enumerate() {
+                    if self.calls == 1 && taken == 2 {
+                        return Err(SinkError::Failed("down".into()).after(taken));
+                    }
+                    self.seen.lock().expect("lock").push(entry.id);
+                }
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_part_way_is_retried_from_the_first_entry_not_taken() {
+        let queue = Arc::new(SinkQueue::new("flaky", 100));
+        let store = Box::new(herald_store::MemoryStore::new());
+        let (router, _task) =
+            Router::start(RouterSettings::default(), store, vec![queue.clone()], None)
+                .expect("router");
+        for id in 1..=5 {
+            queue.push(OutboxEntry {
+                id,
+                payload: Bytes::from_static(b"{}"),
+                added_ms: now_ms(),
+            });
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Flaky {
+            seen: seen.clone(),
+            calls: 0,
+        };
+        let settings = RunnerSettings {
+            backoff_min: Duration::from_millis(10),
+            ..RunnerSettings::default()
+        };
+        let _runner = spawn(queue.clone(), Box::new(sink), router, settings);
+        for _ in 0..200 {
+            if queue.depth() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            [1, 2, 3, 4, 5],
+            "each entry once"
+        );
+        assert_eq!(queue.delivered.load(Ordering::Relaxed), 5);
+    }
 }

@@ -43,32 +43,40 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
+impl WebhookSink {
+    /// One POST of one entry.
+    async fn post(&self, entry: &OutboxEntry) -> Result<(), SinkError> {
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(entry.payload.clone());
+        if let Some(secret) = &self.secret {
+            request = request.header(
+                "x-herald-signature",
+                signature(secret.expose(), &entry.payload),
+            );
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| SinkError::Failed(format!("POST {}: {e}", self.url)))?;
+        if !response.status().is_success() {
+            return Err(SinkError::Failed(format!(
+                "POST {}: HTTP {}",
+                self.url,
+                response.status()
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Sink for WebhookSink {
     fn deliver<'a>(&'a mut self, entries: &'a [OutboxEntry]) -> Delivery<'a> {
         Box::pin(async move {
-            for entry in entries {
-                let mut request = self
-                    .client
-                    .post(&self.url)
-                    .header("content-type", "application/json")
-                    .body(entry.payload.clone());
-                if let Some(secret) = &self.secret {
-                    request = request.header(
-                        "x-herald-signature",
-                        signature(secret.expose(), &entry.payload),
-                    );
-                }
-                let response = request
-                    .send()
-                    .await
-                    .map_err(|e| SinkError::Failed(format!("POST {}: {e}", self.url)))?;
-                if !response.status().is_success() {
-                    return Err(SinkError::Failed(format!(
-                        "POST {}: HTTP {}",
-                        self.url,
-                        response.status()
-                    )));
-                }
+            for (sent, entry) in entries.iter().enumerate() {
+                self.post(entry).await.map_err(|e| e.after(sent))?;
             }
             Ok(())
         })
