@@ -21,9 +21,6 @@ use crate::AdminState;
 use crate::error::ApiError;
 use crate::input;
 
-/// First topic levels that belong to the broker: nobody publishes there from outside.
-const BROKER_PREFIXES: [&str; 3] = ["$SYS", "$notice", "$presence"];
-
 /// How long a publish waits for its copies to be durable before answering 503.
 const DURABLE_WAIT: Duration = Duration::from_secs(10);
 
@@ -57,8 +54,8 @@ pub(crate) struct Published {
 fn message(request: PublishRequest, max_topic_len: usize) -> Result<Message, ApiError> {
     validate_name(&request.topic, max_topic_len)
         .map_err(|e| ApiError::bad("topic", e.to_string()))?;
-    let first_level = request.topic.split('/').next().unwrap_or_default();
-    if BROKER_PREFIXES.contains(&first_level) {
+    if herald_auth::is_broker_topic(&request.topic) {
+        let first_level = request.topic.split('/').next().unwrap_or_default();
         return Err(ApiError::bad(
             "topic",
             format!("{first_level}/ topics belong to the broker"),

@@ -10,7 +10,7 @@ mod policy;
 mod registry;
 mod signature;
 
-pub use policy::{HeldToken, Permissions, Principal, UPLOAD_TOKEN_TOPIC};
+pub use policy::{HeldToken, Permissions, Principal, UPLOAD_TOKEN_TOPIC, is_broker_topic};
 pub use registry::{Actions, AuthRegistry, DeviceCredential, TokenGrant};
 pub use signature::{sign, verify_signature};
 

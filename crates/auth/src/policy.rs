@@ -27,6 +27,12 @@ const PRESENCE_PREFIXES: [&str; 2] = ["$notice", "$presence"];
 /// First levels that belong to the broker: no client publishes there.
 const BROKER_PREFIXES: [&str; 3] = ["$SYS", "$notice", "$presence"];
 
+/// Whether `topic`'s first level belongs to the broker (`$SYS`, `$notice`, `$presence`):
+/// nobody publishes there from outside, neither a client nor the admin API.
+pub fn is_broker_topic(topic: &str) -> bool {
+    BROKER_PREFIXES.contains(&parent_of(topic))
+}
+
 /// What a connection is allowed by its credentials.
 #[derive(Debug, Clone)]
 pub enum Permissions {
@@ -120,7 +126,7 @@ impl Principal {
     /// writable by anonymous clients and by keys that list them explicitly (a leading wildcard
     /// does not reach them).
     pub fn can_publish(&self, topic: &str) -> bool {
-        if BROKER_PREFIXES.contains(&parent_of(topic)) || !self.parent_declared(topic) {
+        if is_broker_topic(topic) || !self.parent_declared(topic) {
             return false;
         }
         match &self.permissions {
