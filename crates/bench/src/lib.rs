@@ -39,19 +39,6 @@ pub enum Scenario {
     Presence,
 }
 
-impl Scenario {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scenario::Conn => "conn",
-            Scenario::Fanin => "fanin",
-            Scenario::Fanout => "fanout",
-            Scenario::Latency => "latency",
-            Scenario::Offline => "offline",
-            Scenario::Presence => "presence",
-        }
-    }
-}
-
 /// How clients log in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

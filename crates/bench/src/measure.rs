@@ -102,10 +102,6 @@ impl Samples {
         self.0.push(value);
     }
 
-    pub fn extend(&mut self, other: Samples) {
-        self.0.extend(other.0);
-    }
-
     pub fn len(&self) -> usize {
         self.0.len()
     }
