@@ -354,7 +354,6 @@ async fn connect(state: &AdminState, id: &str) -> (ChannelId, herald_router::Out
         channel,
         client_id: ClientId::parse_any(id, 64).expect("id"),
         clean_session: false,
-        keep_alive: 30,
         will: None,
         username: None,
         protocol: Protocol::V311,

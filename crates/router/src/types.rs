@@ -168,7 +168,6 @@ pub struct ConnectRequest {
     pub channel: ChannelId,
     pub client_id: ClientId,
     pub clean_session: bool,
-    pub keep_alive: u16,
     pub will: Option<Will>,
     pub username: Option<String>,
     pub protocol: Protocol,

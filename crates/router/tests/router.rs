@@ -93,7 +93,6 @@ impl Harness {
             channel,
             client_id: ClientId::parse_any(id, 64).expect("id"),
             clean_session: clean,
-            keep_alive: 30,
             will: None,
             username: None,
             protocol: Protocol::V311,

@@ -162,7 +162,6 @@ pub(crate) fn connect_request(
         channel,
         client_id: principal.client_id.clone(),
         clean_session: connect.clean_session,
-        keep_alive: connect.keep_alive,
         will: connect.will,
         username: connect.username,
         protocol: connect.protocol,
