@@ -15,6 +15,7 @@ mod fuzz_sessions;
 mod interop;
 mod limits;
 mod malformed;
+mod parking;
 mod permissions;
 mod presence;
 mod pubsub;

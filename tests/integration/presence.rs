@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::QUIET;
 
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
-const DEV: &str = "GID_demo@@@dev-1";
+pub(crate) const DEV: &str = "GID_demo@@@dev-1";
 
 /// A backend key that may read the presence topics, an mqtt sink and a rule for every event.
 pub const PRESENCE: &str = r#"
@@ -47,14 +47,14 @@ fn backend_options(addr: std::net::SocketAddr, id: &str) -> MqttOptions {
 }
 
 /// A backend subscribed to every notice.
-async fn backend(addr: std::net::SocketAddr) -> TestClient {
+pub(crate) async fn backend(addr: std::net::SocketAddr) -> TestClient {
     let mut b = TestClient::connected(backend_options(addr, "GID_demo@@@backend")).await;
     b.subscribe("$notice/GID_demo/#", QoS::AtLeastOnce).await;
     b
 }
 
 /// The next notice about `client`, skipping the backend's own.
-async fn notice(backend: &mut TestClient, client: &str) -> Value {
+pub(crate) async fn notice(backend: &mut TestClient, client: &str) -> Value {
     loop {
         let p = backend.next_publish().await;
         let event: Value = serde_json::from_slice(&p.payload).expect("JSON event");
@@ -95,7 +95,7 @@ fn kind_reason(e: &Value) -> (String, Option<String>) {
     )
 }
 
-fn expect(e: &Value, kind: &str, reason: Option<&str>) {
+pub(crate) fn expect(e: &Value, kind: &str, reason: Option<&str>) {
     assert_eq!(
         kind_reason(e),
         (kind.to_string(), reason.map(str::to_string)),

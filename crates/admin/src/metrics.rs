@@ -141,6 +141,13 @@ fn register_edge(registry: &mut Registry, edge: &ServerStats) {
         "Source addresses banned for failed logins",
         counter(&edge.bans),
     );
+    let parked = Gauge::<i64>::default();
+    parked.set(i64::try_from(RouterStats::get(&edge.parked)).unwrap_or(i64::MAX));
+    registry.register(
+        "herald_connections_parked",
+        "Idle plain TCP connections parked without a task (limits.park_idle_ms)",
+        parked,
+    );
     registry.register(
         "herald_publish_throttled",
         "PUBLISH packets delayed by the per-connection message or byte rate",

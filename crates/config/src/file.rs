@@ -239,6 +239,8 @@ pub struct Limits {
     pub max_messages_per_sec: u64,
     /// PUBLISH bytes per second per connection (0: no limit).
     pub max_bytes_per_sec: u64,
+    /// Milliseconds without traffic after which a plain TCP connection parks (0: never).
+    pub park_idle_ms: u64,
 }
 
 impl Default for Limits {
@@ -259,6 +261,7 @@ impl Default for Limits {
             auth_ban_secs: 60,
             max_messages_per_sec: 0,
             max_bytes_per_sec: 0,
+            park_idle_ms: 1000,
         }
     }
 }

@@ -52,6 +52,26 @@ fn the_shipped_config_parses_to_the_demo() {
     );
     assert_eq!(config.server.max_packet_size, 65536);
     assert_eq!(config.router.max_inflight, 64);
+    assert_eq!(
+        config.server.park_idle,
+        Some(std::time::Duration::from_secs(1))
+    );
+}
+
+#[test]
+fn park_idle_ms_zero_never_parks_and_is_bounded() {
+    let config = Config::parse("[limits]\npark_idle_ms = 0\n", &no_env).expect("valid");
+    assert_eq!(config.server.park_idle, None);
+    let config = Config::parse("[limits]\npark_idle_ms = 250\n", &no_env).expect("valid");
+    assert_eq!(
+        config.server.park_idle,
+        Some(std::time::Duration::from_millis(250))
+    );
+    let errs = errors("[limits]\npark_idle_ms = 3600001\n");
+    assert!(
+        errs.iter().any(|e| e.starts_with("limits.park_idle_ms")),
+        "{errs:?}"
+    );
 }
 
 #[test]

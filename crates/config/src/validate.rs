@@ -145,6 +145,10 @@ pub fn validate(
                 1 << 40,
             ) as u64,
         },
+        park_idle: match errors.range("limits.park_idle_ms", limits.park_idle_ms, 0, 3_600_000) {
+            0 => None,
+            millis => Some(Duration::from_millis(millis as u64)),
+        },
         ..ServerSettings::default()
     };
     if limits.connect_timeout_secs == 0 {

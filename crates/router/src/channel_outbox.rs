@@ -151,6 +151,19 @@ impl OutboxReceiver {
         Poll::Pending
     }
 
+    /// Asks for `waker` to be woken by the next packet or by the end of the outbox, without
+    /// taking a packet: how a parked connection, which has no task polling it, learns that
+    /// the router wrote to it. Returns true, and registers nothing, when a packet or the end
+    /// is already there.
+    pub fn register_waker(&self, waker: &Waker) -> bool {
+        let mut state = self.shared.lock();
+        if !state.items.is_empty() || state.senders == 0 {
+            return true;
+        }
+        state.waker = Some(waker.clone());
+        false
+    }
+
     /// Waits for the next packet; `None` once every [`Outbox`] is dropped and the queue is
     /// empty.
     pub async fn recv(&mut self) -> Option<Outgoing> {
@@ -256,5 +269,33 @@ mod tests {
         }
         while rx.try_recv().is_some() {}
         assert_eq!(rx.shared.lock().items.capacity(), 0);
+    }
+
+    /// Counts its wake-ups.
+    struct Counter(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_registered_waker_is_woken_without_a_packet_being_taken() {
+        let (tx, rx) = channel_outbox(8);
+        let counter = Arc::new(Counter(Default::default()));
+        let waker = Waker::from(counter.clone());
+        let woken = || counter.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(!rx.register_waker(&waker), "empty: waits");
+        tx.try_send(ping()).expect("room");
+        assert_eq!(woken(), 1);
+        assert!(rx.register_waker(&waker), "a packet is there");
+        assert_eq!(rx.shared.lock().items.len(), 1, "nothing taken");
+        let mut rx = rx;
+        assert!(rx.try_recv().is_some());
+        assert!(!rx.register_waker(&waker));
+        drop(tx);
+        assert_eq!(woken(), 2, "the end wakes too");
+        assert!(rx.register_waker(&waker), "ended");
     }
 }

@@ -3,6 +3,7 @@
 //! device-credential connections, the credential re-check. Every end goes through one exit:
 //! `Input::Closed` with the reason.
 
+use std::any::Any;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -16,12 +17,15 @@ use herald_protocol::codec::check_filter_syntax;
 use herald_protocol::{Codec, DecodeError, Packet, Publish, QoS};
 use herald_router::{ChannelId, CloseReason, Input, OutboxReceiver, Outgoing, Route, Transport};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Interval, Sleep};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
 use crate::guard::{Bucket, ServerStats};
+use crate::park::Parked;
 use crate::{DeniedPublish, handshake};
 
 /// Packets written per wake-up at most, so one busy channel cannot starve its reads.
@@ -88,6 +92,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
+    /// Gives back both buffers when they are empty (a connection about to park).
+    fn release_buffers(&mut self) {
+        self.release_read_buffer();
+        if self.write_buf.is_empty() {
+            self.write_buf = BytesMut::new();
+        }
+    }
+
+    /// Nothing read and not decoded, nothing queued and not written.
+    fn is_drained(&self) -> bool {
+        self.read_buf.is_empty() && self.write_buf.is_empty()
+    }
+
     pub(crate) fn queue(&mut self, packet: Packet) {
         if let Err(e) = self.codec.encode(packet, &mut self.write_buf) {
             warn!(error = %e, "dropping a packet that cannot be encoded");
@@ -121,17 +138,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 ///
 /// The task's future is what each connection costs while it is open, so it holds only the
 /// [`Channel`] and the serving loop: the handshake and the close are boxed (each runs once).
-pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     peer: SocketAddr,
     transport: Transport,
     context: Arc<crate::Context>,
+    permit: OwnedSemaphorePermit,
 ) {
-    let Some(mut channel) = Box::pin(open(stream, peer, transport, context)).await else {
+    let Some(channel) = Box::pin(open(stream, peer, transport, context, permit)).await else {
         return;
     };
-    let reason = channel.serve().await;
-    Box::pin(channel.finish(reason)).await;
+    drive(channel, None).await;
+}
+
+/// Serves a parked connection again, in a new task, from where it stopped.
+pub(crate) async fn resume(parked: Parked) {
+    drive(parked.channel, parked.deadline).await;
+}
+
+/// Serves the channel until it ends or parks. The channel is boxed so that it moves between
+/// tasks, and in and out of the parker, as a pointer; passed by value, it would also take its
+/// room twice in the future of `run` (rustc does not overlap a moved-from local).
+async fn drive<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut channel: Box<Channel<S>>,
+    deadline: Option<Instant>,
+) {
+    match channel.serve(deadline).await {
+        Served::Ended(reason) => Box::pin(channel.finish(reason)).await,
+        Served::Idle(deadline) => {
+            let context = channel.context.clone();
+            // Only plain TCP channels are parkable (`Channel::parkable`), so this never fails.
+            let channel: Box<dyn Any> = channel;
+            match channel.downcast::<Channel<TcpStream>>() {
+                Ok(channel) => context.parker.park(Parked { channel, deadline }),
+                Err(_) => warn!("only plain TCP connections park; closing this one"),
+            }
+        }
+    }
 }
 
 /// The handshake, then the channel registered with the router; `None` when the connection
@@ -141,7 +184,8 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     transport: Transport,
     context: Arc<crate::Context>,
-) -> Option<Channel<S>> {
+    permit: OwnedSemaphorePermit,
+) -> Option<Box<Channel<S>>> {
     let mut framed = Framed::new(stream, context.settings.max_packet_size);
     let Some(accepted) = handshake::accept(&mut framed, peer, transport, &context).await else {
         framed.close().await;
@@ -168,15 +212,28 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     }
     info!(client_id = %accepted.principal.client_id, %channel, %peer, transport = transport.as_str(), "client connected");
     let abuse = &context.settings.abuse;
-    Some(Channel {
+    let parkable = transport == Transport::Tcp
+        && context.settings.park_idle.is_some()
+        && !accepted.principal.relies_on_registry();
+    Some(Box::new(Channel {
         framed,
         channel,
         principal: accepted.principal,
         outbox_rx,
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         throttles: Throttles::new(abuse),
+        parkable,
         context,
-    })
+        _permit: permit,
+    }))
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// `limits.max_messages_per_sec` and `limits.max_bytes_per_sec` of one connection. Boxed in
@@ -218,17 +275,38 @@ enum Wake {
     Outbox(Option<Outgoing>),
     Recheck,
     KeepaliveExpired,
+    /// Nothing happened for `limits.park_idle_ms` and nothing is pending.
+    Idle,
 }
 
-struct Channel<S> {
+/// How [`Channel::serve`] returned.
+enum Served {
+    Ended(CloseReason),
+    /// Idle: to be parked, with its keepalive deadline.
+    Idle(Option<Instant>),
+}
+
+pub(crate) struct Channel<S> {
     framed: Framed<S>,
     channel: ChannelId,
     principal: Principal,
     context: Arc<crate::Context>,
-    outbox_rx: OutboxReceiver,
+    pub(crate) outbox_rx: OutboxReceiver,
     keep_alive: Option<Duration>,
     /// `limits.max_messages_per_sec`, `limits.max_bytes_per_sec`.
     throttles: Option<Box<Throttles>>,
+    /// Plain TCP, parking on (`limits.park_idle_ms`), and no periodic credential check.
+    parkable: bool,
+    /// The connection's slot under `limits.max_connections`, held until the channel is gone.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Channel<TcpStream> {
+    /// Registers `cx`'s waker for the socket becoming readable (bytes, or the peer closing);
+    /// true if it already is.
+    pub(crate) fn poll_socket_ready(&self, cx: &mut Context<'_>) -> bool {
+        self.framed.stream.poll_read_ready(cx).is_ready()
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
@@ -239,10 +317,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// credential re-check timer only for connections that need it, and no buffers. Packets
     /// and outbox wake-ups are handled synchronously; what is left to wait for (a socket
     /// write, rarely a full router queue or a throttle) is a small [`Step`].
-    async fn serve(&mut self) -> CloseReason {
+    ///
+    /// `deadline` is the keepalive deadline of a parked connection that resumes; a new one
+    /// starts its keepalive now. Returns [`Served::Idle`] when a parkable connection has had
+    /// nothing to do for `limits.park_idle_ms`.
+    async fn serve(&mut self, deadline: Option<Instant>) -> Served {
         self.framed.release_read_buffer();
-        let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
-        let mut keepalive = pin!(deadline.map(tokio::time::sleep_until));
+        let idle_after = self.context.settings.park_idle.filter(|_| self.parkable);
+        let mut deadline = deadline.or_else(|| self.keep_alive.map(|k| Instant::now() + k));
+        let mut idle_at = idle_after.map(|after| Instant::now() + after);
+        // One timer for both: re-armed only when it fires, at whichever is next.
+        let mut timer = pin!(earliest(deadline, idle_at).map(tokio::time::sleep_until));
         // Token and device-credential connections re-check their credentials every second:
         // revocation, refresh and expiry end them with `auth_revoked`.
         let mut recheck = self.principal.relies_on_registry().then(|| {
@@ -255,10 +340,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             // Reads and the outbox take turns going first, so neither starves the other.
             outbox_first = !outbox_first;
             let wake = poll_fn(|cx| {
-                self.poll_wake(cx, outbox_first, keepalive.as_mut(), deadline, &mut recheck)
+                self.poll_wake(
+                    cx,
+                    outbox_first,
+                    timer.as_mut(),
+                    (deadline, idle_at),
+                    &mut recheck,
+                )
             })
             .await;
+            if let Some(after) = idle_after {
+                idle_at = Some(Instant::now() + after);
+            }
             let step = match wake {
+                Wake::Idle => {
+                    self.framed.release_buffers();
+                    return Served::Idle(deadline);
+                }
                 Wake::Read(Ok(packet)) => {
                     if let Some(keep_alive) = self.keep_alive {
                         deadline = Some(Instant::now() + keep_alive);
@@ -296,7 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 },
             };
             if let Some(reason) = ended {
-                return reason;
+                return Served::Ended(reason);
             }
         }
     }
@@ -306,8 +404,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         &mut self,
         cx: &mut Context<'_>,
         outbox_first: bool,
-        mut keepalive: Pin<&mut Option<Sleep>>,
-        deadline: Option<Instant>,
+        mut timer: Pin<&mut Option<Sleep>>,
+        (deadline, idle_at): (Option<Instant>, Option<Instant>),
         recheck: &mut Option<Interval>,
     ) -> Poll<Wake> {
         if outbox_first && let Poll::Ready(out) = self.outbox_rx.poll_recv(cx) {
@@ -324,15 +422,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         {
             return Poll::Ready(Wake::Recheck);
         }
-        if let (Some(mut timer), Some(deadline)) = (keepalive.as_mut().as_pin_mut(), deadline)
+        if let Some(mut timer) = timer.as_mut().as_pin_mut()
             && timer.as_mut().poll(cx).is_ready()
         {
-            if deadline <= Instant::now() {
+            let now = Instant::now();
+            if deadline.is_some_and(|deadline| deadline <= now) {
                 return Poll::Ready(Wake::KeepaliveExpired);
             }
-            // Packets came since the timer was set: wait for the deadline they moved.
-            timer.as_mut().reset(deadline);
-            let _ = timer.poll(cx);
+            let idle = idle_at.filter(|idle_at| *idle_at <= now);
+            if idle.is_some() && self.framed.is_drained() {
+                return Poll::Ready(Wake::Idle);
+            }
+            // Packets came since the timer was set: wait for what they moved. (Idle with half
+            // a packet buffered: the rest of it resets the idle time.)
+            if let Some(next) = earliest(deadline, idle_at.filter(|idle_at| *idle_at > now)) {
+                timer.as_mut().reset(next);
+                let _ = timer.poll(cx);
+            }
         }
         Poll::Pending
     }
@@ -574,8 +680,16 @@ mod tests {
     /// synchronously (736 in a release build since); keep it from creeping back.
     #[test]
     fn an_open_connection_task_stays_small() {
-        type Args = (TcpStream, SocketAddr, Transport, Arc<crate::Context>);
-        let size = future_size(|(s, p, t, c): Args| super::run(s, p, t, c));
+        type Args = (
+            TcpStream,
+            SocketAddr,
+            Transport,
+            Arc<crate::Context>,
+            tokio::sync::OwnedSemaphorePermit,
+        );
+        let size = future_size(|(s, p, t, c, permit): Args| super::run(s, p, t, c, permit));
         assert!(size <= 1024, "a connection task is {size} bytes");
+        let size = future_size(super::resume);
+        assert!(size <= 1024, "a resumed connection task is {size} bytes");
     }
 }

@@ -44,6 +44,8 @@ pub struct ServerStats {
     pub bans: AtomicU64,
     pub throttled: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// Idle connections parked right now (a gauge; `limits.park_idle_ms`).
+    pub parked: AtomicU64,
 }
 
 impl ServerStats {

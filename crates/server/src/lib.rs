@@ -5,6 +5,7 @@
 mod connection;
 pub mod guard;
 mod handshake;
+mod park;
 pub mod tls;
 pub mod ws;
 
@@ -45,6 +46,9 @@ pub struct ServerSettings {
     pub abuse: AbuseSettings,
     /// Tell the router of CONNECTs refused for their credentials (`[presence] connect_failed`).
     pub report_connect_failed: bool,
+    /// How long a plain TCP connection stays idle before it parks (gives up its task until
+    /// its socket, its outbox or its keepalive deadline wakes it); `None`: never.
+    pub park_idle: Option<Duration>,
 }
 
 impl Default for ServerSettings {
@@ -58,6 +62,7 @@ impl Default for ServerSettings {
             outbox_capacity: 1024,
             abuse: AbuseSettings::default(),
             report_connect_failed: false,
+            park_idle: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -70,6 +75,7 @@ pub struct Context {
     connections: Arc<Semaphore>,
     pub guard: Guard,
     pub stats: Arc<ServerStats>,
+    parker: park::Parker,
 }
 
 impl Context {
@@ -80,13 +86,15 @@ impl Context {
     ) -> Arc<Context> {
         let connections = Arc::new(Semaphore::new(settings.max_connections));
         let guard = Guard::new(settings.abuse.clone());
+        let stats: Arc<ServerStats> = Arc::default();
         Arc::new(Context {
             settings,
             auth,
             router,
             connections,
             guard,
-            stats: Arc::default(),
+            parker: park::Parker::new(stats.clone()),
+            stats,
         })
     }
 }
@@ -177,10 +185,13 @@ fn spawn_connection(
     if let Endpoint::Tcp = endpoint {
         // The most common case gets a task of exactly its own size: an idle connection costs
         // its future, not the largest of all transports' handshakes.
-        tokio::spawn(async move {
-            connection::run(stream, peer, Transport::Tcp, context).await;
-            drop(permit);
-        });
+        tokio::spawn(connection::run(
+            stream,
+            peer,
+            Transport::Tcp,
+            context,
+            permit,
+        ));
         return;
     }
     let endpoint = endpoint.clone();
@@ -192,12 +203,12 @@ fn spawn_connection(
         let failed = match endpoint {
             // Never taken: plain TCP is spawned on its own above, in a task of its own size.
             Endpoint::Tcp => {
-                Box::pin(connection::run(stream, peer, transport, context)).await;
+                Box::pin(connection::run(stream, peer, transport, context, permit)).await;
                 None
             }
             Endpoint::Tls(tls) => match tokio::time::timeout(deadline, tls.accept(stream)).await {
                 Ok(Ok(stream)) => {
-                    Box::pin(connection::run(stream, peer, transport, context)).await;
+                    Box::pin(connection::run(stream, peer, transport, context, permit)).await;
                     None
                 }
                 Ok(Err(e)) => Some(format!("TLS handshake failed: {e}")),
@@ -206,7 +217,7 @@ fn spawn_connection(
             Endpoint::Ws { path } => {
                 match tokio::time::timeout(deadline, ws::accept(stream, &path)).await {
                     Ok(Ok(stream)) => {
-                        Box::pin(connection::run(stream, peer, transport, context)).await;
+                        Box::pin(connection::run(stream, peer, transport, context, permit)).await;
                         None
                     }
                     Ok(Err(e)) => Some(format!("WebSocket upgrade failed: {e}")),
@@ -227,7 +238,7 @@ fn spawn_connection(
                 };
                 match tokio::time::timeout(deadline, upgrade).await {
                     Ok(Ok(stream)) => {
-                        Box::pin(connection::run(stream, peer, transport, context)).await;
+                        Box::pin(connection::run(stream, peer, transport, context, permit)).await;
                         None
                     }
                     Ok(Err(e)) => Some(e),
@@ -242,6 +253,5 @@ fn spawn_connection(
             ServerStats::add(&stats.handshake_failures);
             warn!(%peer, transport = transport.as_str(), why, "connection refused");
         }
-        drop(permit);
     });
 }

@@ -1,0 +1,211 @@
+//! Parked connections (`limits.park_idle_ms`): an idle plain TCP connection gives up its task
+//! and must still behave exactly as if it had one: deliveries, PINGREQ, keepalive expiry, the
+//! peer closing, takeover and shutdown, each with the right presence event.
+
+use std::time::Duration;
+
+use herald_protocol::{Packet, Publish, QoS as PQoS};
+use herald_testkit::{
+    OPS_KEY, RawClient, TestBroker, TestClient, metric, signature, signed_options,
+};
+use rumqttc::QoS;
+
+use crate::QUIET;
+use crate::presence::{DEV, PRESENCE, backend, expect, notice};
+
+/// Park after 100 ms of silence; the admin API for the gauge; presence notices.
+fn config(park_idle_ms: u64) -> String {
+    format!("{PRESENCE}{OPS_KEY}\n[limits]\npark_idle_ms = {park_idle_ms}\n")
+}
+
+/// Waits (at most 5 s) until `herald_connections_parked` is `want`.
+async fn parked(broker: &TestBroker, want: u64) {
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = metric(broker, "herald_connections_parked").await;
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{seen} connections parked, expected {want}");
+}
+
+/// A raw, signed CONNECT for `client` with `keep_alive` seconds; returns after the CONNACK.
+async fn raw_connected(broker: &TestBroker, client: &str, keep_alive: u16) -> RawClient {
+    let mut raw = RawClient::connect(broker.addr).await;
+    let mut connect = RawClient::connect_packet(
+        client,
+        Some(herald_testkit::DEMO_USER),
+        Some(&signature(client)),
+        true,
+    );
+    if let Packet::Connect(c) = &mut connect {
+        c.keep_alive = keep_alive;
+    }
+    raw.send(connect).await;
+    assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
+    raw
+}
+
+#[tokio::test]
+async fn a_parked_subscriber_gets_every_message_and_parks_again() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut backend = backend(broker.addr).await;
+    let mut sub = TestClient::connected(signed_options(broker.addr, DEV, true)).await;
+    sub.subscribe("demo/parked/#", QoS::AtLeastOnce).await;
+    let mut publisher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@pub-1", true)).await;
+    // The backend, the subscriber and the publisher: plain TCP, Signature passwords, all
+    // three park once quiet.
+    parked(&broker, 3).await;
+    for round in 0..3u8 {
+        publisher
+            .publish("demo/parked/a", QoS::AtLeastOnce, false, &[round])
+            .await;
+        publisher
+            .publish("demo/parked/b", QoS::AtMostOnce, false, &[round, 0])
+            .await;
+        let first = sub.next_publish().await;
+        let second = sub.next_publish().await;
+        assert_eq!(
+            (&first.topic[..], &first.payload[..]),
+            ("demo/parked/a", &[round][..])
+        );
+        assert_eq!(
+            (&second.topic[..], &second.payload[..]),
+            ("demo/parked/b", &[round, 0][..])
+        );
+        // Everyone goes quiet again and parks again.
+        parked(&broker, 3).await;
+    }
+    assert_eq!(metric(&broker, "herald_connections ").await, 3);
+    // Parking is not an event: the subscriber connected once and is still online.
+    expect(&notice(&mut backend, DEV).await, "connect", None);
+    expect(
+        &notice(&mut backend, "GID_demo@@@pub-1").await,
+        "connect",
+        None,
+    );
+    backend.expect_no_publish(QUIET).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_answers_pings_and_takes_qos1_acks() {
+    let broker = TestBroker::demo(&config(100)).await;
+    // A persistent session, so that an unacknowledged message would be sent again on return.
+    let connect = |client: &str| {
+        RawClient::connect_packet(
+            client,
+            Some(herald_testkit::DEMO_USER),
+            Some(&signature(client)),
+            false,
+        )
+    };
+    let mut raw = RawClient::connect(broker.addr).await;
+    raw.send(connect(DEV)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
+    raw.send(Packet::Subscribe {
+        packet_id: herald_protocol::PacketId::new(1).expect("id"),
+        filters: vec![("demo/raw".to_string(), PQoS::AtLeastOnce)],
+    })
+    .await;
+    assert!(matches!(raw.recv().await, Some(Packet::SubAck { .. })));
+    parked(&broker, 1).await;
+    raw.send(Packet::PingReq).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PingResp)));
+    parked(&broker, 1).await;
+    let mut publisher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@pub-1", true)).await;
+    publisher
+        .publish("demo/raw", QoS::AtLeastOnce, false, b"to a parked client")
+        .await;
+    let Some(Packet::Publish(Publish {
+        packet_id: Some(id),
+        payload,
+        ..
+    })) = raw.recv().await
+    else {
+        panic!("expected a QoS 1 PUBLISH");
+    };
+    assert_eq!(&payload[..], b"to a parked client");
+    // Not acknowledged yet: the router keeps it in flight while the connection parks again;
+    // the PUBACK wakes it and is taken.
+    parked(&broker, 2).await;
+    raw.send(Packet::PubAck(id)).await;
+    raw.expect_silence(QUIET).await;
+    raw.send(Packet::Disconnect).await;
+    raw.expect_closed().await;
+    let mut back = RawClient::connect(broker.addr).await;
+    back.send(connect(DEV)).await;
+    assert!(matches!(back.recv().await, Some(Packet::ConnAck(_))));
+    back.expect_silence(QUIET).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn keepalive_expiry_and_a_closed_socket_end_parked_connections_with_their_events() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut backend = backend(broker.addr).await;
+
+    // Keepalive 1 s: parked after 100 ms, then silent until 1.5 s have passed.
+    let mut raw = raw_connected(&broker, DEV, 1).await;
+    expect(&notice(&mut backend, DEV).await, "connect", None);
+    parked(&broker, 2).await;
+    let started = std::time::Instant::now();
+    expect(
+        &notice(&mut backend, DEV).await,
+        "tcpclean",
+        Some("keepalive_timeout"),
+    );
+    raw.expect_closed().await;
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "keepalive expiry of a parked connection took {waited:?}"
+    );
+
+    // The peer closes a parked connection: noticed at once, not at the keepalive.
+    let raw = raw_connected(&broker, DEV, 60).await;
+    expect(&notice(&mut backend, DEV).await, "connect", None);
+    parked(&broker, 2).await;
+    drop(raw);
+    let closed = tokio::time::timeout(Duration::from_secs(5), notice(&mut backend, DEV))
+        .await
+        .expect("tcpclean within 5 s");
+    expect(&closed, "tcpclean", Some("socket_closed"));
+    parked(&broker, 1).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_taken_over_and_closed_at_shutdown() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut backend = backend(broker.addr).await;
+    let mut old = raw_connected(&broker, DEV, 60).await;
+    expect(&notice(&mut backend, DEV).await, "connect", None);
+    parked(&broker, 2).await;
+    let mut new = raw_connected(&broker, DEV, 60).await;
+    expect(
+        &notice(&mut backend, DEV).await,
+        "tcpclean",
+        Some("taken_over"),
+    );
+    expect(&notice(&mut backend, DEV).await, "connect", None);
+    old.expect_closed().await;
+    parked(&broker, 2).await;
+    broker.stop().await;
+    new.expect_closed().await;
+}
+
+#[tokio::test]
+async fn with_parking_off_idle_connections_keep_their_task() {
+    let broker = TestBroker::demo(&config(0)).await;
+    let mut raw = raw_connected(&broker, DEV, 60).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric(&broker, "herald_connections_parked").await, 0);
+    raw.send(Packet::PingReq).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PingResp)));
+    broker.stop().await;
+}
