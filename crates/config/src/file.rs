@@ -261,7 +261,7 @@ impl Default for Limits {
             auth_ban_secs: 60,
             max_messages_per_sec: 0,
             max_bytes_per_sec: 0,
-            park_idle_ms: 1000,
+            park_idle_ms: 100,
         }
     }
 }

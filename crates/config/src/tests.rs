@@ -54,7 +54,7 @@ fn the_shipped_config_parses_to_the_demo() {
     assert_eq!(config.router.max_inflight, 64);
     assert_eq!(
         config.server.park_idle,
-        Some(std::time::Duration::from_secs(1))
+        Some(std::time::Duration::from_millis(100))
     );
 }
 

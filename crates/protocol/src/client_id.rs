@@ -27,8 +27,10 @@ pub enum ClientIdError {
 #[derive(Clone)]
 pub struct ClientId {
     id: Arc<str>,
-    /// Byte offset of the separator, when the id is `Group@@@Device`.
-    split: Option<usize>,
+    /// Byte offset of the separator when the id is `Group@@@Device`, else 0. A Group ID is 7
+    /// to 64 characters, so the offset fits a byte and is never 0: every map keyed by client
+    /// id holds a copy of this struct, which is 24 bytes this way instead of 32.
+    split: u8,
 }
 
 fn is_id_char(c: char) -> bool {
@@ -52,9 +54,12 @@ impl ClientId {
         if device.is_empty() || !device.chars().all(is_id_char) {
             return Err(ClientIdError::BadDevice);
         }
+        let Ok(split) = u8::try_from(split) else {
+            return Err(ClientIdError::BadGroup);
+        };
         Ok(ClientId {
             id: id.into(),
-            split: Some(split),
+            split,
         })
     }
 
@@ -67,7 +72,7 @@ impl ClientId {
         }
         Ok(ClientId {
             id: id.into(),
-            split: None,
+            split: 0,
         })
     }
 
@@ -77,12 +82,16 @@ impl ClientId {
 
     /// The Group ID, when the id has the `Group@@@Device` form.
     pub fn group(&self) -> Option<&str> {
-        self.split.map(|s| &self.id[..s])
+        self.split().map(|s| &self.id[..s])
     }
 
     /// The Device ID, when the id has the `Group@@@Device` form.
     pub fn device(&self) -> Option<&str> {
-        self.split.map(|s| &self.id[s + SEPARATOR.len()..])
+        self.split().map(|s| &self.id[s + SEPARATOR.len()..])
+    }
+
+    fn split(&self) -> Option<usize> {
+        (self.split > 0).then_some(usize::from(self.split))
     }
 }
 
@@ -151,6 +160,17 @@ mod tests {
         assert_eq!(id.group(), Some("GID_demo"));
         assert_eq!(id.device(), Some("dev-1"));
         assert_eq!(id.as_str(), "GID_demo@@@dev-1");
+    }
+
+    #[test]
+    fn a_client_id_is_small_and_keeps_the_longest_group() {
+        assert_eq!(std::mem::size_of::<ClientId>(), 24);
+        let group = format!("GID_{}", "g".repeat(60));
+        let id = ClientId::parse_alibaba(&format!("{group}@@@d"), 100).expect("valid");
+        assert_eq!(id.group(), Some(group.as_str()));
+        assert_eq!(id.device(), Some("d"));
+        let plain = ClientId::parse_any("sensor-7", 64).expect("valid");
+        assert_eq!((plain.group(), plain.device()), (None, None));
     }
 
     #[test]

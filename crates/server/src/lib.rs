@@ -62,7 +62,7 @@ impl Default for ServerSettings {
             outbox_capacity: 1024,
             abuse: AbuseSettings::default(),
             report_connect_failed: false,
-            park_idle: Some(Duration::from_secs(1)),
+            park_idle: Some(Duration::from_millis(100)),
         }
     }
 }

@@ -14,11 +14,9 @@ use crate::measure::{Samples, rss_kib};
 use crate::scenario::{join_all, ms};
 use crate::{BenchError, Options, Results, put};
 
-/// Time the broker gets after the last CONNACK before its memory is read: long enough for the
-/// connections to be idle in the broker's sense too (Herald parks a connection after 1 s
-/// without traffic, `limits.park_idle_ms`), so that what is measured is what an idle fleet
-/// costs.
-const SETTLE: Duration = Duration::from_millis(3000);
+/// Time the broker gets after the last CONNACK before its memory is read (Herald parks a
+/// connection after 100 ms without traffic, `limits.park_idle_ms`: all are parked by then).
+const SETTLE: Duration = Duration::from_millis(1000);
 
 struct Attempt {
     connection: Option<Connection>,
