@@ -1,7 +1,9 @@
 //! One connection's task: the socket, its buffers, and one poll (`poll_wake`) over socket
 //! reads, the outbox from the router, the keepalive deadline and, for token and
 //! device-credential connections, the credential re-check. Every end goes through one exit:
-//! `Input::Closed` with the reason.
+//! `Input::Closed` with the reason. A plain TCP connection idle for `limits.park_idle_ms`
+//! leaves the loop instead and hands its boxed state to the parker (`crate::park`), which
+//! resumes it in a new task (`resume`) on its next wake-up.
 
 use std::any::Any;
 use std::future::{Future, poll_fn};
