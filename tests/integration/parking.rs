@@ -1,6 +1,7 @@
 //! Parked connections (`limits.park_idle_ms`): an idle plain TCP connection gives up its task
-//! and must still behave exactly as if it had one: deliveries, PINGREQ, keepalive expiry, the
-//! peer closing, takeover and shutdown, each with the right presence event.
+//! and must still behave exactly as if it had one: deliveries, PINGREQ and acknowledgements,
+//! keepalive expiry and the peer closing (with their presence events), takeover, shutdown, its
+//! place under `max_connections`, half a packet at idle time, many connections cycling.
 
 use std::time::Duration;
 
@@ -207,5 +208,63 @@ async fn with_parking_off_idle_connections_keep_their_task() {
     assert_eq!(metric(&broker, "herald_connections_parked").await, 0);
     raw.send(Packet::PingReq).await;
     assert!(matches!(raw.recv().await, Some(Packet::PingResp)));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn half_a_packet_at_idle_time_does_not_keep_a_connection_from_parking() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut raw = raw_connected(&broker, DEV, 60).await;
+    parked(&broker, 1).await;
+    // Half a PINGREQ wakes it; the idle time passes with the byte buffered; then the rest.
+    raw.send_bytes(&[0xC0]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw.send_bytes(&[0x00]).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PingResp)));
+    // Parked again after the idle time, not at the keepalive deadline 90 s away.
+    parked(&broker, 1).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn many_connections_park_and_resume_again_and_again() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut clients = Vec::new();
+    for i in 0..80 {
+        // Half without keepalive: parked with no deadline at all.
+        let keep_alive = if i % 2 == 0 { 0 } else { 60 };
+        clients.push(raw_connected(&broker, &format!("GID_demo@@@many-{i}"), keep_alive).await);
+    }
+    // Each round leaves 40 stale deadlines in the parker's heap, so it is rebuilt on the way,
+    // and slab slots are reused by other connections between rounds.
+    for _ in 0..5 {
+        parked(&broker, 80).await;
+        for client in &mut clients {
+            client.send(Packet::PingReq).await;
+        }
+        for client in &mut clients {
+            assert!(matches!(client.recv().await, Some(Packet::PingResp)));
+        }
+    }
+    parked(&broker, 80).await;
+    // Deadlines still work after all that.
+    let mut short = raw_connected(&broker, DEV, 1).await;
+    parked(&broker, 81).await;
+    tokio::time::timeout(Duration::from_secs(3), short.expect_closed())
+        .await
+        .expect("closed at its keepalive deadline");
+    parked(&broker, 80).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_keeps_its_place_under_max_connections() {
+    let broker = TestBroker::demo(&format!("{}max_connections = 1\n", config(100))).await;
+    let mut first = raw_connected(&broker, DEV, 60).await;
+    parked(&broker, 1).await;
+    let mut second = RawClient::connect(broker.addr).await;
+    second.expect_closed().await;
+    first.send(Packet::PingReq).await;
+    assert!(matches!(first.recv().await, Some(Packet::PingResp)));
     broker.stop().await;
 }

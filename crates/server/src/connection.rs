@@ -5,7 +5,6 @@
 //! leaves the loop instead and hands its boxed state to the parker (`crate::park`), which
 //! resumes it in a new task (`resume`) on its next wake-up.
 
-use std::any::Any;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -140,7 +139,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 ///
 /// The task's future is what each connection costs while it is open, so it holds only the
 /// [`Channel`] and the serving loop: the handshake and the close are boxed (each runs once).
-pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+pub(crate) async fn run<S: Stream>(
     stream: S,
     peer: SocketAddr,
     transport: Transport,
@@ -158,23 +157,45 @@ pub(crate) async fn resume(parked: Parked) {
     drive(parked.channel, parked.deadline).await;
 }
 
+/// A stream a connection runs on. Only a plain TCP channel can be handed to the parker (TLS
+/// and WebSocket keep state inside their stream types).
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// The channel as a plain TCP one, or back unchanged.
+    fn into_tcp(
+        channel: Box<Channel<Self>>,
+    ) -> Result<Box<Channel<TcpStream>>, Box<Channel<Self>>> {
+        Err(channel)
+    }
+}
+
+impl Stream for TcpStream {
+    fn into_tcp(
+        channel: Box<Channel<Self>>,
+    ) -> Result<Box<Channel<TcpStream>>, Box<Channel<Self>>> {
+        Ok(channel)
+    }
+}
+
+impl Stream for tokio_rustls::server::TlsStream<TcpStream> {}
+
+impl<S: Stream> Stream for crate::ws::WsIo<S> {}
+
 /// Serves the channel until it ends or parks. The channel is boxed so that it moves between
 /// tasks, and in and out of the parker, as a pointer; passed by value, it would also take its
 /// room twice in the future of `run` (rustc does not overlap a moved-from local).
-async fn drive<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    mut channel: Box<Channel<S>>,
-    deadline: Option<Instant>,
-) {
-    match channel.serve(deadline).await {
-        Served::Ended(reason) => Box::pin(channel.finish(reason)).await,
-        Served::Idle(deadline) => {
-            let context = channel.context.clone();
-            // Only plain TCP channels are parkable (`Channel::parkable`), so this never fails.
-            let channel: Box<dyn Any> = channel;
-            match channel.downcast::<Channel<TcpStream>>() {
-                Ok(channel) => context.parker.park(Parked { channel, deadline }),
-                Err(_) => warn!("only plain TCP connections park; closing this one"),
-            }
+async fn drive<S: Stream>(mut channel: Box<Channel<S>>, mut deadline: Option<Instant>) {
+    loop {
+        match channel.serve(deadline).await {
+            Served::Ended(reason) => return Box::pin(channel.finish(reason)).await,
+            Served::Idle(idle_deadline) => match S::into_tcp(channel) {
+                Ok(channel) => {
+                    let context = channel.context.clone();
+                    let deadline = idle_deadline;
+                    return context.parker.park(Parked { channel, deadline });
+                }
+                // Not parkable after all (`parkable` is set for plain TCP only): serve on.
+                Err(same) => (channel, deadline) = (same, idle_deadline),
+            },
         }
     }
 }
@@ -346,7 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                     cx,
                     outbox_first,
                     timer.as_mut(),
-                    (deadline, idle_at),
+                    (deadline, idle_at, idle_after),
                     &mut recheck,
                 )
             })
@@ -407,7 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         cx: &mut Context<'_>,
         outbox_first: bool,
         mut timer: Pin<&mut Option<Sleep>>,
-        (deadline, idle_at): (Option<Instant>, Option<Instant>),
+        (deadline, idle_at, idle_after): (Option<Instant>, Option<Instant>, Option<Duration>),
         recheck: &mut Option<Interval>,
     ) -> Poll<Wake> {
         if outbox_first && let Poll::Ready(out) = self.outbox_rx.poll_recv(cx) {
@@ -431,13 +452,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             if deadline.is_some_and(|deadline| deadline <= now) {
                 return Poll::Ready(Wake::KeepaliveExpired);
             }
-            let idle = idle_at.filter(|idle_at| *idle_at <= now);
-            if idle.is_some() && self.framed.is_drained() {
-                return Poll::Ready(Wake::Idle);
-            }
-            // Packets came since the timer was set: wait for what they moved. (Idle with half
-            // a packet buffered: the rest of it resets the idle time.)
-            if let Some(next) = earliest(deadline, idle_at.filter(|idle_at| *idle_at > now)) {
+            let idle_at = match idle_at {
+                Some(at) if at <= now => {
+                    if self.framed.is_drained() {
+                        return Poll::Ready(Wake::Idle);
+                    }
+                    // Half a packet is buffered: look again one idle period later (the rest
+                    // of it, when it comes, moves the idle time anyway).
+                    idle_after.map(|after| now + after)
+                }
+                // Packets came since the timer was set: wait for the time they moved.
+                later => later,
+            };
+            if let Some(next) = earliest(deadline, idle_at) {
                 timer.as_mut().reset(next);
                 let _ = timer.poll(cx);
             }
@@ -693,5 +720,8 @@ mod tests {
         assert!(size <= 1024, "a connection task is {size} bytes");
         let size = future_size(super::resume);
         assert!(size <= 1024, "a resumed connection task is {size} bytes");
+        // What a parked connection keeps (304 bytes in a release build).
+        let size = std::mem::size_of::<super::Channel<TcpStream>>();
+        assert!(size <= 320, "a channel's state is {size} bytes");
     }
 }

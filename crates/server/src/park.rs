@@ -9,8 +9,9 @@
 //! and with the outbox (the router wrote to it, or closed it), and keeps their keepalive
 //! deadlines in one heap with one timer. Whichever comes first resumes the connection: a new
 //! task is spawned with the same state and the wake-up is handled there, as if the connection
-//! had never stopped. Parking and resuming make no system call and lose nothing: bytes stay
-//! in the socket and packets in the outbox until the resumed task reads them.
+//! had never stopped. Parking and resuming make no socket system call (the socket stays
+//! registered with tokio) and lose nothing: bytes stay in the socket and packets in the outbox
+//! until the resumed task reads them.
 //!
 //! Only plain TCP connections without a periodic credential check park (TLS and WebSocket
 //! streams keep their task; token and device-credential connections re-check every second).
@@ -93,7 +94,10 @@ impl Parker {
     pub(crate) fn park(&self, parked: Parked) {
         let mut queue = self.shared.lock();
         if queue.stopped {
-            // The broker is going away: the connection is dropped and its socket closed.
+            // Not reachable while the channel holds the context that owns this parker; if it
+            // were, the connection keeps its task rather than being dropped unannounced.
+            drop(queue);
+            tokio::spawn(crate::connection::resume(parked));
             return;
         }
         self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
@@ -102,7 +106,9 @@ impl Parker {
             queue.started = true;
             drop(queue);
             let lot = Lot::new(self.shared.clone());
-            tokio::spawn(lot.run());
+            // Outside tokio's cooperative budget: taking in a large batch must not make
+            // `poll_read_ready` report "not ready, try later" for sockets that are idle.
+            tokio::spawn(tokio::task::unconstrained(lot.run()));
             return;
         }
         Shared::wake_task(queue);
@@ -157,6 +163,37 @@ struct Lot {
     generation: u64,
 }
 
+/// However the parker's task ends (the parker dropped, the runtime shutting down, a panic),
+/// no connection is left behind without a task: each goes back to one, so that it still ends
+/// through its own exit and the router hears of it. A later park starts a new task.
+impl Drop for Lot {
+    fn drop(&mut self) {
+        let arriving = {
+            let mut queue = self.shared.lock();
+            queue.started = false;
+            queue.task = None;
+            std::mem::take(&mut queue.arriving)
+        };
+        let left: Vec<Parked> = self
+            .slots
+            .drain()
+            .map(|slot| slot.parked)
+            .chain(arriving)
+            .collect();
+        self.shared
+            .stats
+            .parked
+            .fetch_sub(left.len() as u64, Ordering::Relaxed);
+        // Without a runtime (it is shutting down) the connections are simply dropped, as
+        // their tasks would be.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            for parked in left {
+                runtime.spawn(crate::connection::resume(parked));
+            }
+        }
+    }
+}
+
 impl Lot {
     fn new(shared: Arc<Shared>) -> Lot {
         Lot {
@@ -171,10 +208,6 @@ impl Lot {
     async fn run(mut self) {
         poll_fn(|cx| self.poll(cx)).await;
         debug!(parked = self.slots.len(), "parker stopped");
-        self.shared
-            .stats
-            .parked
-            .fetch_sub(self.slots.len() as u64, Ordering::Relaxed);
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
