@@ -9,7 +9,7 @@ use tracing::warn;
 
 use crate::presence::SNAPSHOT_PREFIX;
 use crate::router::{Deferred, Router, RouterStats, to_stored};
-use crate::session::{InflightState, Queued, publish_packet};
+use crate::session::{Enqueued, InflightState, Queued, publish_packet};
 use crate::types::{ChannelId, CloseReason, Message, now_ms};
 
 impl Router {
@@ -223,12 +223,12 @@ impl Router {
         let seq = session.persistent.then(|| {
             let seq = self.next_seq;
             self.next_seq += 1;
-            ops.push(Op::Enqueue {
-                client_id: client.to_string(),
-                seq,
-                message: to_stored(&copy),
-            });
             seq
+        });
+        let stored = seq.map(|seq| Op::Enqueue {
+            client_id: client.to_string(),
+            seq,
+            message: to_stored(&copy),
         });
         let queued = Queued {
             seq,
@@ -236,9 +236,17 @@ impl Router {
             dup: false,
             released: false,
         };
-        if session.enqueue(queued, limits, &mut ops) {
-            RouterStats::add(&self.stats.queue_dropped, 1);
-            warn!(client_id = %client, limit = "limits.max_queued_messages", "session queue full; dropped its oldest message");
+        match session.enqueue(queued, limits, &mut ops) {
+            Enqueued::Kept => ops.extend(stored),
+            Enqueued::DroppedOldest => {
+                ops.extend(stored);
+                RouterStats::add(&self.stats.queue_dropped, 1);
+                warn!(client_id = %client, limit = "limits.max_queued_messages", "session queue full; dropped its oldest message");
+            }
+            Enqueued::Refused => {
+                RouterStats::add(&self.stats.queue_dropped, 1);
+                warn!(client_id = %client, limit = "limits.max_queued_messages", "session queue full and every message in flight; dropped the new message");
+            }
         }
         let outcome = session.pump(limits, &mut ops);
         let channel = session.channel_id();

@@ -25,6 +25,16 @@ pub struct Attached {
     pub connected_at_ms: u64,
 }
 
+/// What [`Session::enqueue`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Kept,
+    /// Kept, and the oldest waiting message was dropped to make room.
+    DroppedOldest,
+    /// Not kept: the session is full and everything it holds is in flight.
+    Refused,
+}
+
 /// A QoS 1/2 message waiting to be sent. `seq` is its key in the store, for persistent sessions.
 #[derive(Debug, Clone)]
 pub struct Queued {
@@ -151,30 +161,26 @@ impl Session {
 
     /// Queues a QoS 1/2 message, dropping the oldest queued one when the queue is full (its
     /// `Dequeue` goes into `ops`). Returns whether a message was dropped.
-    pub fn enqueue(&mut self, queued: Queued, limits: QueueLimits, ops: &mut Vec<Op>) -> bool {
-        let mut dropped = false;
-        if self.queue.len() + self.inflight.len() >= limits.max_queued_messages {
-            if let Some(old) = self.queue.pop_front() {
-                if let Some(seq) = old.seq {
-                    ops.push(Op::Dequeue {
-                        client_id: self.client_id.to_string(),
-                        seq,
-                    });
-                }
-                dropped = true;
-            } else {
-                // Everything is in flight: the new message is the one that cannot be kept.
-                if let Some(seq) = queued.seq {
-                    ops.push(Op::Dequeue {
-                        client_id: self.client_id.to_string(),
-                        seq,
-                    });
-                }
-                return true;
-            }
+    /// Queues `queued` within `limits.max_queued_messages`. A full session drops its oldest
+    /// waiting message (staging its removal from the store in `ops`); if every message it
+    /// holds is in flight, `queued` is the one not kept. The caller stores `queued` only when
+    /// it is kept.
+    pub fn enqueue(&mut self, queued: Queued, limits: QueueLimits, ops: &mut Vec<Op>) -> Enqueued {
+        if self.queue.len() + self.inflight.len() < limits.max_queued_messages {
+            self.queue.push_back(queued);
+            return Enqueued::Kept;
+        }
+        let Some(old) = self.queue.pop_front() else {
+            return Enqueued::Refused;
+        };
+        if let Some(seq) = old.seq {
+            ops.push(Op::Dequeue {
+                client_id: self.client_id.to_string(),
+                seq,
+            });
         }
         self.queue.push_back(queued);
-        dropped
+        Enqueued::DroppedOldest
     }
 
     /// Resends what was in flight (DUP set, or PUBREL where PUBREC came), after a reconnect.
@@ -367,6 +373,56 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, [PacketId::new(7), PacketId::new(8)]);
+    }
+
+    #[test]
+    fn a_full_session_drops_its_oldest_waiting_message_or_else_the_new_one() {
+        let (mut session, _rx) = attached_session();
+        let limits = QueueLimits {
+            max_inflight: 1,
+            max_queued_messages: 2,
+            ..LIMITS
+        };
+        let mut ops = Vec::new();
+        assert_eq!(
+            session.enqueue(queued(1, false), limits, &mut ops),
+            Enqueued::Kept
+        );
+        session.pump(limits, &mut ops);
+        assert_eq!(session.inflight.len(), 1);
+        assert_eq!(
+            session.enqueue(queued(2, false), limits, &mut ops),
+            Enqueued::Kept
+        );
+        assert!(ops.is_empty());
+        assert_eq!(
+            session.enqueue(queued(3, false), limits, &mut ops),
+            Enqueued::DroppedOldest
+        );
+        assert!(
+            matches!(ops.as_slice(), [Op::Dequeue { seq: 2, .. }]),
+            "{ops:?}"
+        );
+        let waiting: Vec<Option<u64>> = session.queue.iter().map(|q| q.seq).collect();
+        assert_eq!(waiting, [Some(3)]);
+
+        // Everything in flight: the new message is the one not kept, and nothing is staged.
+        let (mut session, _rx) = attached_session();
+        let mut ops = Vec::new();
+        let limits = QueueLimits {
+            max_inflight: 2,
+            ..limits
+        };
+        session.enqueue(queued(1, false), limits, &mut ops);
+        session.enqueue(queued(2, false), limits, &mut ops);
+        session.pump(limits, &mut ops);
+        assert_eq!(session.inflight.len(), 2);
+        assert_eq!(
+            session.enqueue(queued(3, false), limits, &mut ops),
+            Enqueued::Refused
+        );
+        assert!(session.queue.is_empty());
+        assert!(ops.is_empty(), "{ops:?}");
     }
 
     #[test]
