@@ -1,7 +1,7 @@
 //! One client id's session: its subscriptions, the channel it is attached to, and its QoS 1/2
 //! state (messages queued, messages in flight, incoming QoS 2 ids awaiting PUBREL).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use herald_protocol::{ClientId, Packet, PacketId, Protocol, Publish, QoS, Will};
@@ -81,11 +81,13 @@ pub struct Session {
     pub client_id: ClientId,
     /// cleanSession=false: kept across channels and restarts.
     pub persistent: bool,
-    pub subscriptions: HashMap<String, QoS>,
+    /// Ordered maps rather than hash maps: 24 bytes each and no allocation while empty (most
+    /// sessions hold a few filters and no QoS 2 ids), where a `HashMap` is 48 bytes.
+    pub subscriptions: BTreeMap<String, QoS>,
     pub attached: Option<Attached>,
     pub queue: VecDeque<Queued>,
     pub inflight: VecDeque<Inflight>,
-    pub incoming_qos2: HashSet<PacketId>,
+    pub incoming_qos2: BTreeSet<PacketId>,
     next_packet_id: u16,
     pub created_at_ms: u64,
 }
@@ -95,23 +97,23 @@ impl Session {
         Box::new(Session {
             client_id,
             persistent,
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             attached: None,
             queue: VecDeque::new(),
             inflight: VecDeque::new(),
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: BTreeSet::new(),
             next_packet_id: 0,
             created_at_ms: now_ms(),
         })
     }
 
     pub fn record(&self) -> herald_store::SessionRecord {
-        let mut subscriptions: Vec<(String, u8)> = self
+        // In filter order, as the map keeps them.
+        let subscriptions: Vec<(String, u8)> = self
             .subscriptions
             .iter()
             .map(|(f, q)| (f.clone(), q.as_u8()))
             .collect();
-        subscriptions.sort();
         herald_store::SessionRecord {
             subscriptions,
             created_at_ms: self.created_at_ms,
