@@ -32,6 +32,9 @@ use tracing::debug;
 use crate::connection::Channel;
 use crate::guard::ServerStats;
 
+/// Rounds of taking in, resuming and expiring one poll of the parker makes before it yields.
+const TURNS_PER_POLL: usize = 32;
+
 /// A connection handed over by its task: its state and its keepalive deadline.
 pub(crate) struct Parked {
     pub(crate) channel: Box<Channel<TcpStream>>,
@@ -211,7 +214,7 @@ impl Lot {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
+        for _ in 0..TURNS_PER_POLL {
             let (arriving, woken) = {
                 let mut queue = self.shared.lock();
                 if queue.stopped {
@@ -273,6 +276,10 @@ impl Lot {
                 return Poll::Pending;
             }
         }
+        // Work keeps arriving: let the worker run other tasks, then go on. (The task runs
+        // outside tokio's budget, so it has to yield by itself.)
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Registers a newly parked connection's waker with its socket and its outbox; resumes it
