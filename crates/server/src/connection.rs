@@ -153,8 +153,8 @@ pub(crate) async fn run<S: Stream>(
 }
 
 /// Serves a parked connection again, in a new task, from where it stopped.
-pub(crate) async fn resume(parked: Parked) {
-    drive(parked.channel, parked.deadline).await;
+pub(crate) async fn resume(channel: Box<Channel<TcpStream>>, deadline: Option<Instant>) {
+    drive(channel, deadline).await;
 }
 
 /// A stream a connection runs on. Only a plain TCP channel can be handed to the parker (TLS
@@ -324,11 +324,93 @@ pub(crate) struct Channel<S> {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A parked connection's socket: out of tokio's reactor, in the parker's own epoll set.
+pub(crate) type ParkedSocket = mio::net::TcpStream;
+
 impl Channel<TcpStream> {
-    /// Registers `cx`'s waker for the socket becoming readable (bytes, or the peer closing);
-    /// true if it already is.
-    pub(crate) fn poll_socket_ready(&self, cx: &mut Context<'_>) -> bool {
-        self.framed.stream.poll_read_ready(cx).is_ready()
+    /// Takes the socket out of tokio's reactor, which frees its registration, for the parker.
+    /// On failure the socket is gone and only the rest of the channel is left, to be ended.
+    pub(crate) fn unregister(
+        self: Box<Self>,
+    ) -> Result<Box<Channel<ParkedSocket>>, Box<Channel<()>>> {
+        (*self).map_stream(|stream| stream.into_std().map(ParkedSocket::from_std))
+    }
+}
+
+impl Channel<ParkedSocket> {
+    pub(crate) fn socket_mut(&mut self) -> &mut ParkedSocket {
+        &mut self.framed.stream
+    }
+
+    /// Puts the socket back into tokio's reactor, to be served by a task again. Must run on
+    /// the runtime.
+    pub(crate) fn register(self: Box<Self>) -> Result<Box<Channel<TcpStream>>, Box<Channel<()>>> {
+        (*self).map_stream(|stream| TcpStream::from_std(std::net::TcpStream::from(stream)))
+    }
+}
+
+impl Channel<()> {
+    /// Ends a channel whose socket was lost while it moved between tokio and the parker: the
+    /// router hears of it like of any other end.
+    pub(crate) async fn abandon(self: Box<Self>) {
+        let (channel, reason) = (self.channel, CloseReason::SocketClosed);
+        self.context
+            .router
+            .route(Input::Closed { channel, reason })
+            .await;
+    }
+}
+
+impl<S> Channel<S> {
+    /// The same channel over the stream `f` makes of its stream.
+    fn map_stream<T>(
+        self,
+        f: impl FnOnce(S) -> std::io::Result<T>,
+    ) -> Result<Box<Channel<T>>, Box<Channel<()>>> {
+        let Channel {
+            framed,
+            channel,
+            principal,
+            context,
+            outbox_rx,
+            keep_alive,
+            throttles,
+            parkable,
+            _permit,
+        } = self;
+        let Framed {
+            stream,
+            read_buf,
+            write_buf,
+            codec,
+        } = framed;
+        macro_rules! rebuilt {
+            ($stream:expr) => {
+                Box::new(Channel {
+                    framed: Framed {
+                        stream: $stream,
+                        read_buf,
+                        write_buf,
+                        codec,
+                    },
+                    channel,
+                    principal,
+                    context,
+                    outbox_rx,
+                    keep_alive,
+                    throttles,
+                    parkable,
+                    _permit,
+                })
+            };
+        }
+        match f(stream) {
+            Ok(stream) => Ok(rebuilt!(stream)),
+            Err(e) => {
+                warn!(client_id = %principal.client_id, %channel, error = %e, "closing: the socket could not move between the runtime and the parker");
+                Err(rebuilt!(()))
+            }
+        }
     }
 }
 
@@ -718,10 +800,11 @@ mod tests {
         );
         let size = future_size(|(s, p, t, c, permit): Args| super::run(s, p, t, c, permit));
         assert!(size <= 1024, "a connection task is {size} bytes");
-        let size = future_size(super::resume);
+        type Resumed = (Box<super::Channel<TcpStream>>, Option<tokio::time::Instant>);
+        let size = future_size(|(channel, deadline): Resumed| super::resume(channel, deadline));
         assert!(size <= 1024, "a resumed connection task is {size} bytes");
-        // What a parked connection keeps (304 bytes in a release build).
-        let size = std::mem::size_of::<super::Channel<TcpStream>>();
-        assert!(size <= 320, "a channel's state is {size} bytes");
+        // What a parked connection keeps (its socket out of tokio's reactor).
+        let size = std::mem::size_of::<super::Channel<super::ParkedSocket>>();
+        assert!(size <= 320, "a parked channel's state is {size} bytes");
     }
 }

@@ -5,13 +5,14 @@
 //! 0.8 KB) is most of what such a connection costs, so a connection that has had nothing to
 //! read or write for `limits.park_idle_ms` hands its state to the [`Parker`] and its task
 //! ends. The parker is one task per listener set: it keeps every parked connection in a slab,
-//! registers one small waker per connection with the socket (readable, or closed by the peer)
-//! and with the outbox (the router wrote to it, or closed it), and keeps their keepalive
-//! deadlines in one heap with one timer. Whichever comes first resumes the connection: a new
-//! task is spawned with the same state and the wake-up is handled there, as if the connection
-//! had never stopped. Parking and resuming make no socket system call (the socket stays
-//! registered with tokio) and lose nothing: bytes stay in the socket and packets in the outbox
-//! until the resumed task reads them.
+//! moves its socket out of tokio's reactor into its own epoll set (freeing tokio's per-socket
+//! registration, 256 bytes), leaves one small waker with the outbox (the router wrote to it,
+//! or closed it), and keeps the keepalive deadlines in one heap with one timer. Whichever comes
+//! first (the socket readable or closed by the peer, the outbox, the deadline) resumes the
+//! connection: its socket goes back to tokio and a new task is spawned with the same state,
+//! which handles the wake-up as if the connection had never stopped. Nothing is lost: bytes
+//! stay in the socket and packets in the outbox until the resumed task reads them. The cost is
+//! two `epoll_ctl` calls to park and two to resume.
 //!
 //! Only plain TCP connections without a periodic credential check park (TLS and WebSocket
 //! streams keep their task; token and device-credential connections re-check every second).
@@ -24,12 +25,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
+use mio::{Events, Interest, Token};
 use slab::Slab;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::connection::Channel;
+use crate::connection::{Channel, ParkedSocket};
 use crate::guard::ServerStats;
 
 /// Rounds of taking in, resuming and expiring one poll of the parker makes before it yields.
@@ -57,7 +60,7 @@ struct Shared {
 struct Queue {
     /// Handed over, not yet taken in by the parker task.
     arriving: Vec<Parked>,
-    /// Parked connections whose socket or outbox woke them: (slab key, generation).
+    /// Parked connections whose outbox woke them: (slab key, generation).
     woken: Vec<(usize, u64)>,
     /// The parker task, when it waits.
     task: Option<Waker>,
@@ -100,20 +103,26 @@ impl Parker {
             // Not reachable while the channel holds the context that owns this parker; if it
             // were, the connection keeps its task rather than being dropped unannounced.
             drop(queue);
-            tokio::spawn(crate::connection::resume(parked));
+            tokio::spawn(crate::connection::resume(parked.channel, parked.deadline));
             return;
+        }
+        if !queue.started {
+            let lot = match Lot::new(self.shared.clone()) {
+                Ok(lot) => lot,
+                Err(e) => {
+                    // Out of file descriptors, say: the connection keeps its task.
+                    drop(queue);
+                    debug!(error = %e, "cannot start the parker");
+                    tokio::spawn(crate::connection::resume(parked.channel, parked.deadline));
+                    return;
+                }
+            };
+            queue.started = true;
+            // Outside tokio's cooperative budget, which is for tasks that serve one client.
+            tokio::spawn(tokio::task::unconstrained(lot.run()));
         }
         self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
         queue.arriving.push(parked);
-        if !queue.started {
-            queue.started = true;
-            drop(queue);
-            let lot = Lot::new(self.shared.clone());
-            // Outside tokio's cooperative budget: taking in a large batch must not make
-            // `poll_read_ready` report "not ready, try later" for sockets that are idle.
-            tokio::spawn(tokio::task::unconstrained(lot.run()));
-            return;
-        }
         Shared::wake_task(queue);
     }
 }
@@ -128,7 +137,7 @@ impl Drop for Parker {
     }
 }
 
-/// The waker a parked connection leaves with its socket and its outbox.
+/// The waker a parked connection leaves with its outbox.
 struct ConnectionWaker {
     key: usize,
     generation: u64,
@@ -151,13 +160,26 @@ impl Wake for ConnectionWaker {
 }
 
 struct Slot {
-    parked: Parked,
+    channel: Box<Channel<ParkedSocket>>,
+    deadline: Option<Instant>,
     generation: u64,
 }
+
+/// The epoll token of a slot: its key in the low 32 bits, its generation's in the high ones,
+/// so that an event for a slot since reused is recognised as stale.
+fn token(key: usize, generation: u64) -> Token {
+    Token((generation << 32 | key as u64) as usize)
+}
+
+/// How many socket events one read of the parker's epoll set takes at most.
+const EVENTS: usize = 256;
 
 /// The parker's task state: every parked connection and their deadlines.
 struct Lot {
     shared: Arc<Shared>,
+    /// The parked sockets' epoll set, itself watched by tokio.
+    epoll: AsyncFd<mio::Poll>,
+    events: Events,
     slots: Slab<Slot>,
     /// Keepalive deadlines: (deadline, slab key, generation). Entries of connections that
     /// have resumed since stay until their time comes and are skipped then.
@@ -177,35 +199,44 @@ impl Drop for Lot {
             queue.task = None;
             std::mem::take(&mut queue.arriving)
         };
-        let left: Vec<Parked> = self
-            .slots
-            .drain()
-            .map(|slot| slot.parked)
-            .chain(arriving)
-            .collect();
+        let slots: Vec<Slot> = self.slots.drain().collect();
         self.shared
             .stats
             .parked
-            .fetch_sub(left.len() as u64, Ordering::Relaxed);
+            .fetch_sub((slots.len() + arriving.len()) as u64, Ordering::Relaxed);
         // Without a runtime (it is shutting down) the connections are simply dropped, as
         // their tasks would be.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            for parked in left {
-                runtime.spawn(crate::connection::resume(parked));
-            }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let _on_runtime = runtime.enter();
+        for parked in arriving {
+            tokio::spawn(crate::connection::resume(parked.channel, parked.deadline));
+        }
+        for slot in slots {
+            self.wake_slot(slot);
         }
     }
 }
 
 impl Lot {
-    fn new(shared: Arc<Shared>) -> Lot {
-        Lot {
+    /// Must run on the runtime (the epoll set is registered with tokio).
+    fn new(shared: Arc<Shared>) -> std::io::Result<Lot> {
+        // tokio 1.54 deprecates the safe constructor because a `T` might change or close the
+        // descriptor it reports while registered. `mio::Poll` owns its epoll descriptor from
+        // creation to drop and never replaces it, and the `AsyncFd` owns the `Poll`, so the
+        // descriptor stays the one registered for as long as the registration exists.
+        #[allow(deprecated)]
+        let epoll = AsyncFd::with_interest(mio::Poll::new()?, tokio::io::Interest::READABLE)?;
+        Ok(Lot {
             shared,
+            epoll,
+            events: Events::with_capacity(EVENTS),
             slots: Slab::new(),
             deadlines: BinaryHeap::new(),
             timer: None,
             generation: 0,
-        }
+        })
     }
 
     async fn run(mut self) {
@@ -228,11 +259,9 @@ impl Lot {
                     std::mem::take(&mut queue.woken),
                 )
             };
-            let had_work = !arriving.is_empty() || !woken.is_empty();
-            for parked in arriving {
-                self.take_in(parked);
-            }
-            for (key, generation) in woken {
+            let ready = self.ready_sockets(cx);
+            let had_work = !arriving.is_empty() || !woken.is_empty() || !ready.is_empty();
+            for (key, generation) in ready.into_iter().chain(woken) {
                 if self
                     .slots
                     .get(key)
@@ -240,6 +269,9 @@ impl Lot {
                 {
                     self.resume(key);
                 }
+            }
+            for parked in arriving {
+                self.take_in(parked);
             }
             let now = Instant::now();
             while let Some(Reverse((deadline, key, generation))) = self.deadlines.peek().copied() {
@@ -282,11 +314,51 @@ impl Lot {
         Poll::Pending
     }
 
-    /// Registers a newly parked connection's waker with its socket and its outbox; resumes it
-    /// at once if either is already ready (bytes or a packet arrived while it was handed over).
+    /// The slots whose sockets became readable (bytes, or the peer closing), as (key,
+    /// generation's low 32 bits); registers for the next ones when all are taken.
+    fn ready_sockets(&mut self, cx: &mut Context<'_>) -> Vec<(usize, u64)> {
+        let mut ready = Vec::new();
+        loop {
+            let mut guard = match self.epoll.poll_read_ready_mut(cx) {
+                Poll::Ready(Ok(guard)) => guard,
+                Poll::Ready(Err(e)) => {
+                    warn!(error = %e, "parked connections' epoll set failed");
+                    return ready;
+                }
+                Poll::Pending => return ready,
+            };
+            if let Err(e) = guard
+                .get_inner_mut()
+                .poll(&mut self.events, Some(std::time::Duration::ZERO))
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                warn!(error = %e, "reading the parked connections' epoll set failed");
+                return ready;
+            }
+            let mut taken = 0;
+            for event in self.events.iter() {
+                let token = event.token().0 as u64;
+                ready.push(((token & 0xFFFF_FFFF) as usize, token >> 32));
+                taken += 1;
+            }
+            if taken < EVENTS {
+                // All taken: wait for the next ones (tokio keeps an event that comes after
+                // this read, so none is missed).
+                guard.clear_ready();
+                if taken == 0 || ready.len() >= 4 * EVENTS {
+                    return ready;
+                }
+            }
+        }
+    }
+
+    /// Takes a newly parked connection: leaves its waker with the outbox and moves its socket
+    /// into the epoll set. Resumes it at once if the outbox already has something (a packet
+    /// that came while it was handed over); bytes that came meanwhile make the socket readable
+    /// in the set at once.
     fn take_in(&mut self, parked: Parked) {
         self.generation += 1;
-        let generation = self.generation;
+        let generation = self.generation & 0xFFFF_FFFF;
         let entry = self.slots.vacant_entry();
         let key = entry.key();
         let waker = Waker::from(Arc::new(ConnectionWaker {
@@ -294,15 +366,39 @@ impl Lot {
             generation,
             shared: Arc::downgrade(&self.shared),
         }));
-        let mut cx = Context::from_waker(&waker);
-        let ready = parked.channel.poll_socket_ready(&mut cx)
-            || parked.channel.outbox_rx.register_waker(&waker);
-        let deadline = parked.deadline;
-        entry.insert(Slot { parked, generation });
-        if ready {
-            self.resume(key);
+        let Parked { channel, deadline } = parked;
+        if channel.outbox_rx.register_waker(&waker) {
+            self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
+            tokio::spawn(crate::connection::resume(channel, deadline));
             return;
         }
+        let mut channel = match channel.unregister() {
+            Ok(channel) => channel,
+            Err(lost) => {
+                self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
+                tokio::spawn(lost.abandon());
+                return;
+            }
+        };
+        let registry = self.epoll.get_ref().registry();
+        if let Err(e) = registry.register(
+            channel.socket_mut(),
+            token(key, generation),
+            Interest::READABLE,
+        ) {
+            debug!(error = %e, "cannot watch a parked socket; it keeps its task");
+            self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
+            match channel.register() {
+                Ok(channel) => tokio::spawn(crate::connection::resume(channel, deadline)),
+                Err(lost) => tokio::spawn(lost.abandon()),
+            };
+            return;
+        }
+        entry.insert(Slot {
+            channel,
+            deadline,
+            generation,
+        });
         if let Some(deadline) = deadline {
             self.deadlines.push(Reverse((deadline, key, generation)));
             // A connection that parks and resumes often leaves a deadline behind each time;
@@ -312,7 +408,7 @@ impl Lot {
                     .slots
                     .iter()
                     .filter_map(|(key, slot)| {
-                        let deadline = slot.parked.deadline?;
+                        let deadline = slot.deadline?;
                         Some(Reverse((deadline, key, slot.generation)))
                     })
                     .collect();
@@ -323,6 +419,22 @@ impl Lot {
     fn resume(&mut self, key: usize) {
         let slot = self.slots.remove(key);
         self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
-        tokio::spawn(crate::connection::resume(slot.parked));
+        self.wake_slot(slot);
+    }
+
+    /// Moves a slot's socket back to tokio and gives the connection a task. Must run on the
+    /// runtime.
+    fn wake_slot(&self, mut slot: Slot) {
+        // Failing to leave the set is harmless: the socket is registered with tokio next,
+        // and a closed socket leaves every epoll set anyway.
+        let _ = self
+            .epoll
+            .get_ref()
+            .registry()
+            .deregister(slot.channel.socket_mut());
+        match slot.channel.register() {
+            Ok(channel) => tokio::spawn(crate::connection::resume(channel, slot.deadline)),
+            Err(lost) => tokio::spawn(lost.abandon()),
+        };
     }
 }
