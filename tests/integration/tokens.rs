@@ -323,3 +323,60 @@ async fn tokens_survive_a_restart() {
         Some("BadUserNamePassword")
     );
 }
+
+/// Waits (at most 5 s) until `herald_connections_parked` is `want`.
+async fn parked(admin: SocketAddr, want: u64) {
+    let mut seen = String::new();
+    for _ in 0..100 {
+        let text = get(admin, "/metrics").await.text();
+        seen = text
+            .lines()
+            .find(|l| l.starts_with("herald_connections_parked "))
+            .unwrap_or_default()
+            .to_owned();
+        if seen == format!("herald_connections_parked {want}") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{seen:?}, expected {want} parked");
+}
+
+#[tokio::test]
+async fn parked_token_connections_end_at_revocation_and_at_expiry() {
+    let broker = broker().await;
+    let admin = admin_addr(&broker);
+    let revoked = apply(admin, &["demo/#"], "R", HOUR).await;
+    let short = apply(admin, &["demo/#"], "R", Duration::from_millis(2500)).await;
+    let mut first = token_client(broker.addr, DEV, &format!("R|{revoked}"))
+        .await
+        .expect("connects");
+    let expiring_id = "GID_demo@@@tok-3";
+    let mut expiring = token_client(broker.addr, expiring_id, &format!("R|{short}"))
+        .await
+        .expect("connects");
+    // Both idle: parked (the default `park_idle_ms` is 100), with no timer of their own.
+    parked(admin, 2).await;
+    let started = std::time::Instant::now();
+    let reply = http(
+        admin,
+        "DELETE",
+        &format!("/api/v1/tokens/{revoked}"),
+        Some(OPS),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    first.closed().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a revocation reaches a parked connection at once: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(last_reason(admin, DEV, 2).await, "auth_revoked");
+    // The other one is still parked, and ends when its token expires.
+    parked(admin, 1).await;
+    expiring.closed().await;
+    assert_eq!(last_reason(admin, expiring_id, 2).await, "auth_revoked");
+    parked(admin, 0).await;
+}

@@ -103,6 +103,15 @@ impl Principal {
         }
     }
 
+    /// When the first of the connection's tokens expires (ms since the Unix epoch); `None`
+    /// for connections without tokens.
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        match &self.permissions {
+            Permissions::Tokens(held) => held.iter().map(|t| t.grant.expire_at_ms).min(),
+            _ => None,
+        }
+    }
+
     /// Adds a token given through [`UPLOAD_TOKEN_TOPIC`]. It replaces the held tokens whose
     /// type it covers (a new `W` token replaces the old `W` one; `RW` replaces all).
     pub fn add_token(&mut self, token: HeldToken) {

@@ -1,8 +1,8 @@
 //! [`AuthRegistry`]: the tokens and device credentials issued at run time (DESIGN.md 3.2, 3.3).
 //!
 //! The admin API writes it (after the store has made the change durable, see `herald-admin`);
-//! connection tasks read it at CONNECT and, for the connections that rely on it, once a second
-//! to notice revocation. The maps sit behind one std `RwLock` whose critical sections are a map
+//! connection tasks read it at CONNECT and, for the connections that rely on it, again whenever
+//! it changes ([`AuthRegistry::changes`] wakes them; no connection polls it). The maps sit behind one std `RwLock` whose critical sections are a map
 //! lookup or insert: never held across an `.await`, never taken with another lock. Every change
 //! that can take a right away (revoke, refresh, unregister) bumps [`AuthRegistry::generation`],
 //! for readers that want to skip re-checks when nothing changed.
@@ -123,6 +123,9 @@ struct State {
 pub struct AuthRegistry {
     state: RwLock<State>,
     generation: AtomicU64,
+    /// Woken with every bump of `generation`: connections that rely on the registry wait on
+    /// it instead of polling.
+    changes: Arc<tokio::sync::Notify>,
 }
 
 impl AuthRegistry {
@@ -145,8 +148,16 @@ impl AuthRegistry {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Wakes everyone waiting on it at each change that can take a right away. Waiters
+    /// enable their `notified` future before they read [`AuthRegistry::generation`], so that
+    /// no change falls between the two.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.changes.clone()
+    }
+
     fn revoked(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changes.notify_waiters();
     }
 
     pub fn token(&self, token: &str) -> Option<Arc<TokenGrant>> {

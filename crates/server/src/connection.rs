@@ -20,7 +20,7 @@ use herald_router::{ChannelId, CloseReason, Input, OutboxReceiver, Outgoing, Rou
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, Interval, Sleep};
+use tokio::time::{Instant, Sleep};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
@@ -31,9 +31,6 @@ use crate::{DeniedPublish, handshake};
 
 /// Packets written per wake-up at most, so one busy channel cannot starve its reads.
 const WRITE_BATCH: usize = 64;
-
-/// How often a token or device-credential connection checks that its credentials still hold.
-const AUTH_RECHECK: Duration = Duration::from_secs(1);
 
 /// The framed socket: read buffer, write buffer and codec.
 pub(crate) struct Framed<S> {
@@ -191,7 +188,12 @@ async fn drive<S: Stream>(mut channel: Box<Channel<S>>, mut deadline: Option<Ins
                 Ok(channel) => {
                     let context = channel.context.clone();
                     let deadline = idle_deadline;
-                    return context.parker.park(Parked { channel, deadline });
+                    let wake_at = earliest(deadline, channel.token_expiry());
+                    return context.parker.park(Parked {
+                        channel,
+                        deadline,
+                        wake_at,
+                    });
                 }
                 // Not parkable after all (`parkable` is set for plain TCP only): serve on.
                 Err(same) => (channel, deadline) = (same, idle_deadline),
@@ -235,9 +237,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     }
     info!(client_id = %accepted.principal.client_id, %channel, %peer, transport = transport.as_str(), "client connected");
     let abuse = &context.settings.abuse;
-    let parkable = transport == Transport::Tcp
-        && context.settings.park_idle.is_some()
-        && !accepted.principal.relies_on_registry();
+    let parkable = transport == Transport::Tcp && context.settings.park_idle.is_some();
     Some(Box::new(Channel {
         framed,
         channel,
@@ -246,9 +246,20 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         throttles: Throttles::new(abuse),
         parkable,
+        checked_generation: 0,
         context,
         _permit: permit,
     }))
+}
+
+/// What the connection's one timer serves: the keepalive deadline, the time it would park, and
+/// its first token's expiry.
+#[derive(Clone, Copy)]
+struct Times {
+    deadline: Option<Instant>,
+    idle_at: Option<Instant>,
+    idle_after: Option<Duration>,
+    expiry: Option<Instant>,
 }
 
 /// The earlier of two optional instants.
@@ -318,8 +329,11 @@ pub(crate) struct Channel<S> {
     keep_alive: Option<Duration>,
     /// `limits.max_messages_per_sec`, `limits.max_bytes_per_sec`.
     throttles: Option<Box<Throttles>>,
-    /// Plain TCP, parking on (`limits.park_idle_ms`), and no periodic credential check.
+    /// Plain TCP and parking on (`limits.park_idle_ms`).
     parkable: bool,
+    /// The auth registry's generation when the credentials were last checked (token and
+    /// device-credential connections): a parked one whose registry moved on is woken.
+    checked_generation: u64,
     /// The connection's slot under `limits.max_connections`, held until the channel is gone.
     _permit: OwnedSemaphorePermit,
 }
@@ -334,6 +348,19 @@ impl Channel<TcpStream> {
         self: Box<Self>,
     ) -> Result<Box<Channel<ParkedSocket>>, Box<Channel<()>>> {
         (*self).map_stream(|stream| stream.into_std().map(ParkedSocket::from_std))
+    }
+}
+
+impl<S> Channel<S> {
+    /// Whether the channel's rights depend on the auth registry (tokens, device credential),
+    /// and the registry has changed since they were last checked.
+    pub(crate) fn registry_moved_on(&self) -> bool {
+        self.principal.relies_on_registry()
+            && self.context.auth.registry().generation() != self.checked_generation
+    }
+
+    pub(crate) fn relies_on_registry(&self) -> bool {
+        self.principal.relies_on_registry()
     }
 }
 
@@ -376,6 +403,7 @@ impl<S> Channel<S> {
             keep_alive,
             throttles,
             parkable,
+            checked_generation,
             _permit,
         } = self;
         let Framed {
@@ -400,6 +428,7 @@ impl<S> Channel<S> {
                     keep_alive,
                     throttles,
                     parkable,
+                    checked_generation,
                     _permit,
                 })
             };
@@ -431,27 +460,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         let idle_after = self.context.settings.park_idle.filter(|_| self.parkable);
         let mut deadline = deadline.or_else(|| self.keep_alive.map(|k| Instant::now() + k));
         let mut idle_at = idle_after.map(|after| Instant::now() + after);
-        // One timer for both: re-armed only when it fires, at whichever is next.
-        let mut timer = pin!(earliest(deadline, idle_at).map(tokio::time::sleep_until));
-        // Token and device-credential connections re-check their credentials every second:
-        // revocation, refresh and expiry end them with `auth_revoked`.
-        let mut recheck = self.principal.relies_on_registry().then(|| {
-            let mut recheck = tokio::time::interval(AUTH_RECHECK);
-            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            recheck
-        });
+        // Token and device-credential connections end with `auth_revoked` when the registry
+        // takes their right away (revocation, refresh, unregistration: it wakes them) or a
+        // token expires (a deadline). Checked now too: the registry may have changed while
+        // the connection was parked.
+        let mut registry_watch = self
+            .principal
+            .relies_on_registry()
+            .then(|| self.watch_registry());
+        if registry_watch.is_some()
+            && let Step::Close(reason) = self.recheck_credentials()
+        {
+            return Served::Ended(reason);
+        }
+        let mut expiry = self.token_expiry();
+        // One timer for all three: re-armed only when it fires, at whichever is next.
+        let mut timer =
+            pin!(earliest(earliest(deadline, idle_at), expiry).map(tokio::time::sleep_until));
         let mut outbox_first = false;
         loop {
             // Reads and the outbox take turns going first, so neither starves the other.
             outbox_first = !outbox_first;
             let wake = poll_fn(|cx| {
-                self.poll_wake(
-                    cx,
-                    outbox_first,
-                    timer.as_mut(),
-                    (deadline, idle_at, idle_after),
-                    &mut recheck,
-                )
+                let times = Times {
+                    deadline,
+                    idle_at,
+                    idle_after,
+                    expiry,
+                };
+                self.poll_wake(cx, outbox_first, timer.as_mut(), times, &mut registry_watch)
             })
             .await;
             if let Some(after) = idle_after {
@@ -470,7 +507,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 }
                 Wake::Read(Err(e)) => Step::Close(self.read_failed(e)),
                 Wake::Outbox(out) => self.take_outbox(out),
-                Wake::Recheck => self.recheck_credentials(),
+                Wake::Recheck => {
+                    registry_watch = Some(self.watch_registry());
+                    self.recheck_credentials()
+                }
                 Wake::KeepaliveExpired => {
                     info!(client_id = %self.principal.client_id, channel = %self.channel, "keepalive expired (1.5x the client's keepalive without a packet)");
                     Step::Close(CloseReason::KeepaliveTimeout)
@@ -501,7 +541,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             if let Some(reason) = ended {
                 return Served::Ended(reason);
             }
+            if registry_watch.is_some() {
+                // A token upload may have changed the first expiry; the timer must not sleep
+                // past it.
+                expiry = self.token_expiry();
+                if let Some(expiry) = expiry {
+                    match timer.as_mut().as_pin_mut() {
+                        Some(timer) if timer.deadline() <= expiry => {}
+                        Some(timer) => timer.reset(expiry),
+                        None => timer.set(Some(tokio::time::sleep_until(expiry))),
+                    }
+                }
+            }
         }
+    }
+
+    /// A registry change notification, enabled (so that a change from now on is not missed).
+    fn watch_registry(&self) -> Pin<Box<tokio::sync::futures::OwnedNotified>> {
+        let mut watch = Box::pin(self.context.auth.registry().changes().notified_owned());
+        watch.as_mut().enable();
+        watch
+    }
+
+    /// When the connection's first token expires, if it has tokens.
+    fn token_expiry(&self) -> Option<Instant> {
+        let at = self.principal.expires_at_ms()?;
+        let left = at.saturating_sub(herald_auth::now_ms());
+        Some(Instant::now() + Duration::from_millis(left))
     }
 
     /// Polls everything a connection waits for at once.
@@ -510,9 +576,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         cx: &mut Context<'_>,
         outbox_first: bool,
         mut timer: Pin<&mut Option<Sleep>>,
-        (deadline, idle_at, idle_after): (Option<Instant>, Option<Instant>, Option<Duration>),
-        recheck: &mut Option<Interval>,
+        times: Times,
+        registry_watch: &mut Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
     ) -> Poll<Wake> {
+        let Times {
+            deadline,
+            idle_at,
+            idle_after,
+            expiry,
+        } = times;
         if outbox_first && let Poll::Ready(out) = self.outbox_rx.poll_recv(cx) {
             return Poll::Ready(Wake::Outbox(out));
         }
@@ -522,8 +594,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         if !outbox_first && let Poll::Ready(out) = self.outbox_rx.poll_recv(cx) {
             return Poll::Ready(Wake::Outbox(out));
         }
-        if let Some(recheck) = recheck
-            && recheck.poll_tick(cx).is_ready()
+        if let Some(watch) = registry_watch
+            && watch.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Wake::Recheck);
         }
@@ -533,6 +605,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             let now = Instant::now();
             if deadline.is_some_and(|deadline| deadline <= now) {
                 return Poll::Ready(Wake::KeepaliveExpired);
+            }
+            if expiry.is_some_and(|expiry| expiry <= now) {
+                return Poll::Ready(Wake::Recheck);
             }
             let idle_at = match idle_at {
                 Some(at) if at <= now => {
@@ -546,7 +621,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 // Packets came since the timer was set: wait for the time they moved.
                 later => later,
             };
-            if let Some(next) = earliest(deadline, idle_at) {
+            if let Some(next) = earliest(earliest(deadline, idle_at), expiry) {
                 timer.as_mut().reset(next);
                 let _ = timer.poll(cx);
             }
@@ -565,10 +640,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         self.framed.close().await;
     }
 
-    fn recheck_credentials(&self) -> Step {
+    fn recheck_credentials(&mut self) -> Step {
         let registry = self.context.auth.registry();
+        // Read before the check: a change after this is one the check may not have seen.
+        let generation = registry.generation();
         match self.principal.still_valid(registry, herald_auth::now_ms()) {
-            Ok(()) => Step::Continue,
+            Ok(()) => {
+                self.checked_generation = generation;
+                Step::Continue
+            }
             Err(why) => {
                 info!(client_id = %self.principal.client_id, channel = %self.channel, why, "closing: credentials no longer valid");
                 Step::Close(CloseReason::AuthRevoked)

@@ -87,13 +87,14 @@ impl Context {
         let connections = Arc::new(Semaphore::new(settings.max_connections));
         let guard = Guard::new(settings.abuse.clone());
         let stats: Arc<ServerStats> = Arc::default();
+        let parker = park::Parker::new(stats.clone(), auth.registry().clone());
         Arc::new(Context {
             settings,
             auth,
             router,
             connections,
             guard,
-            parker: park::Parker::new(stats.clone()),
+            parker,
             stats,
         })
     }

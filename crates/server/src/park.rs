@@ -14,8 +14,10 @@
 //! stay in the socket and packets in the outbox until the resumed task reads them. The cost is
 //! two `epoll_ctl` calls to park and two to resume.
 //!
-//! Only plain TCP connections without a periodic credential check park (TLS and WebSocket
-//! streams keep their task; token and device-credential connections re-check every second).
+//! Only plain TCP connections park (TLS and WebSocket keep state inside their stream types).
+//! Token and device-credential connections park too: a change of the auth registry wakes every
+//! parked one that relies on it (one notification for the whole parker), and a token's expiry
+//! is a deadline like the keepalive.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -32,16 +34,21 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
+use herald_auth::AuthRegistry;
+use tokio::sync::futures::OwnedNotified;
+
 use crate::connection::{Channel, ParkedSocket};
 use crate::guard::ServerStats;
 
 /// Rounds of taking in, resuming and expiring one poll of the parker makes before it yields.
 const TURNS_PER_POLL: usize = 32;
 
-/// A connection handed over by its task: its state and its keepalive deadline.
+/// A connection handed over by its task: its state, its keepalive deadline, and when it must
+/// be woken at the latest (that deadline, or its first token's expiry).
 pub(crate) struct Parked {
     pub(crate) channel: Box<Channel<TcpStream>>,
     pub(crate) deadline: Option<Instant>,
+    pub(crate) wake_at: Option<Instant>,
 }
 
 /// Where idle connections wait without a task. Cheap to create: its task starts with the first
@@ -52,6 +59,8 @@ pub(crate) struct Parker {
 
 struct Shared {
     queue: Mutex<Queue>,
+    /// Tokens and device credentials: a change wakes the parked connections that rely on it.
+    registry: Arc<AuthRegistry>,
     /// `parked`: connections parked right now (the `herald_connections_parked` gauge).
     stats: Arc<ServerStats>,
 }
@@ -86,10 +95,11 @@ impl Shared {
 }
 
 impl Parker {
-    pub(crate) fn new(stats: Arc<ServerStats>) -> Parker {
+    pub(crate) fn new(stats: Arc<ServerStats>, registry: Arc<AuthRegistry>) -> Parker {
         Parker {
             shared: Arc::new(Shared {
                 queue: Mutex::new(Queue::default()),
+                registry,
                 stats,
             }),
         }
@@ -162,6 +172,7 @@ impl Wake for ConnectionWaker {
 struct Slot {
     channel: Box<Channel<ParkedSocket>>,
     deadline: Option<Instant>,
+    wake_at: Option<Instant>,
     generation: u64,
 }
 
@@ -180,6 +191,9 @@ struct Lot {
     /// The parked sockets' epoll set, itself watched by tokio.
     epoll: AsyncFd<mio::Poll>,
     events: Events,
+    /// Always enabled, so that no change of the auth registry is missed; re-armed when it
+    /// fires.
+    registry_watch: Pin<Box<OwnedNotified>>,
     slots: Slab<Slot>,
     /// Keepalive deadlines: (deadline, slab key, generation). Entries of connections that
     /// have resumed since stay until their time comes and are skipped then.
@@ -228,9 +242,11 @@ impl Lot {
         // descriptor stays the one registered for as long as the registration exists.
         #[allow(deprecated)]
         let epoll = AsyncFd::with_interest(mio::Poll::new()?, tokio::io::Interest::READABLE)?;
+        let registry_watch = watch(&shared.registry);
         Ok(Lot {
             shared,
             epoll,
+            registry_watch,
             events: Events::with_capacity(EVENTS),
             slots: Slab::new(),
             deadlines: BinaryHeap::new(),
@@ -259,7 +275,18 @@ impl Lot {
                     std::mem::take(&mut queue.woken),
                 )
             };
-            let ready = self.ready_sockets(cx);
+            let mut ready = self.ready_sockets(cx);
+            if self.registry_watch.as_mut().poll(cx).is_ready() {
+                // Tokens or credentials were revoked, refreshed or removed: every parked
+                // connection that relies on them checks again, in its own task.
+                self.registry_watch = watch(&self.shared.registry);
+                ready.extend(
+                    self.slots
+                        .iter()
+                        .filter(|(_, slot)| slot.channel.relies_on_registry())
+                        .map(|(key, slot)| (key, slot.generation)),
+                );
+            }
             let had_work = !arriving.is_empty() || !woken.is_empty() || !ready.is_empty();
             for (key, generation) in ready.into_iter().chain(woken) {
                 if self
@@ -366,8 +393,14 @@ impl Lot {
             generation,
             shared: Arc::downgrade(&self.shared),
         }));
-        let Parked { channel, deadline } = parked;
-        if channel.outbox_rx.register_waker(&waker) {
+        let Parked {
+            channel,
+            deadline,
+            wake_at,
+        } = parked;
+        // The outbox already has something, or the registry changed since the connection last
+        // checked its credentials (the watch above would not tell of that change): no parking.
+        if channel.outbox_rx.register_waker(&waker) || channel.registry_moved_on() {
             self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
             tokio::spawn(crate::connection::resume(channel, deadline));
             return;
@@ -397,10 +430,11 @@ impl Lot {
         entry.insert(Slot {
             channel,
             deadline,
+            wake_at,
             generation,
         });
-        if let Some(deadline) = deadline {
-            self.deadlines.push(Reverse((deadline, key, generation)));
+        if let Some(wake_at) = wake_at {
+            self.deadlines.push(Reverse((wake_at, key, generation)));
             // A connection that parks and resumes often leaves a deadline behind each time;
             // rebuild the heap before those outnumber the parked connections.
             if self.deadlines.len() > 2 * self.slots.len() + 64 {
@@ -408,8 +442,8 @@ impl Lot {
                     .slots
                     .iter()
                     .filter_map(|(key, slot)| {
-                        let deadline = slot.deadline?;
-                        Some(Reverse((deadline, key, slot.generation)))
+                        let wake_at = slot.wake_at?;
+                        Some(Reverse((wake_at, key, slot.generation)))
                     })
                     .collect();
             }
@@ -437,4 +471,11 @@ impl Lot {
             Err(lost) => tokio::spawn(lost.abandon()),
         };
     }
+}
+
+/// An enabled notification of the next change of the auth registry.
+fn watch(registry: &AuthRegistry) -> Pin<Box<OwnedNotified>> {
+    let mut watch = Box::pin(registry.changes().notified_owned());
+    watch.as_mut().enable();
+    watch
 }
