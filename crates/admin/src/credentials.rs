@@ -5,7 +5,7 @@
 //!
 //! A credential binds one client id. Refresh keeps the `deviceAccessKeyId` and issues a new
 //! secret; the old secret is refused from the moment the refresh answers, and live connections
-//! that authenticated with it (or with an unregistered credential) end within a second with
+//! that authenticated with it (or with an unregistered credential) end at once with
 //! `tcpclean` reason `auth_revoked`.
 
 use std::sync::Arc;

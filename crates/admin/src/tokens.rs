@@ -167,7 +167,7 @@ pub(crate) async fn query(
     }))
 }
 
-/// `DELETE /api/v1/tokens/{token}`: the connections that use it end within a second, with
+/// `DELETE /api/v1/tokens/{token}`: the connections that use it end at once, with
 /// `tcpclean` reason `auth_revoked`.
 pub(crate) async fn revoke(
     State(state): State<Arc<AdminState>>,

@@ -1,8 +1,8 @@
 //! [`AuthRegistry`]: the tokens and device credentials issued at run time (DESIGN.md 3.2, 3.3).
 //!
 //! The admin API writes it (after the store has made the change durable, see `herald-admin`);
-//! connection tasks read it at CONNECT and, for the connections that rely on it, again whenever
-//! it changes ([`AuthRegistry::changes`] wakes them; no connection polls it). The maps sit behind one std `RwLock` whose critical sections are a map
+//! connection tasks read it at CONNECT and, for the connections that rely on it, again
+//! whenever it changes ([`AuthRegistry::changes`] wakes them; no connection polls it). The maps sit behind one std `RwLock` whose critical sections are a map
 //! lookup or insert: never held across an `.await`, never taken with another lock. Every change
 //! that can take a right away (revoke, refresh, unregister) bumps [`AuthRegistry::generation`],
 //! for readers that want to skip re-checks when nothing changed.
@@ -168,10 +168,16 @@ impl AuthRegistry {
         self.write().tokens.insert(token, Arc::new(grant));
     }
 
-    /// Forgets a token; the connections that rely on it end at their next check.
+    /// Forgets a token; the connections that rely on it end at once. Forgetting one that has
+    /// expired wakes nobody: its connections ended at its expiry.
     pub fn remove_token(&self, token: &str) -> Option<Arc<TokenGrant>> {
         let removed = self.write().tokens.remove(token);
-        self.revoked();
+        if removed
+            .as_ref()
+            .is_some_and(|grant| grant.valid_at(crate::now_ms()))
+        {
+            self.revoked();
+        }
         removed
     }
 
@@ -223,7 +229,9 @@ impl AuthRegistry {
             state.key_owners.remove(&old.key_id);
         }
         drop(state);
-        self.revoked();
+        if removed.is_some() {
+            self.revoked();
+        }
         removed
     }
 }

@@ -1,6 +1,6 @@
 //! One connection's task: the socket, its buffers, and one poll (`poll_wake`) over socket
 //! reads, the outbox from the router, the keepalive deadline and, for token and
-//! device-credential connections, the credential re-check. Every end goes through one exit:
+//! device-credential connections, changes of the auth registry and the tokens' expiry. Every end goes through one exit:
 //! `Input::Closed` with the reason. A plain TCP connection idle for `limits.park_idle_ms`
 //! leaves the loop instead and hands its boxed state to the parker (`crate::park`), which
 //! resumes it in a new task (`resume`) on its next wake-up.
@@ -28,6 +28,9 @@ use tracing::{debug, info, warn};
 use crate::guard::{Bucket, ServerStats};
 use crate::park::Parked;
 use crate::{DeniedPublish, handshake};
+
+/// The longest a token connection goes without comparing its tokens' expiry with the clock.
+const TOKEN_CHECK_MAX: Duration = Duration::from_secs(60);
 
 /// Packets written per wake-up at most, so one busy channel cannot starve its reads.
 const WRITE_BATCH: usize = 64;
@@ -447,8 +450,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// The connection's loop; returns why it ended.
     ///
     /// An idle connection waits here, so what this future holds is what an idle connection
-    /// costs: one keepalive timer (re-armed only when it fires, not on every packet), the
-    /// credential re-check timer only for connections that need it, and no buffers. Packets
+    /// costs: one timer (keepalive, parking, token expiry; re-armed only when it fires, not on
+    /// every packet), a registry watch only for connections that need it, and no buffers. Packets
     /// and outbox wake-ups are handled synchronously; what is left to wait for (a socket
     /// write, rarely a full router queue or a throttle) is a small [`Step`].
     ///
@@ -491,7 +494,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 self.poll_wake(cx, outbox_first, timer.as_mut(), times, &mut registry_watch)
             })
             .await;
-            if let Some(after) = idle_after {
+            // A registry change is not the connection's own activity.
+            if let Some(after) = idle_after
+                && !matches!(wake, Wake::Recheck)
+            {
                 idle_at = Some(Instant::now() + after);
             }
             let step = match wake {
@@ -563,11 +569,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         watch
     }
 
-    /// When the connection's first token expires, if it has tokens.
+    /// When to check the connection's tokens next, if it has tokens: at the first one's
+    /// expiry, and at least every `TOKEN_CHECK_MAX`, because expiry times are wall-clock
+    /// times and the timer is monotonic (a clock step or a suspended host would otherwise
+    /// let an expired token run on).
     fn token_expiry(&self) -> Option<Instant> {
         let at = self.principal.expires_at_ms()?;
-        let left = at.saturating_sub(herald_auth::now_ms());
-        Some(Instant::now() + Duration::from_millis(left))
+        let left = Duration::from_millis(at.saturating_sub(herald_auth::now_ms()));
+        Some(Instant::now() + left.min(TOKEN_CHECK_MAX))
     }
 
     /// Polls everything a connection waits for at once.

@@ -173,7 +173,10 @@ struct Slot {
     channel: Box<Channel<ParkedSocket>>,
     deadline: Option<Instant>,
     wake_at: Option<Instant>,
-    generation: u64,
+    /// The low 32 bits of the lot's counter when the slot was taken.
+    generation: u32,
+    /// A token or device-credential connection: a registry change wakes it.
+    relies_on_registry: bool,
 }
 
 /// The epoll token of a slot: its key in the low 32 bits, its generation's in the high ones,
@@ -283,8 +286,8 @@ impl Lot {
                 ready.extend(
                     self.slots
                         .iter()
-                        .filter(|(_, slot)| slot.channel.relies_on_registry())
-                        .map(|(key, slot)| (key, slot.generation)),
+                        .filter(|(_, slot)| slot.relies_on_registry)
+                        .map(|(key, slot)| (key, u64::from(slot.generation))),
                 );
             }
             let had_work = !arriving.is_empty() || !woken.is_empty() || !ready.is_empty();
@@ -292,7 +295,7 @@ impl Lot {
                 if self
                     .slots
                     .get(key)
-                    .is_some_and(|slot| slot.generation == generation)
+                    .is_some_and(|slot| u64::from(slot.generation) == generation)
                 {
                     self.resume(key);
                 }
@@ -309,7 +312,7 @@ impl Lot {
                 if self
                     .slots
                     .get(key)
-                    .is_some_and(|slot| slot.generation == generation)
+                    .is_some_and(|slot| u64::from(slot.generation) == generation)
                 {
                     // The resumed task finds its deadline passed and closes with
                     // `keepalive_timeout`, through the same exit as any connection.
@@ -385,7 +388,7 @@ impl Lot {
     /// in the set at once.
     fn take_in(&mut self, parked: Parked) {
         self.generation += 1;
-        let generation = self.generation & 0xFFFF_FFFF;
+        let generation = u64::from(self.generation as u32);
         let entry = self.slots.vacant_entry();
         let key = entry.key();
         let waker = Waker::from(Arc::new(ConnectionWaker {
@@ -427,11 +430,13 @@ impl Lot {
             };
             return;
         }
+        let relies_on_registry = channel.relies_on_registry();
         entry.insert(Slot {
             channel,
             deadline,
             wake_at,
-            generation,
+            generation: generation as u32,
+            relies_on_registry,
         });
         if let Some(wake_at) = wake_at {
             self.deadlines.push(Reverse((wake_at, key, generation)));
@@ -443,7 +448,7 @@ impl Lot {
                     .iter()
                     .filter_map(|(key, slot)| {
                         let wake_at = slot.wake_at?;
-                        Some(Reverse((wake_at, key, slot.generation)))
+                        Some(Reverse((wake_at, key, u64::from(slot.generation))))
                     })
                     .collect();
             }
