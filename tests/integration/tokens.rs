@@ -66,6 +66,18 @@ async fn last_reason(admin: SocketAddr, client: &str, count: usize) -> Value {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// Revokes a token through the admin API; the reply.
+async fn revoke(admin: SocketAddr, token: &str) -> crate::admin::Reply {
+    http(
+        admin,
+        "DELETE",
+        &format!("/api/v1/tokens/{token}"),
+        Some(OPS),
+        None,
+    )
+    .await
+}
+
 #[tokio::test]
 async fn tokens_scope_publish_and_subscribe() {
     let broker = broker().await;
@@ -204,14 +216,7 @@ async fn revocation_closes_the_connections_that_use_the_token() {
         .await
         .expect("connects");
 
-    let reply = http(
-        admin,
-        "DELETE",
-        &format!("/api/v1/tokens/{token}"),
-        Some(OPS),
-        None,
-    )
-    .await;
+    let reply = revoke(admin, &token).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json(), json!({"revoked": true}));
     device.closed().await;
@@ -294,14 +299,7 @@ async fn tokens_survive_a_restart() {
     let admin = admin_addr(&broker);
     let kept = apply(admin, &["demo/#"], "R,W", HOUR).await;
     let revoked = apply(admin, &["demo/#"], "R,W", HOUR).await;
-    let reply = http(
-        admin,
-        "DELETE",
-        &format!("/api/v1/tokens/{revoked}"),
-        Some(OPS),
-        None,
-    )
-    .await;
+    let reply = revoke(admin, &revoked).await;
     assert_eq!(reply.status, 200);
 
     let broker = broker.restart().await;
@@ -358,14 +356,7 @@ async fn parked_token_connections_end_at_revocation_and_at_expiry() {
     // Both idle: parked (the default `park_idle_ms` is 100), with no timer of their own.
     parked(admin, 2).await;
     let started = std::time::Instant::now();
-    let reply = http(
-        admin,
-        "DELETE",
-        &format!("/api/v1/tokens/{revoked}"),
-        Some(OPS),
-        None,
-    )
-    .await;
+    let reply = revoke(admin, &revoked).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     first.closed().await;
     assert!(
