@@ -20,7 +20,7 @@ fn config(park_idle_ms: u64) -> String {
 }
 
 /// Waits (at most 5 s) until `herald_connections_parked` is `want`.
-async fn parked(broker: &TestBroker, want: u64) {
+pub(crate) async fn parked(broker: &TestBroker, want: u64) {
     let mut seen = 0;
     for _ in 0..100 {
         seen = metric(broker, "herald_connections_parked").await;

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::QUIET;
 use crate::admin::{ADMIN_KEY, OPS, admin_addr, get, history, http};
+use crate::parking::parked;
 
 const DEV: &str = "GID_demo@@@tok-1";
 const TOKEN_USER: &str = "Token|demo|herald-demo";
@@ -322,24 +323,6 @@ async fn tokens_survive_a_restart() {
     );
 }
 
-/// Waits (at most 5 s) until `herald_connections_parked` is `want`.
-async fn parked(admin: SocketAddr, want: u64) {
-    let mut seen = String::new();
-    for _ in 0..100 {
-        let text = get(admin, "/metrics").await.text();
-        seen = text
-            .lines()
-            .find(|l| l.starts_with("herald_connections_parked "))
-            .unwrap_or_default()
-            .to_owned();
-        if seen == format!("herald_connections_parked {want}") {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{seen:?}, expected {want} parked");
-}
-
 #[tokio::test]
 async fn parked_token_connections_end_at_revocation_and_at_expiry() {
     let broker = broker().await;
@@ -354,7 +337,7 @@ async fn parked_token_connections_end_at_revocation_and_at_expiry() {
         .await
         .expect("connects");
     // Both idle: parked (the default `park_idle_ms` is 100), with no timer of their own.
-    parked(admin, 2).await;
+    parked(&broker, 2).await;
     let started = std::time::Instant::now();
     let reply = revoke(admin, &revoked).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -366,8 +349,8 @@ async fn parked_token_connections_end_at_revocation_and_at_expiry() {
     );
     assert_eq!(last_reason(admin, DEV, 2).await, "auth_revoked");
     // The other one is still parked, and ends when its token expires.
-    parked(admin, 1).await;
+    parked(&broker, 1).await;
     expiring.closed().await;
     assert_eq!(last_reason(admin, expiring_id, 2).await, "auth_revoked");
-    parked(admin, 0).await;
+    parked(&broker, 0).await;
 }

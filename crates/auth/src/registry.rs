@@ -2,14 +2,15 @@
 //!
 //! The admin API writes it (after the store has made the change durable, see `herald-admin`);
 //! connection tasks read it at CONNECT and, for the connections that rely on it, again
-//! whenever it changes ([`AuthRegistry::changes`] wakes them; no connection polls it). The maps sit behind one std `RwLock` whose critical sections are a map
-//! lookup or insert: never held across an `.await`, never taken with another lock. Every change
+//! whenever it changes ([`AuthRegistry::watch`] wakes them; no connection polls it). The maps
+//! sit behind one std `RwLock` whose critical sections are a map lookup or insert: never held across an `.await`, never taken with another lock. Every change
 //! that can take a right away (revoke, refresh, unregister) bumps [`AuthRegistry::generation`],
 //! for readers that want to skip re-checks when nothing changed.
 //!
 //! The registry does not persist anything and knows no store types.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -149,10 +150,18 @@ impl AuthRegistry {
     }
 
     /// Wakes everyone waiting on it at each change that can take a right away. Waiters
-    /// enable their `notified` future before they read [`AuthRegistry::generation`], so that
-    /// no change falls between the two.
-    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+    /// enable their `notified` future ([`AuthRegistry::watch`]) before they read
+    /// [`AuthRegistry::generation`], so that no change falls between the two.
+    fn changes(&self) -> Arc<tokio::sync::Notify> {
         self.changes.clone()
+    }
+
+    /// A notification of the next change, already enabled: a change from now on wakes it,
+    /// however late it is first polled.
+    pub fn watch(&self) -> Pin<Box<tokio::sync::futures::OwnedNotified>> {
+        let mut watch = Box::pin(self.changes().notified_owned());
+        watch.as_mut().enable();
+        watch
     }
 
     fn revoked(&self) {

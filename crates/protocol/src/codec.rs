@@ -79,8 +79,9 @@ impl Decoder for Codec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
         match frame(src, self.max_packet_size) {
             Frame::Incomplete { missing } => {
-                // Room for the whole packet at once, not a read of 64 bytes at a time.
-                src.reserve(missing);
+                // Room for the packet at once, not a read of 64 bytes at a time; at most 8 KiB
+                // ahead, so that a header announcing a large packet pins no memory by itself.
+                src.reserve(missing.min(8 * 1024));
                 return Ok(None);
             }
             Frame::Whole(len) => check_subscribe_options(&src[..len])?,

@@ -608,9 +608,14 @@ impl Router {
     ) {
         // Counted here, for every caller of `pump` (a new message, an acknowledgement that
         // freed the window, a reconnect), under each message's own QoS.
-        for (qos, sent) in outcome.sent_by_qos.into_iter().enumerate() {
-            RouterStats::add(&self.stats.messages_sent, sent);
-            RouterStats::add(&self.stats.sent_by_qos[qos], sent);
+        let total: u64 = outcome.sent_by_qos.iter().sum();
+        if total > 0 {
+            RouterStats::add(&self.stats.messages_sent, total);
+            for (qos, sent) in outcome.sent_by_qos.into_iter().enumerate() {
+                if sent > 0 {
+                    RouterStats::add(&self.stats.sent_by_qos[qos], sent);
+                }
+            }
         }
         if outcome.expired > 0 {
             RouterStats::add(&self.stats.queue_expired, outcome.expired);

@@ -161,8 +161,6 @@ impl Session {
         }
     }
 
-    /// Queues a QoS 1/2 message, dropping the oldest queued one when the queue is full (its
-    /// `Dequeue` goes into `ops`). Returns whether a message was dropped.
     /// Queues `queued` within `limits.max_queued_messages`. A full session drops its oldest
     /// waiting message (staging its removal from the store in `ops`); if every message it
     /// holds is in flight, `queued` is the one not kept. The caller stores `queued` only when

@@ -467,15 +467,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         // takes their right away (revocation, refresh, unregistration: it wakes them) or a
         // token expires (a deadline). Checked now too: the registry may have changed while
         // the connection was parked.
+        let registry = self.context.auth.registry().clone();
         let mut registry_watch = self
             .principal
             .relies_on_registry()
-            .then(|| self.watch_registry());
-        if registry_watch.is_some()
+            .then(|| registry.watch());
+        if self.registry_moved_on()
             && let Step::Close(reason) = self.recheck_credentials()
         {
             return Served::Ended(reason);
         }
+        let mut expires_ms = self.principal.expires_at_ms();
         let mut expiry = self.token_expiry();
         // One timer for all three: re-armed only when it fires, at whichever is next.
         let mut timer =
@@ -494,11 +496,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 self.poll_wake(cx, outbox_first, timer.as_mut(), times, &mut registry_watch)
             })
             .await;
+            let now = Instant::now();
+            let rechecked = matches!(wake, Wake::Recheck);
             // A registry change is not the connection's own activity.
             if let Some(after) = idle_after
-                && !matches!(wake, Wake::Recheck)
+                && !rechecked
             {
-                idle_at = Some(Instant::now() + after);
+                idle_at = Some(now + after);
             }
             let step = match wake {
                 Wake::Idle => {
@@ -507,14 +511,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 }
                 Wake::Read(Ok(packet)) => {
                     if let Some(keep_alive) = self.keep_alive {
-                        deadline = Some(Instant::now() + keep_alive);
+                        deadline = Some(now + keep_alive);
                     }
                     self.dispatch(packet)
                 }
                 Wake::Read(Err(e)) => Step::Close(self.read_failed(e)),
                 Wake::Outbox(out) => self.take_outbox(out),
                 Wake::Recheck => {
-                    registry_watch = Some(self.watch_registry());
+                    registry_watch = Some(registry.watch());
                     self.recheck_credentials()
                 }
                 Wake::KeepaliveExpired => {
@@ -547,9 +551,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             if let Some(reason) = ended {
                 return Served::Ended(reason);
             }
-            if registry_watch.is_some() {
-                // A token upload may have changed the first expiry; the timer must not sleep
-                // past it.
+            // After a check, the next one is due; a token upload may have changed the first
+            // expiry, and the timer must not sleep past it.
+            if rechecked || self.principal.expires_at_ms() != expires_ms {
+                expires_ms = self.principal.expires_at_ms();
                 expiry = self.token_expiry();
                 if let Some(expiry) = expiry {
                     match timer.as_mut().as_pin_mut() {
@@ -560,13 +565,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 }
             }
         }
-    }
-
-    /// A registry change notification, enabled (so that a change from now on is not missed).
-    fn watch_registry(&self) -> Pin<Box<tokio::sync::futures::OwnedNotified>> {
-        let mut watch = Box::pin(self.context.auth.registry().changes().notified_owned());
-        watch.as_mut().enable();
-        watch
     }
 
     /// When to check the connection's tokens next, if it has tokens: at the first one's

@@ -108,14 +108,8 @@ impl Parker {
     /// Takes over an idle connection. Must be called on the runtime (it may start the
     /// parker's task).
     pub(crate) fn park(&self, parked: Parked) {
+        // (`stopped` is set only when the parker is dropped, so never while this runs.)
         let mut queue = self.shared.lock();
-        if queue.stopped {
-            // Not reachable while the channel holds the context that owns this parker; if it
-            // were, the connection keeps its task rather than being dropped unannounced.
-            drop(queue);
-            tokio::spawn(crate::connection::resume(parked.channel, parked.deadline));
-            return;
-        }
         if !queue.started {
             let lot = match Lot::new(self.shared.clone()) {
                 Ok(lot) => lot,
@@ -131,7 +125,6 @@ impl Parker {
             // Outside tokio's cooperative budget, which is for tasks that serve one client.
             tokio::spawn(tokio::task::unconstrained(lot.run()));
         }
-        self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
         queue.arriving.push(parked);
         Shared::wake_task(queue);
     }
@@ -139,11 +132,10 @@ impl Parker {
 
 impl Drop for Parker {
     fn drop(&mut self) {
+        // Nothing is arriving: each parked connection holds the context that owns the parker.
         let mut queue = self.shared.lock();
         queue.stopped = true;
-        let arriving = std::mem::take(&mut queue.arriving);
         Shared::wake_task(queue);
-        drop(arriving);
     }
 }
 
@@ -202,7 +194,8 @@ struct Lot {
     /// have resumed since stay until their time comes and are skipped then.
     deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     timer: Option<Pin<Box<Sleep>>>,
-    generation: u64,
+    /// Counts slots taken; its value tells a reused slot from the one before.
+    generation: u32,
 }
 
 /// However the parker's task ends (the parker dropped, the runtime shutting down, a panic),
@@ -220,7 +213,7 @@ impl Drop for Lot {
         self.shared
             .stats
             .parked
-            .fetch_sub((slots.len() + arriving.len()) as u64, Ordering::Relaxed);
+            .fetch_sub(slots.len() as u64, Ordering::Relaxed);
         // Without a runtime (it is shutting down) the connections are simply dropped, as
         // their tasks would be.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -245,7 +238,7 @@ impl Lot {
         // descriptor stays the one registered for as long as the registration exists.
         #[allow(deprecated)]
         let epoll = AsyncFd::with_interest(mio::Poll::new()?, tokio::io::Interest::READABLE)?;
-        let registry_watch = watch(&shared.registry);
+        let registry_watch = shared.registry.watch();
         Ok(Lot {
             shared,
             epoll,
@@ -282,7 +275,7 @@ impl Lot {
             if self.registry_watch.as_mut().poll(cx).is_ready() {
                 // Tokens or credentials were revoked, refreshed or removed: every parked
                 // connection that relies on them checks again, in its own task.
-                self.registry_watch = watch(&self.shared.registry);
+                self.registry_watch = self.shared.registry.watch();
                 ready.extend(
                     self.slots
                         .iter()
@@ -375,9 +368,11 @@ impl Lot {
                 // All taken: wait for the next ones (tokio keeps an event that comes after
                 // this read, so none is missed).
                 guard.clear_ready();
-                if taken == 0 || ready.len() >= 4 * EVENTS {
-                    return ready;
-                }
+                return ready;
+            }
+            if ready.len() >= 4 * EVENTS {
+                // More are waiting: the next turn takes them.
+                return ready;
             }
         }
     }
@@ -387,8 +382,8 @@ impl Lot {
     /// that came while it was handed over); bytes that came meanwhile make the socket readable
     /// in the set at once.
     fn take_in(&mut self, parked: Parked) {
-        self.generation += 1;
-        let generation = u64::from(self.generation as u32);
+        self.generation = self.generation.wrapping_add(1);
+        let generation = u64::from(self.generation);
         let entry = self.slots.vacant_entry();
         let key = entry.key();
         let waker = Waker::from(Arc::new(ConnectionWaker {
@@ -404,14 +399,12 @@ impl Lot {
         // The outbox already has something, or the registry changed since the connection last
         // checked its credentials (the watch above would not tell of that change): no parking.
         if channel.outbox_rx.register_waker(&waker) || channel.registry_moved_on() {
-            self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
             tokio::spawn(crate::connection::resume(channel, deadline));
             return;
         }
         let mut channel = match channel.unregister() {
             Ok(channel) => channel,
             Err(lost) => {
-                self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
                 tokio::spawn(lost.abandon());
                 return;
             }
@@ -423,11 +416,7 @@ impl Lot {
             Interest::READABLE,
         ) {
             debug!(error = %e, "cannot watch a parked socket; it keeps its task");
-            self.shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
-            match channel.register() {
-                Ok(channel) => tokio::spawn(crate::connection::resume(channel, deadline)),
-                Err(lost) => tokio::spawn(lost.abandon()),
-            };
+            respawn(channel, deadline);
             return;
         }
         let relies_on_registry = channel.relies_on_registry();
@@ -435,9 +424,10 @@ impl Lot {
             channel,
             deadline,
             wake_at,
-            generation: generation as u32,
+            generation: self.generation,
             relies_on_registry,
         });
+        self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
         if let Some(wake_at) = wake_at {
             self.deadlines.push(Reverse((wake_at, key, generation)));
             // A connection that parks and resumes often leaves a deadline behind each time;
@@ -471,16 +461,15 @@ impl Lot {
             .get_ref()
             .registry()
             .deregister(slot.channel.socket_mut());
-        match slot.channel.register() {
-            Ok(channel) => tokio::spawn(crate::connection::resume(channel, slot.deadline)),
-            Err(lost) => tokio::spawn(lost.abandon()),
-        };
+        respawn(slot.channel, slot.deadline);
     }
 }
 
-/// An enabled notification of the next change of the auth registry.
-fn watch(registry: &AuthRegistry) -> Pin<Box<OwnedNotified>> {
-    let mut watch = Box::pin(registry.changes().notified_owned());
-    watch.as_mut().enable();
-    watch
+/// Moves a socket back to tokio and gives its connection a task again (or, if the socket was
+/// lost on the way, tells the router it closed). Must run on the runtime.
+fn respawn(channel: Box<Channel<ParkedSocket>>, deadline: Option<Instant>) {
+    match channel.register() {
+        Ok(channel) => tokio::spawn(crate::connection::resume(channel, deadline)),
+        Err(lost) => tokio::spawn(lost.abandon()),
+    };
 }
