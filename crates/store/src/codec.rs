@@ -193,6 +193,14 @@ pub(crate) fn decode_batch(bytes: &[u8]) -> Result<Vec<Op>, DecodeError> {
     Ok(ops)
 }
 
+/// A tag, a string key and a fixed-size number: the shape most ops share.
+fn put_keyed(out: &mut Vec<u8>, tag: u8, key: &str, number: &[u8]) -> Result<(), TooLarge> {
+    out.push(tag);
+    put_str(out, key)?;
+    out.extend_from_slice(number);
+    Ok(())
+}
+
 fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
     match op {
         Op::PutSession { client_id, record } => {
@@ -207,42 +215,34 @@ fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
         Op::PutIncomingQos2 {
             client_id,
             packet_id,
-        } => {
-            out.push(TAG_PUT_INCOMING_QOS2);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&packet_id.to_be_bytes());
-            Ok(())
-        }
+        } => put_keyed(
+            out,
+            TAG_PUT_INCOMING_QOS2,
+            client_id,
+            &packet_id.to_be_bytes(),
+        ),
         Op::DeleteIncomingQos2 {
             client_id,
             packet_id,
-        } => {
-            out.push(TAG_DELETE_INCOMING_QOS2);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&packet_id.to_be_bytes());
-            Ok(())
-        }
+        } => put_keyed(
+            out,
+            TAG_DELETE_INCOMING_QOS2,
+            client_id,
+            &packet_id.to_be_bytes(),
+        ),
         Op::Enqueue {
             client_id,
             seq,
             message,
         } => {
-            out.push(TAG_ENQUEUE);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&seq.to_be_bytes());
+            put_keyed(out, TAG_ENQUEUE, client_id, &seq.to_be_bytes())?;
             put_message(out, message)
         }
         Op::Dequeue { client_id, seq } => {
-            out.push(TAG_DEQUEUE);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&seq.to_be_bytes());
-            Ok(())
+            put_keyed(out, TAG_DEQUEUE, client_id, &seq.to_be_bytes())
         }
         Op::PutReleased { client_id, seq } => {
-            out.push(TAG_PUT_RELEASED);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&seq.to_be_bytes());
-            Ok(())
+            put_keyed(out, TAG_PUT_RELEASED, client_id, &seq.to_be_bytes())
         }
         Op::PutRetained { message } => {
             out.push(TAG_PUT_RETAINED);
@@ -253,10 +253,7 @@ fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
             put_str(out, topic)
         }
         Op::PutClientSeq { client_id, seq } => {
-            out.push(TAG_PUT_CLIENT_SEQ);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&seq.to_be_bytes());
-            Ok(())
+            put_keyed(out, TAG_PUT_CLIENT_SEQ, client_id, &seq.to_be_bytes())
         }
         Op::PutChannel { channel_id, record } => {
             out.push(TAG_PUT_CHANNEL);
@@ -269,38 +266,24 @@ fn put_op(out: &mut Vec<u8>, op: &Op) -> Result<(), TooLarge> {
             Ok(())
         }
         Op::PutOutbox { sink, id, payload } => {
-            out.push(TAG_PUT_OUTBOX);
-            put_str(out, sink)?;
-            out.extend_from_slice(&id.to_be_bytes());
+            put_keyed(out, TAG_PUT_OUTBOX, sink, &id.to_be_bytes())?;
             put_bytes(out, payload)
         }
-        Op::DeleteOutbox { sink, id } => {
-            out.push(TAG_DELETE_OUTBOX);
-            put_str(out, sink)?;
-            out.extend_from_slice(&id.to_be_bytes());
-            Ok(())
-        }
+        Op::DeleteOutbox { sink, id } => put_keyed(out, TAG_DELETE_OUTBOX, sink, &id.to_be_bytes()),
         Op::PutHistory {
             client_id,
             seq,
             time_ms,
             payload,
         } => {
-            out.push(TAG_PUT_HISTORY);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&seq.to_be_bytes());
+            put_keyed(out, TAG_PUT_HISTORY, client_id, &seq.to_be_bytes())?;
             out.extend_from_slice(&time_ms.to_be_bytes());
             put_bytes(out, payload)
         }
         Op::PruneHistory {
             client_id,
             below_seq,
-        } => {
-            out.push(TAG_PRUNE_HISTORY);
-            put_str(out, client_id)?;
-            out.extend_from_slice(&below_seq.to_be_bytes());
-            Ok(())
-        }
+        } => put_keyed(out, TAG_PRUNE_HISTORY, client_id, &below_seq.to_be_bytes()),
         Op::PutToken { token, record } => {
             out.push(TAG_PUT_TOKEN);
             put_str(out, token)?;
