@@ -401,7 +401,7 @@ impl Router {
     /// broker died gets its `tcpclean` with reason `broker_restart`.
     pub(crate) fn close_channels_left_open(&mut self, channels: Vec<(u128, ChannelRecord)>) {
         for (id, record) in channels {
-            let client = ClientId::parse_any(&record.client_id, usize::MAX);
+            let client = self.known_client_id(&record.client_id);
             match (
                 serde_json::from_slice::<PresenceEvent>(&record.info),
                 client,

@@ -235,7 +235,10 @@ impl Router {
     }
 
     /// `id` as the router already holds it (one shared allocation per client id), else parsed.
-    fn known_client_id(&self, id: &str) -> Result<ClientId, herald_protocol::ClientIdError> {
+    pub(crate) fn known_client_id(
+        &self,
+        id: &str,
+    ) -> Result<ClientId, herald_protocol::ClientIdError> {
         match self.client_seqs.get_key_value(id) {
             Some((client, _)) => Ok(client.clone()),
             None => ClientId::parse_any(id, usize::MAX),
