@@ -347,9 +347,7 @@ pub(crate) type ParkedSocket = mio::net::TcpStream;
 impl Channel<TcpStream> {
     /// Takes the socket out of tokio's reactor, which frees its registration, for the parker.
     /// On failure the socket is gone and only the rest of the channel is left, to be ended.
-    pub(crate) fn unregister(
-        self: Box<Self>,
-    ) -> Result<Box<Channel<ParkedSocket>>, Box<Channel<()>>> {
+    pub(crate) fn unregister(self: Box<Self>) -> Result<Box<Channel<ParkedSocket>>, Lost> {
         (*self).map_stream(|stream| stream.into_std().map(ParkedSocket::from_std))
     }
 }
@@ -374,15 +372,23 @@ impl Channel<ParkedSocket> {
 
     /// Puts the socket back into tokio's reactor, to be served by a task again. Must run on
     /// the runtime.
-    pub(crate) fn register(self: Box<Self>) -> Result<Box<Channel<TcpStream>>, Box<Channel<()>>> {
+    pub(crate) fn register(self: Box<Self>) -> Result<Box<Channel<TcpStream>>, Lost> {
         (*self).map_stream(|stream| TcpStream::from_std(std::net::TcpStream::from(stream)))
     }
 }
 
-impl Channel<()> {
-    /// Ends a channel whose socket was lost while it moved between tokio and the parker: the
-    /// router hears of it like of any other end.
-    pub(crate) async fn abandon(self: Box<Self>) {
+/// What is left of a channel whose socket was lost while it moved between tokio and the
+/// parker: enough to tell the router, which hears of it like of any other end.
+pub(crate) struct Lost {
+    channel: ChannelId,
+    context: Arc<crate::Context>,
+    /// Kept until the router has heard: a closed outbox would read to it as a slow reader.
+    _outbox_rx: OutboxReceiver,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lost {
+    pub(crate) async fn abandon(self) {
         let (channel, reason) = (self.channel, CloseReason::SocketClosed);
         self.context
             .router
@@ -396,7 +402,7 @@ impl<S> Channel<S> {
     fn map_stream<T>(
         self,
         f: impl FnOnce(S) -> std::io::Result<T>,
-    ) -> Result<Box<Channel<T>>, Box<Channel<()>>> {
+    ) -> Result<Box<Channel<T>>, Lost> {
         let Channel {
             framed,
             channel,
@@ -415,34 +421,35 @@ impl<S> Channel<S> {
             write_buf,
             codec,
         } = framed;
-        macro_rules! rebuilt {
-            ($stream:expr) => {
-                Box::new(Channel {
-                    framed: Framed {
-                        stream: $stream,
-                        read_buf,
-                        write_buf,
-                        codec,
-                    },
-                    channel,
-                    principal,
-                    context,
-                    outbox_rx,
-                    keep_alive,
-                    throttles,
-                    parkable,
-                    checked_generation,
-                    _permit,
-                })
-            };
-        }
-        match f(stream) {
-            Ok(stream) => Ok(rebuilt!(stream)),
+        let stream = match f(stream) {
+            Ok(stream) => stream,
             Err(e) => {
                 warn!(client_id = %principal.client_id, %channel, error = %e, "closing: the socket could not move between the runtime and the parker");
-                Err(rebuilt!(()))
+                return Err(Lost {
+                    channel,
+                    context,
+                    _outbox_rx: outbox_rx,
+                    _permit,
+                });
             }
-        }
+        };
+        Ok(Box::new(Channel {
+            framed: Framed {
+                stream,
+                read_buf,
+                write_buf,
+                codec,
+            },
+            channel,
+            principal,
+            context,
+            outbox_rx,
+            keep_alive,
+            throttles,
+            parkable,
+            checked_generation,
+            _permit,
+        }))
     }
 }
 
