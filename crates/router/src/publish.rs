@@ -21,17 +21,18 @@ impl Router {
         let packet_id = publish.packet_id;
         if publish.qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else { return };
-            if session.incoming_qos2.contains(&id) {
+            if session.flow().is_some_and(|f| f.incoming_qos2.contains(&id)) {
                 // A retransmission of a message already routed: acknowledge, do not route again.
                 self.reply(channel, Deferred::Send(Packet::PubRec(id)), false);
                 return;
             }
-            if session.incoming_qos2.len() >= max_incoming {
+            let flow = session.flow_mut();
+            if flow.incoming_qos2.len() >= max_incoming {
                 warn!(%channel, limit = "limits.max_inflight", "too many QoS 2 messages awaiting PUBREL; closing");
                 self.end_channel(channel, CloseReason::ProtocolError);
                 return;
             }
-            session.incoming_qos2.insert(id);
+            flow.incoming_qos2.insert(id);
             if session.persistent {
                 // In the batch the PUBREC waits for: after a crash, a retransmission of this
                 // PUBLISH is recognised and not routed again.
@@ -68,7 +69,10 @@ impl Router {
         let Some(session) = self.session_of(channel) else {
             return;
         };
-        let durable = session.incoming_qos2.remove(&packet_id) && session.persistent;
+        let removed = session
+            .existing_flow_mut()
+            .is_some_and(|f| f.incoming_qos2.remove(&packet_id));
+        let durable = removed && session.persistent;
         if durable {
             // The PUBCOMP waits for the id to be forgotten on disk too: once the client has it,
             // it may reuse the id for a new message, which must not be taken for a
@@ -96,9 +100,12 @@ impl Router {
         };
         let mut released = None;
         if let Some(inflight) = session
-            .inflight
-            .iter_mut()
-            .find(|i| i.packet_id == packet_id && i.state == InflightState::Received)
+            .existing_flow_mut()
+            .and_then(|f| {
+                f.inflight
+                    .iter_mut()
+                    .find(|i| i.packet_id == packet_id && i.state == InflightState::Received)
+            })
         {
             inflight.state = InflightState::Complete;
             released = inflight.queued.seq;

@@ -276,7 +276,7 @@ impl Router {
             let released_seqs = released.remove(&id).unwrap_or_default();
             for (seq, stored) in queues.remove(&id).unwrap_or_default() {
                 // Whether it was sent before the restart is unknown: mark it as a redelivery.
-                session.queue.push_back(Queued {
+                session.flow_mut().queue.push_back(Queued {
                     seq: Some(seq),
                     message: from_stored(stored),
                     dup: true,
@@ -286,9 +286,12 @@ impl Router {
             // QoS 2 messages this client published that were routed but not yet released: a
             // retransmission is acknowledged, not routed a second time.
             let awaiting_pubrel = incoming_qos2.remove(&id).unwrap_or_default();
-            session
-                .incoming_qos2
-                .extend(awaiting_pubrel.into_iter().filter_map(PacketId::new));
+            if !awaiting_pubrel.is_empty() {
+                session
+                    .flow_mut()
+                    .incoming_qos2
+                    .extend(awaiting_pubrel.into_iter().filter_map(PacketId::new));
+            }
             self.sessions.insert(client, session);
         }
         for (client, _) in incoming_qos2 {

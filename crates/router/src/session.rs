@@ -85,11 +85,19 @@ pub struct Session {
     /// sessions hold a few filters and no QoS 2 ids), where a `HashMap` is 48 bytes.
     pub subscriptions: BTreeMap<String, QoS>,
     pub attached: Option<Attached>,
+    /// QoS 1/2 state, allocated when first needed: most idle clients never have any, and the
+    /// box (8 bytes) replaces about 90 bytes in every session.
+    flow: Option<Box<Flow>>,
+    pub created_at_ms: u64,
+}
+
+/// A session's QoS 1/2 state.
+#[derive(Debug, Default)]
+pub struct Flow {
     pub queue: VecDeque<Queued>,
     pub inflight: VecDeque<Inflight>,
     pub incoming_qos2: BTreeSet<PacketId>,
     next_packet_id: u16,
-    pub created_at_ms: u64,
 }
 
 impl Session {
@@ -99,10 +107,7 @@ impl Session {
             persistent,
             subscriptions: BTreeMap::new(),
             attached: None,
-            queue: VecDeque::new(),
-            inflight: VecDeque::new(),
-            incoming_qos2: BTreeSet::new(),
-            next_packet_id: 0,
+            flow: None,
             created_at_ms: now_ms(),
         })
     }
@@ -126,12 +131,137 @@ impl Session {
 
     /// Sends a packet on the attached channel. `false` when the outbox is full or closed.
     pub fn send(&self, packet: Packet) -> bool {
-        match &self.attached {
-            Some(a) => a.outbox.try_send(Outgoing::Packet(packet)).is_ok(),
-            None => false,
-        }
+        send_on(&self.attached, packet)
     }
 
+    /// The QoS 1/2 state, if the session has ever had any.
+    pub fn flow(&self) -> Option<&Flow> {
+        self.flow.as_deref()
+    }
+
+    /// The QoS 1/2 state, allocated on first use.
+    pub fn flow_mut(&mut self) -> &mut Flow {
+        self.flow.get_or_insert_with(Box::default)
+    }
+
+    /// The QoS 1/2 state, if the session has ever had any, to change.
+    pub fn existing_flow_mut(&mut self) -> Option<&mut Flow> {
+        self.flow.as_deref_mut()
+    }
+
+    /// Queues `queued` within `limits.max_queued_messages`. A full session drops its oldest
+    /// waiting message (staging its removal from the store in `ops`); if every message it
+    /// holds is in flight, `queued` is the one not kept. The caller stores `queued` only when
+    /// it is kept.
+    pub fn enqueue(&mut self, queued: Queued, limits: QueueLimits, ops: &mut Vec<Op>) -> Enqueued {
+        let client_id = &self.client_id;
+        let flow = self.flow.get_or_insert_with(Box::default);
+        if flow.queue.len() + flow.inflight.len() < limits.max_queued_messages {
+            flow.queue.push_back(queued);
+            return Enqueued::Kept;
+        }
+        let Some(old) = flow.queue.pop_front() else {
+            return Enqueued::Refused;
+        };
+        if let Some(seq) = old.seq {
+            ops.push(Op::Dequeue {
+                client_id: client_id.to_string(),
+                seq,
+            });
+        }
+        flow.queue.push_back(queued);
+        Enqueued::DroppedOldest
+    }
+
+    /// Resends what was in flight (DUP set, or PUBREL where PUBREC came), after a reconnect.
+    pub fn resend_inflight(&mut self) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        let Some(flow) = self.flow.as_deref() else {
+            return outcome;
+        };
+        for i in &flow.inflight {
+            let packet = match i.state {
+                InflightState::Complete => Packet::PubRel(i.packet_id),
+                _ => publish_packet(&i.queued.message, Some(i.packet_id), true),
+            };
+            if !send_on(&self.attached, packet) {
+                outcome.slow_consumer = true;
+                break;
+            }
+        }
+        outcome
+    }
+
+    /// Moves queued messages into flight while the window allows.
+    pub fn pump(&mut self, limits: QueueLimits, ops: &mut Vec<Op>) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        let (Some(_), Some(flow)) = (&self.attached, self.flow.as_deref_mut()) else {
+            return outcome;
+        };
+        let oldest_allowed = now_ms().saturating_sub(limits.max_queue_age.as_millis() as u64);
+        while flow.inflight.len() < limits.max_inflight {
+            let Some(queued) = flow.queue.pop_front() else {
+                break;
+            };
+            // A released message is already in the client's hands: it is completed (PUBREL),
+            // never expired, or its id would stay taken on the client's side.
+            if !queued.released && queued.message.published_at_ms < oldest_allowed {
+                if let Some(seq) = queued.seq {
+                    ops.push(Op::Dequeue {
+                        client_id: self.client_id.to_string(),
+                        seq,
+                    });
+                }
+                outcome.expired += 1;
+                continue;
+            }
+            let Some(packet_id) = flow.packet_id_for(&queued) else {
+                flow.queue.push_front(queued);
+                break;
+            };
+            let (packet, state) = match (queued.released, queued.message.qos) {
+                (true, _) => (Packet::PubRel(packet_id), InflightState::Complete),
+                (false, qos) => {
+                    outcome.sent_by_qos[qos.as_u8() as usize] += 1;
+                    let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
+                    let state = match qos {
+                        QoS::ExactlyOnce => InflightState::Received,
+                        _ => InflightState::Ack,
+                    };
+                    (packet, state)
+                }
+            };
+            flow.inflight.push_back(Inflight {
+                packet_id,
+                queued,
+                state,
+            });
+            if !send_on(&self.attached, packet) {
+                outcome.slow_consumer = true;
+                break;
+            }
+        }
+        outcome
+    }
+
+    /// Removes the inflight message `packet_id` if it is in `state`; returns it.
+    pub fn take_inflight(&mut self, packet_id: PacketId, state: InflightState) -> Option<Inflight> {
+        let inflight = &mut self.flow.as_deref_mut()?.inflight;
+        let index = inflight
+            .iter()
+            .position(|i| i.packet_id == packet_id && i.state == state)?;
+        inflight.remove(index)
+    }
+}
+
+fn send_on(attached: &Option<Attached>, packet: Packet) -> bool {
+    match attached {
+        Some(a) => a.outbox.try_send(Outgoing::Packet(packet)).is_ok(),
+        None => false,
+    }
+}
+
+impl Flow {
     fn allocate_packet_id(&mut self) -> PacketId {
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1);
@@ -159,109 +289,6 @@ impl Session {
             }
             None => Some(self.allocate_packet_id()),
         }
-    }
-
-    /// Queues `queued` within `limits.max_queued_messages`. A full session drops its oldest
-    /// waiting message (staging its removal from the store in `ops`); if every message it
-    /// holds is in flight, `queued` is the one not kept. The caller stores `queued` only when
-    /// it is kept.
-    pub fn enqueue(&mut self, queued: Queued, limits: QueueLimits, ops: &mut Vec<Op>) -> Enqueued {
-        if self.queue.len() + self.inflight.len() < limits.max_queued_messages {
-            self.queue.push_back(queued);
-            return Enqueued::Kept;
-        }
-        let Some(old) = self.queue.pop_front() else {
-            return Enqueued::Refused;
-        };
-        if let Some(seq) = old.seq {
-            ops.push(Op::Dequeue {
-                client_id: self.client_id.to_string(),
-                seq,
-            });
-        }
-        self.queue.push_back(queued);
-        Enqueued::DroppedOldest
-    }
-
-    /// Resends what was in flight (DUP set, or PUBREL where PUBREC came), after a reconnect.
-    pub fn resend_inflight(&mut self) -> SendOutcome {
-        let mut outcome = SendOutcome::default();
-        let packets: Vec<Packet> = self
-            .inflight
-            .iter()
-            .map(|i| match i.state {
-                InflightState::Complete => Packet::PubRel(i.packet_id),
-                _ => publish_packet(&i.queued.message, Some(i.packet_id), true),
-            })
-            .collect();
-        for packet in packets {
-            if !self.send(packet) {
-                outcome.slow_consumer = true;
-                break;
-            }
-        }
-        outcome
-    }
-
-    /// Moves queued messages into flight while the window allows.
-    pub fn pump(&mut self, limits: QueueLimits, ops: &mut Vec<Op>) -> SendOutcome {
-        let mut outcome = SendOutcome::default();
-        if self.attached.is_none() {
-            return outcome;
-        }
-        let oldest_allowed = now_ms().saturating_sub(limits.max_queue_age.as_millis() as u64);
-        while self.inflight.len() < limits.max_inflight {
-            let Some(queued) = self.queue.pop_front() else {
-                break;
-            };
-            // A released message is already in the client's hands: it is completed (PUBREL),
-            // never expired, or its id would stay taken on the client's side.
-            if !queued.released && queued.message.published_at_ms < oldest_allowed {
-                if let Some(seq) = queued.seq {
-                    ops.push(Op::Dequeue {
-                        client_id: self.client_id.to_string(),
-                        seq,
-                    });
-                }
-                outcome.expired += 1;
-                continue;
-            }
-            let Some(packet_id) = self.packet_id_for(&queued) else {
-                self.queue.push_front(queued);
-                break;
-            };
-            let (packet, state) = match (queued.released, queued.message.qos) {
-                (true, _) => (Packet::PubRel(packet_id), InflightState::Complete),
-                (false, qos) => {
-                    outcome.sent_by_qos[qos.as_u8() as usize] += 1;
-                    let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
-                    let state = match qos {
-                        QoS::ExactlyOnce => InflightState::Received,
-                        _ => InflightState::Ack,
-                    };
-                    (packet, state)
-                }
-            };
-            self.inflight.push_back(Inflight {
-                packet_id,
-                queued,
-                state,
-            });
-            if !self.send(packet) {
-                outcome.slow_consumer = true;
-                break;
-            }
-        }
-        outcome
-    }
-
-    /// Removes the inflight message `packet_id` if it is in `state`; returns it.
-    pub fn take_inflight(&mut self, packet_id: PacketId, state: InflightState) -> Option<Inflight> {
-        let index = self
-            .inflight
-            .iter()
-            .position(|i| i.packet_id == packet_id && i.state == state)?;
-        self.inflight.remove(index)
     }
 }
 
@@ -304,6 +331,14 @@ mod tests {
         (session, rx)
     }
 
+    fn waiting_count(session: &Session) -> usize {
+        session.flow().map_or(0, |f| f.queue.len())
+    }
+
+    fn in_flight(session: &Session) -> usize {
+        session.flow().map_or(0, |f| f.inflight.len())
+    }
+
     fn queued(seq: u64, released: bool) -> Queued {
         Queued {
             seq: Some(seq),
@@ -337,13 +372,14 @@ mod tests {
     #[test]
     fn stored_messages_go_out_under_ids_derived_from_their_seq() {
         let (mut session, mut rx) = attached_session();
-        session.queue.push_back(queued(4, true));
+        session.flow_mut().queue.push_back(queued(4, true));
         session
+            .flow_mut()
             .queue
             .push_back(queued(u64::from(u16::MAX) + 6, false));
         // Derives the same id as seq 6 - 65535 away: it waits for that one to complete.
-        session.queue.push_back(queued(6, false));
-        session.queue.push_back(queued(7, false));
+        session.flow_mut().queue.push_back(queued(6, false));
+        session.flow_mut().queue.push_back(queued(7, false));
         let mut ops = Vec::new();
         let outcome = session.pump(LIMITS, &mut ops);
         assert!(!outcome.slow_consumer);
@@ -360,7 +396,7 @@ mod tests {
         };
         assert_eq!(publish.packet_id, PacketId::new(7));
         assert!(publish.dup);
-        assert_eq!(session.queue.len(), 2, "seq 6 and 7 wait, in order");
+        assert_eq!(waiting_count(&session), 2, "seq 6 and 7 wait, in order");
 
         let id = PacketId::new(7).expect("id");
         assert!(session.take_inflight(id, InflightState::Received).is_some());
@@ -389,7 +425,7 @@ mod tests {
             Enqueued::Kept
         );
         session.pump(limits, &mut ops);
-        assert_eq!(session.inflight.len(), 1);
+        assert_eq!(in_flight(&session), 1);
         assert_eq!(
             session.enqueue(queued(2, false), limits, &mut ops),
             Enqueued::Kept
@@ -403,7 +439,7 @@ mod tests {
             matches!(ops.as_slice(), [Op::Dequeue { seq: 2, .. }]),
             "{ops:?}"
         );
-        let waiting: Vec<Option<u64>> = session.queue.iter().map(|q| q.seq).collect();
+        let waiting: Vec<Option<u64>> = session.flow_mut().queue.iter().map(|q| q.seq).collect();
         assert_eq!(waiting, [Some(3)]);
 
         // Everything in flight: the new message is the one not kept, and nothing is staged.
@@ -416,12 +452,12 @@ mod tests {
         session.enqueue(queued(1, false), limits, &mut ops);
         session.enqueue(queued(2, false), limits, &mut ops);
         session.pump(limits, &mut ops);
-        assert_eq!(session.inflight.len(), 2);
+        assert_eq!(in_flight(&session), 2);
         assert_eq!(
             session.enqueue(queued(3, false), limits, &mut ops),
             Enqueued::Refused
         );
-        assert!(session.queue.is_empty());
+        assert_eq!(waiting_count(&session), 0);
         assert!(ops.is_empty(), "{ops:?}");
     }
 
@@ -430,10 +466,10 @@ mod tests {
         let (mut session, mut rx) = attached_session();
         let mut old = queued(4, true);
         old.message.published_at_ms = 0;
-        session.queue.push_back(old);
+        session.flow_mut().queue.push_back(old);
         let mut expired = queued(5, false);
         expired.message.published_at_ms = 0;
-        session.queue.push_back(expired);
+        session.flow_mut().queue.push_back(expired);
         let mut ops = Vec::new();
         let outcome = session.pump(LIMITS, &mut ops);
         assert_eq!(outcome.expired, 1, "the unreleased old one expires");
@@ -441,5 +477,16 @@ mod tests {
             sent(&mut rx),
             [Packet::PubRel(PacketId::new(5).expect("id"))]
         );
+    }
+}
+
+#[cfg(test)]
+mod size {
+    #[test]
+    fn an_idle_session_is_small() {
+        // Every connected client holds one (docs/benchmarks.md); QoS 1/2 state is boxed apart.
+        let size = std::mem::size_of::<super::Session>();
+        println!("Session: {size} bytes, Attached: {}", std::mem::size_of::<super::Attached>());
+        assert!(size <= 192, "Session is {size} bytes");
     }
 }
