@@ -22,6 +22,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::poll_fn;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -69,8 +70,8 @@ struct Shared {
 struct Queue {
     /// Handed over, not yet taken in by the parker task.
     arriving: Vec<Parked>,
-    /// Parked connections whose outbox woke them: (slab key, generation).
-    woken: Vec<(usize, u64)>,
+    /// Parked connections whose outbox woke them.
+    woken: Vec<SlotRef>,
     /// The parker task, when it waits.
     task: Option<Waker>,
     started: bool,
@@ -139,10 +140,13 @@ impl Drop for Parker {
     }
 }
 
-/// The waker a parked connection leaves with its outbox.
+/// A slot as (slab key, the generation it was taken in): an event for a slot since reused is
+/// recognised as stale.
+type SlotRef = (u32, u32);
+
+/// The waker a parked connection leaves with its outbox (32 bytes with its `Arc` counts).
 struct ConnectionWaker {
-    key: usize,
-    generation: u64,
+    slot: SlotRef,
     shared: Weak<Shared>,
 }
 
@@ -156,25 +160,49 @@ impl Wake for ConnectionWaker {
             return;
         };
         let mut queue = shared.lock();
-        queue.woken.push((self.key, self.generation));
+        queue.woken.push(self.slot);
         Shared::wake_task(queue);
     }
 }
 
+/// 32 bytes: times are milliseconds on the lot's clock ([`Lot::tick`]), not `Instant`s (16 bytes
+/// each), here and in the deadline heap.
 struct Slot {
     channel: Box<Channel<ParkedSocket>>,
-    deadline: Option<Instant>,
-    wake_at: Option<Instant>,
+    deadline: Option<Tick>,
+    wake_at: Option<Tick>,
     /// The low 32 bits of the lot's counter when the slot was taken.
     generation: u32,
     /// A token or device-credential connection: a registry change wakes it.
     relies_on_registry: bool,
 }
 
-/// The epoll token of a slot: its key in the low 32 bits, its generation's in the high ones,
-/// so that an event for a slot since reused is recognised as stale.
-fn token(key: usize, generation: u64) -> Token {
-    Token((generation << 32 | key as u64) as usize)
+/// The epoll token of a slot: its key in the low 32 bits, its generation in the high ones.
+fn token((key, generation): SlotRef) -> Token {
+    Token((u64::from(generation) << 32 | u64::from(key)) as usize)
+}
+
+fn slot_of(token: Token) -> SlotRef {
+    let token = token.0 as u64;
+    ((token & 0xFFFF_FFFF) as u32, (token >> 32) as u32)
+}
+
+/// A time on the lot's clock: 1 + whole milliseconds since the lot started. Deadlines round up
+/// and the present rounds down, so nothing is woken before its time.
+type Tick = NonZeroU64;
+
+/// A deadline on the clock of a lot started at `epoch`.
+fn tick(epoch: Instant, at: Instant) -> Tick {
+    tick_rounded(epoch, at, true)
+}
+
+/// `at` on the clock of a lot started at `epoch`, rounded up (deadlines) or down (now, so that
+/// a deadline counts as passed only once it truly has).
+fn tick_rounded(epoch: Instant, at: Instant, up: bool) -> Tick {
+    let since = at.saturating_duration_since(epoch);
+    let ms = since.as_millis() + u128::from(up && !since.subsec_nanos().is_multiple_of(1_000_000));
+    let ms = u64::try_from(ms).unwrap_or(u64::MAX - 1);
+    Tick::new(ms + 1).unwrap_or(Tick::MIN)
 }
 
 /// How many socket events one read of the parker's epoll set takes at most.
@@ -190,9 +218,11 @@ struct Lot {
     /// fires.
     registry_watch: Pin<Box<OwnedNotified>>,
     slots: Slab<Slot>,
-    /// Keepalive deadlines: (deadline, slab key, generation). Entries of connections that
-    /// have resumed since stay until their time comes and are skipped then.
-    deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Keepalive deadlines: (deadline, slot). Entries of connections that have resumed since
+    /// stay until their time comes and are skipped then.
+    deadlines: BinaryHeap<Reverse<(Tick, SlotRef)>>,
+    /// When the lot started: the origin of its [`Tick`]s.
+    epoch: Instant,
     timer: Option<Pin<Box<Sleep>>>,
     /// Counts slots taken; its value tells a reused slot from the one before.
     generation: u32,
@@ -246,6 +276,7 @@ impl Lot {
             events: Events::with_capacity(EVENTS),
             slots: Slab::new(),
             deadlines: BinaryHeap::new(),
+            epoch: Instant::now(),
             timer: None,
             generation: 0,
         })
@@ -280,45 +311,38 @@ impl Lot {
                     self.slots
                         .iter()
                         .filter(|(_, slot)| slot.relies_on_registry)
-                        .map(|(key, slot)| (key, u64::from(slot.generation))),
+                        .map(|(key, slot)| (key as u32, slot.generation)),
                 );
             }
             let had_work = !arriving.is_empty() || !woken.is_empty() || !ready.is_empty();
-            for (key, generation) in ready.into_iter().chain(woken) {
-                if self
-                    .slots
-                    .get(key)
-                    .is_some_and(|slot| u64::from(slot.generation) == generation)
-                {
-                    self.resume(key);
+            for slot in ready.into_iter().chain(woken) {
+                if self.holds(slot) {
+                    self.resume(slot.0 as usize);
                 }
             }
             for parked in arriving {
                 self.take_in(parked);
             }
-            let now = Instant::now();
-            while let Some(Reverse((deadline, key, generation))) = self.deadlines.peek().copied() {
+            let now = tick_rounded(self.epoch, Instant::now(), false);
+            while let Some(Reverse((deadline, slot))) = self.deadlines.peek().copied() {
                 if deadline > now {
                     break;
                 }
                 self.deadlines.pop();
-                if self
-                    .slots
-                    .get(key)
-                    .is_some_and(|slot| u64::from(slot.generation) == generation)
-                {
+                if self.holds(slot) {
                     // The resumed task finds its deadline passed and closes with
                     // `keepalive_timeout`, through the same exit as any connection.
-                    self.resume(key);
+                    self.resume(slot.0 as usize);
                 }
             }
             let timer_fired = match self.deadlines.peek() {
-                Some(Reverse((next, _, _))) => {
+                Some(&Reverse((next, _))) => {
+                    let next = self.instant(next);
                     let timer = self
                         .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*next)));
-                    if timer.deadline() != *next {
-                        timer.as_mut().reset(*next);
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+                    if timer.deadline() != next {
+                        timer.as_mut().reset(next);
                     }
                     timer.as_mut().poll(cx).is_ready()
                 }
@@ -337,9 +361,9 @@ impl Lot {
         Poll::Pending
     }
 
-    /// The slots whose sockets became readable (bytes, or the peer closing), as (key,
-    /// generation's low 32 bits); registers for the next ones when all are taken.
-    fn ready_sockets(&mut self, cx: &mut Context<'_>) -> Vec<(usize, u64)> {
+    /// The slots whose sockets became readable (bytes, or the peer closing); registers for the
+    /// next ones when all are taken.
+    fn ready_sockets(&mut self, cx: &mut Context<'_>) -> Vec<SlotRef> {
         let mut ready = Vec::new();
         loop {
             let mut guard = match self.epoll.poll_read_ready_mut(cx) {
@@ -360,8 +384,7 @@ impl Lot {
             }
             let mut taken = 0;
             for event in self.events.iter() {
-                let token = event.token().0 as u64;
-                ready.push(((token & 0xFFFF_FFFF) as usize, token >> 32));
+                ready.push(slot_of(event.token()));
                 taken += 1;
             }
             if taken < EVENTS {
@@ -383,12 +406,11 @@ impl Lot {
     /// in the set at once.
     fn take_in(&mut self, parked: Parked) {
         self.generation = self.generation.wrapping_add(1);
-        let generation = u64::from(self.generation);
         let entry = self.slots.vacant_entry();
         let key = entry.key();
+        let slot = (key as u32, self.generation);
         let waker = Waker::from(Arc::new(ConnectionWaker {
-            key,
-            generation,
+            slot,
             shared: Arc::downgrade(&self.shared),
         }));
         let Parked {
@@ -410,26 +432,24 @@ impl Lot {
             }
         };
         let registry = self.epoll.get_ref().registry();
-        if let Err(e) = registry.register(
-            channel.socket_mut(),
-            token(key, generation),
-            Interest::READABLE,
-        ) {
+        if let Err(e) = registry.register(channel.socket_mut(), token(slot), Interest::READABLE) {
             debug!(error = %e, "cannot watch a parked socket; it keeps its task");
             respawn(channel, deadline);
             return;
         }
         let relies_on_registry = channel.relies_on_registry();
+        let epoch = self.epoch;
+        let wake_at = wake_at.map(|at| tick(epoch, at));
         entry.insert(Slot {
             channel,
-            deadline,
+            deadline: deadline.map(|at| tick(epoch, at)),
             wake_at,
             generation: self.generation,
             relies_on_registry,
         });
         self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
         if let Some(wake_at) = wake_at {
-            self.deadlines.push(Reverse((wake_at, key, generation)));
+            self.deadlines.push(Reverse((wake_at, slot)));
             // A connection that parks and resumes often leaves a deadline behind each time;
             // rebuild the heap before those outnumber the parked connections.
             if self.deadlines.len() > 2 * self.slots.len() + 64 {
@@ -437,12 +457,22 @@ impl Lot {
                     .slots
                     .iter()
                     .filter_map(|(key, slot)| {
-                        let wake_at = slot.wake_at?;
-                        Some(Reverse((wake_at, key, u64::from(slot.generation))))
+                        Some(Reverse((slot.wake_at?, (key as u32, slot.generation))))
                     })
                     .collect();
             }
         }
+    }
+
+    /// Whether `slot` is still the connection parked there.
+    fn holds(&self, (key, generation): SlotRef) -> bool {
+        self.slots
+            .get(key as usize)
+            .is_some_and(|slot| slot.generation == generation)
+    }
+
+    fn instant(&self, tick: Tick) -> Instant {
+        self.epoch + std::time::Duration::from_millis(tick.get() - 1)
     }
 
     fn resume(&mut self, key: usize) {
@@ -461,7 +491,7 @@ impl Lot {
             .get_ref()
             .registry()
             .deregister(slot.channel.socket_mut());
-        respawn(slot.channel, slot.deadline);
+        respawn(slot.channel, slot.deadline.map(|at| self.instant(at)));
     }
 }
 
@@ -472,4 +502,40 @@ fn respawn(channel: Box<Channel<ParkedSocket>>, deadline: Option<Instant>) {
         Ok(channel) => tokio::spawn(crate::connection::resume(channel, deadline)),
         Err(lost) => tokio::spawn(lost.abandon()),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn deadlines_round_up_and_the_present_down() {
+        let epoch = Instant::now();
+        let at = epoch + Duration::from_micros(5_900);
+        assert_eq!(
+            tick(epoch, at).get(),
+            7,
+            "5.9 ms: the 6th millisecond, plus one"
+        );
+        assert_eq!(tick_rounded(epoch, at, false).get(), 6);
+        assert_eq!(tick(epoch, epoch + Duration::from_millis(6)).get(), 7);
+        // Not passed at 5.9 ms; passed at 6 ms.
+        let deadline = tick(epoch, epoch + Duration::from_millis(6));
+        assert!(deadline > tick_rounded(epoch, at, false));
+        assert!(deadline <= tick_rounded(epoch, epoch + Duration::from_millis(6), false));
+        assert_eq!(
+            tick(epoch, epoch - Duration::from_secs(1)).get(),
+            1,
+            "before the lot"
+        );
+    }
+
+    #[test]
+    fn a_parked_slot_is_small() {
+        // One per parked connection, in a slab that grows by doubling (docs/benchmarks.md).
+        assert!(std::mem::size_of::<Slot>() <= 32);
+        assert!(std::mem::size_of::<Reverse<(Tick, SlotRef)>>() <= 16);
+    }
 }
