@@ -19,7 +19,7 @@ impl Router {
         let mut session_present = false;
         if request.clean_session {
             if let Some(old) = self.sessions.remove(&client) {
-                self.discard_session(old);
+                self.discard_session(&old);
             }
             self.sessions
                 .insert(client.clone(), Session::new(client.clone(), false));
@@ -80,7 +80,7 @@ impl Router {
     }
 
     /// Removes a session's subscriptions and, for a persistent one, its stored state.
-    fn discard_session(&mut self, session: Box<Session>) {
+    fn discard_session(&mut self, session: &Session) {
         for filter in session.subscriptions.keys() {
             self.tree.remove(filter, &session.client_id);
         }
@@ -120,7 +120,7 @@ impl Router {
             .try_send(crate::types::Outgoing::Close(reason));
         info!(client_id = %client, %channel, reason = reason.as_str(), "channel closed");
         if !persistent && let Some(session) = self.sessions.remove(&client) {
-            self.discard_session(session);
+            self.discard_session(&session);
         }
         if reason != CloseReason::ClientDisconnect
             && let Some(will) = attached.will

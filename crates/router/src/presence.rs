@@ -50,12 +50,22 @@ pub(crate) const SNAPSHOT_PREFIX: &str = "$presence/";
 /// A client's `$presence` snapshot as the router keeps it: the typed parts, about 100 bytes
 /// with its map entry, where the rendered JSON, its topic and the retained map's entry took
 /// about 500 (docs/benchmarks.md). Rendered when it is stored or sent.
+/// What the router keeps of a client id it knows.
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    /// The seq of its last presence event (0: none yet).
+    pub(crate) seq: u64,
+    /// Its `$presence/<clientId>` snapshot, when snapshots are on and it had an event.
+    pub(crate) snapshot: Option<SnapshotState>,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct SnapshotState {
-    online: bool,
     since: u64,
     channel: ChannelId,
-    client_ip: std::net::SocketAddr,
+    /// The peer address as its two parts: 19 bytes where a `SocketAddr` takes 32.
+    client_ip: std::net::IpAddr,
+    client_port: u16,
     seq: u64,
     last_event: EventKind,
     reason: Option<CloseReason>,
@@ -67,11 +77,14 @@ impl SnapshotState {
     /// a plain retained message).
     pub(crate) fn from_stored(payload: &[u8], node: &str) -> Option<(String, SnapshotState)> {
         let stored: StoredSnapshot = serde_json::from_slice(payload).ok()?;
+        // `online` is not kept: it is `lastEvent != tcpclean`, and a payload that says
+        // otherwise does not render back the same, so it stays a plain retained message.
+        let client_ip: std::net::SocketAddr = stored.client_ip.parse().ok()?;
         let state = SnapshotState {
-            online: stored.online,
             since: stored.since,
             channel: ChannelId(u128::from_str_radix(&stored.channel_id, 16).ok()?),
-            client_ip: stored.client_ip.parse().ok()?,
+            client_ip: client_ip.ip(),
+            client_port: client_ip.port(),
             seq: stored.seq,
             last_event: EventKind::parse(&stored.last_event)?,
             reason: match stored.reason {
@@ -96,10 +109,10 @@ impl SnapshotState {
 
     fn render(&self, client_id: &str, node: &str) -> Option<Bytes> {
         let channel_id = self.channel.to_string();
-        let client_ip = self.client_ip.to_string();
+        let client_ip = std::net::SocketAddr::new(self.client_ip, self.client_port).to_string();
         let snapshot = Snapshot {
             client_id,
-            online: self.online,
+            online: self.last_event != EventKind::TcpClean,
             since: self.since,
             channel_id: &channel_id,
             client_ip: &client_ip,
@@ -119,7 +132,6 @@ impl SnapshotState {
 #[serde(rename_all = "camelCase")]
 struct StoredSnapshot {
     client_id: String,
-    online: bool,
     since: u64,
     channel_id: String,
     client_ip: String,
@@ -239,9 +251,9 @@ impl Router {
         reason: Option<CloseReason>,
     ) {
         let seq = {
-            let seq = self.client_seqs.entry(client.clone()).or_default();
-            *seq += 1;
-            *seq
+            let known = self.known.entry(client.clone()).or_default();
+            known.seq += 1;
+            known.seq
         };
         let time_ms = now_ms();
         event.event_type = kind.as_str().to_string();
@@ -283,11 +295,12 @@ impl Router {
         if self.settings.presence.snapshot_topic && kind != EventKind::ConnectFailed {
             match event.client_ip.parse() {
                 Ok(client_ip) => {
+                    let client_ip: std::net::SocketAddr = client_ip;
                     let state = SnapshotState {
-                        online: kind != EventKind::TcpClean,
                         since: time_ms,
                         channel,
-                        client_ip,
+                        client_ip: client_ip.ip(),
+                        client_port: client_ip.port(),
                         seq,
                         last_event: kind,
                         reason,
@@ -366,7 +379,7 @@ impl Router {
             message: crate::router::to_stored(&message),
         });
         self.retained.remove(message.topic.as_str());
-        self.snapshots.insert(client.clone(), state);
+        self.known.entry(client.clone()).or_default().snapshot = Some(state);
         self.deliver_to_subscribers(&message);
     }
 
@@ -378,16 +391,17 @@ impl Router {
         let node = &self.settings.presence.node_id;
         if !clients.contains(['+', '#']) {
             return self
-                .snapshots
+                .known
                 .get_key_value(clients)
-                .and_then(|(client, state)| state.message(client, node))
+                .and_then(|(client, known)| known.snapshot.as_ref()?.message(client, node))
                 .into_iter()
                 .collect();
         }
         // One topic buffer for the whole walk, not one allocation per known client.
         let mut topic = String::from(SNAPSHOT_PREFIX);
-        self.snapshots
+        self.known
             .iter()
+            .filter_map(|(client, known)| Some((client, known.snapshot.as_ref()?)))
             .filter(|(client, _)| {
                 topic.truncate(SNAPSHOT_PREFIX.len());
                 topic.push_str(client.as_str());
@@ -528,12 +542,12 @@ impl Router {
             client_id: id.to_string(),
             online: !channels.is_empty(),
             channels,
-            seq: self.client_seqs.get(id).copied().unwrap_or(0),
+            seq: self.known.get(id).map_or(0, |known| known.seq),
         }
     }
 
     /// Known client ids (any that ever had a presence event, or a session: every session's
-    /// client id is in `client_seqs`) in id order. A page starts where the last one ended (and,
+    /// client id is in `known`) in id order. A page starts where the last one ended (and,
     /// for a group, where the group's ids start) instead of sorting every known id.
     pub(crate) fn list_clients(
         &self,
@@ -550,7 +564,7 @@ impl Router {
             (None, Some(prefix)) => Bound::Included(prefix),
             (None, None) => Bound::Unbounded,
         };
-        self.client_seqs
+        self.known
             .range::<str, _>((start, Bound::Unbounded))
             .map(|(client, _)| client)
             .take_while(|c| prefix.is_none_or(|p| c.as_str().starts_with(p)))
@@ -578,15 +592,27 @@ mod tests {
             (false, EventKind::TcpClean, Some(CloseReason::BrokerRestart)),
         ] {
             let state = SnapshotState {
-                online,
                 since: 1_732_345_678_901,
                 channel: ChannelId::random(),
-                client_ip: "[2001:db8::7]:51514".parse().expect("address"),
+                client_ip: "2001:db8::7".parse().expect("address"),
+                client_port: 51514,
                 seq: 42,
                 last_event,
                 reason,
             };
             let payload = state.render("GID_demo@@@dev-1", "herald-1").expect("JSON");
+            let text = std::str::from_utf8(&payload).expect("UTF-8");
+            assert!(text.contains(&format!("\"online\":{online},")), "{text}");
+            assert!(
+                text.contains("\"clientIp\":\"[2001:db8::7]:51514\""),
+                "{text}"
+            );
+            // `online` is derived from `lastEvent`: a payload where they disagree stays plain.
+            let odd = text.replace(
+                &format!("\"online\":{online},"),
+                &format!("\"online\":{},", !online),
+            );
+            assert!(SnapshotState::from_stored(odd.as_bytes(), "herald-1").is_none());
             let (id, back) = SnapshotState::from_stored(&payload, "herald-1").expect("compact");
             assert_eq!(id, "GID_demo@@@dev-1");
             assert_eq!(back.render(&id, "herald-1"), Some(payload.clone()));
@@ -596,5 +622,12 @@ mod tests {
         let by_hand = br#"{"clientId":"x","online":true,"since":1,"channelId":"00","clientIp":"1.2.3.4:5","seq":1,"lastEvent":"connect","node":"herald-1","v":1,"extra":1}"#;
         assert!(SnapshotState::from_stored(by_hand, "herald-1").is_none());
         assert!(SnapshotState::from_stored(b"not json", "herald-1").is_none());
+    }
+
+    #[test]
+    fn what_is_kept_per_known_client_is_small() {
+        // One per client id ever seen, online or not (docs/benchmarks.md).
+        let size = std::mem::size_of::<Known>();
+        assert!(size <= 80, "Known is {size} bytes");
     }
 }

@@ -21,7 +21,10 @@ impl Router {
         let packet_id = publish.packet_id;
         if publish.qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else { return };
-            if session.flow().is_some_and(|f| f.incoming_qos2.contains(&id)) {
+            if session
+                .flow()
+                .is_some_and(|f| f.incoming_qos2.contains(&id))
+            {
                 // A retransmission of a message already routed: acknowledge, do not route again.
                 self.reply(channel, Deferred::Send(Packet::PubRec(id)), false);
                 return;
@@ -99,14 +102,11 @@ impl Router {
             return;
         };
         let mut released = None;
-        if let Some(inflight) = session
-            .existing_flow_mut()
-            .and_then(|f| {
-                f.inflight
-                    .iter_mut()
-                    .find(|i| i.packet_id == packet_id && i.state == InflightState::Received)
-            })
-        {
+        if let Some(inflight) = session.existing_flow_mut().and_then(|f| {
+            f.inflight
+                .iter_mut()
+                .find(|i| i.packet_id == packet_id && i.state == InflightState::Received)
+        }) {
             inflight.state = InflightState::Complete;
             released = inflight.queued.seq;
         }
@@ -182,7 +182,11 @@ impl Router {
         let topic = message.topic.to_string();
         // A client allowed to publish on `$presence/...` replaces (or clears) the snapshot.
         if let Some(client) = topic.strip_prefix(SNAPSHOT_PREFIX)
-            && self.snapshots.remove(client).is_some()
+            && self
+                .known
+                .get_mut(client)
+                .and_then(|known| known.snapshot.take())
+                .is_some()
             && message.payload.is_empty()
         {
             self.persister.stage(Op::DeleteRetained {

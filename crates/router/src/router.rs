@@ -151,15 +151,14 @@ pub struct Router {
     pub(crate) channels: HashMap<ChannelId, ClientId>,
     pub(crate) tree: SubscriptionTree,
     pub(crate) retained: BTreeMap<String, Message>,
-    /// The `$presence/<clientId>` snapshots, compact (not in `retained`).
-    pub(crate) snapshots: HashMap<ClientId, crate::presence::SnapshotState>,
     pub(crate) persister: Persister,
     pub(crate) next_seq: u64,
     pub(crate) stats: Arc<RouterStats>,
     pub(crate) events: Option<mpsc::Sender<Event>>,
-    /// Last presence seq per client id.
-    /// In id order, for the admin API's pages.
-    pub(crate) client_seqs: BTreeMap<ClientId, u64>,
+    /// Every client id known (any that ever had a presence event, or a session): its last
+    /// presence seq and its compact `$presence/<clientId>` snapshot (not in `retained`). One
+    /// entry per client rather than a map each; in id order, for the admin API's pages.
+    pub(crate) known: BTreeMap<ClientId, crate::presence::Known>,
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
     pending: VecDeque<Pending>,
@@ -199,12 +198,11 @@ impl Router {
             channels: HashMap::new(),
             tree: SubscriptionTree::default(),
             retained: BTreeMap::new(),
-            snapshots: HashMap::new(),
             persister,
             next_seq: snapshot.next_seq,
             stats: stats.clone(),
             events,
-            client_seqs: BTreeMap::new(),
+            known: BTreeMap::new(),
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
             pending: VecDeque::new(),
@@ -239,7 +237,7 @@ impl Router {
         &self,
         id: &str,
     ) -> Result<ClientId, herald_protocol::ClientIdError> {
-        match self.client_seqs.get_key_value(id) {
+        match self.known.get_key_value(id) {
             Some((client, _)) => Ok(client.clone()),
             None => ClientId::parse_any(id, usize::MAX),
         }
@@ -254,7 +252,13 @@ impl Router {
         // First, so that sessions and snapshots share these client ids' allocations.
         for (client, seq) in snapshot.client_seqs {
             if let Ok(client) = ClientId::parse_any(&client, usize::MAX) {
-                self.client_seqs.insert(client, seq);
+                self.known.insert(
+                    client,
+                    crate::presence::Known {
+                        seq,
+                        snapshot: None,
+                    },
+                );
             }
         }
         let count = snapshot.sessions.len();
@@ -312,14 +316,14 @@ impl Router {
                 && id == client_id
                 && let Ok(client) = self.known_client_id(&id)
             {
-                self.snapshots.insert(client, state);
+                self.known.entry(client).or_default().snapshot = Some(state);
                 continue;
             }
             self.retained.insert(message.topic.to_string(), message);
         }
         // Every session's client id is known to the admin API's listing, events or not.
         for client in self.sessions.keys() {
-            self.client_seqs.entry(client.clone()).or_insert(0);
+            self.known.entry(client.clone()).or_default();
         }
         for (sink, entries) in snapshot.outboxes {
             self.restore_outbox(sink, entries);
@@ -328,7 +332,7 @@ impl Router {
         info!(
             sessions = count,
             retained = self.retained.len(),
-            presence_snapshots = self.snapshots.len(),
+            presence_snapshots = self.known.values().filter(|k| k.snapshot.is_some()).count(),
             "state restored from storage"
         );
     }

@@ -486,7 +486,6 @@ mod size {
     fn an_idle_session_is_small() {
         // Every connected client holds one (docs/benchmarks.md); QoS 1/2 state is boxed apart.
         let size = std::mem::size_of::<super::Session>();
-        println!("Session: {size} bytes, Attached: {}", std::mem::size_of::<super::Attached>());
         assert!(size <= 192, "Session is {size} bytes");
     }
 }
