@@ -34,7 +34,7 @@ fn the_shipped_config_parses_to_the_demo() {
     );
     assert_eq!(config.storage.data_dir, std::path::PathBuf::from("data"));
     assert_eq!(config.storage.sync, herald_store::SyncMode::Always);
-    assert_eq!(config.storage.cache_bytes, 4 << 20);
+    assert_eq!(config.storage.cache_bytes, 1 << 20);
     assert_eq!(
         config.demo_keys,
         vec![

@@ -80,8 +80,10 @@ pub(crate) const KEY_NEXT_OUTBOX_ID: &str = "next_outbox_id";
 /// redb's page cache unless the caller sets one (`storage.cache_mb`). redb's default (1 GiB) is
 /// sized for a database server. The broker reads its tables once, at start-up, and then mostly
 /// writes (its only reads are the admin API's history queries): the cache holds the B-tree
-/// pages commits touch, and pages that fall out of it are read back from the OS page cache. Every byte of it counts in the broker's resident memory.
-pub const DEFAULT_CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// pages commits touch, and pages that fall out of it are read back from the OS page cache. Every
+/// byte of it counts in the broker's resident memory; 1 MiB and 4 MiB measured the same CPU per
+/// connect and the same durable-queue rates (docs/benchmarks.md), so the smaller is the default.
+pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024;
 
 /// In interval mode, a log that grows past this is flushed by `apply` itself, so that a caller
 /// that rarely flushes does not make start-up replay unbounded.
