@@ -2,6 +2,7 @@
 //! `seq`, staged in the store together with that seq, the channel record, the history and every
 //! matching sink's outbox entry (one transaction), and handed on only after they are durable.
 
+use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -46,6 +47,120 @@ pub struct PresenceEvent {
 
 /// The topic prefix of the retained snapshots.
 pub(crate) const SNAPSHOT_PREFIX: &str = "$presence/";
+
+/// What an event says besides its kind, time, seq and reason: borrowed from the channel's
+/// state (or from a stored event, at restart), and formatted straight into the event's JSON,
+/// whose buffer is the one allocation of the encoding.
+pub(crate) struct Facts<'a> {
+    /// The peer address; its text when a stored one does not parse.
+    pub(crate) client_ip: Result<SocketAddr, &'a str>,
+    pub(crate) clean_session: bool,
+    pub(crate) protocol: &'a str,
+    pub(crate) username: Option<&'a str>,
+    pub(crate) transport: &'a str,
+    pub(crate) node: &'a str,
+    pub(crate) group_id: Option<&'a str>,
+    pub(crate) device_id: Option<&'a str>,
+    /// The `reason` of an event without a close reason: a refused CONNECT's refusal.
+    pub(crate) refusal: Option<&'a str>,
+}
+
+/// When an event happened and its place in its client's sequence.
+#[derive(Clone, Copy)]
+pub(crate) struct Stamp {
+    seq: u64,
+    time_ms: u64,
+}
+
+/// Bytes reserved for an event's JSON: most fit (about 400 with a Signature user name).
+const EVENT_JSON_CAPACITY: usize = 512;
+
+impl Facts<'_> {
+    /// The event's JSON, keys in the order of DESIGN.md 5.1 (as [`PresenceEvent`] has them).
+    fn encode(
+        &self,
+        client: &ClientId,
+        channel: ChannelId,
+        kind: EventKind,
+        reason: Option<CloseReason>,
+        stamp: Stamp,
+    ) -> Option<Bytes> {
+        let doc = EventJson {
+            facts: self,
+            client_id: client.as_str(),
+            channel,
+            kind,
+            reason: reason.map(CloseReason::as_str).or(self.refusal),
+            stamp,
+        };
+        let mut json = Vec::with_capacity(EVENT_JSON_CAPACITY);
+        match serde_json::to_writer(&mut json, &doc) {
+            Ok(()) => Some(Bytes::from(json)),
+            Err(e) => {
+                warn!(error = %e, "cannot encode a presence event");
+                None
+            }
+        }
+    }
+}
+
+struct EventJson<'a> {
+    facts: &'a Facts<'a>,
+    client_id: &'a str,
+    channel: ChannelId,
+    kind: EventKind,
+    reason: Option<&'a str>,
+    stamp: Stamp,
+}
+
+impl Serialize for EventJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let facts = self.facts;
+        let mut event = serializer.serialize_struct("PresenceEvent", 16)?;
+        event.serialize_field("eventType", self.kind.as_str())?;
+        event.serialize_field("clientId", self.client_id)?;
+        event.serialize_field("channelId", &Shown(self.channel))?;
+        match facts.client_ip {
+            Ok(addr) => event.serialize_field("clientIp", &Shown(addr))?,
+            Err(text) => event.serialize_field("clientIp", text)?,
+        }
+        event.serialize_field("time", &self.stamp.time_ms)?;
+        event.serialize_field("seq", &self.stamp.seq)?;
+        event.serialize_field("eventId", &Shown(EventId(self.client_id, self.stamp.seq)))?;
+        match self.reason {
+            Some(reason) => event.serialize_field("reason", reason)?,
+            None => event.skip_field("reason")?,
+        }
+        event.serialize_field("groupId", &facts.group_id)?;
+        event.serialize_field("deviceId", &facts.device_id)?;
+        event.serialize_field("node", facts.node)?;
+        event.serialize_field("cleanSession", &facts.clean_session)?;
+        event.serialize_field("protocol", facts.protocol)?;
+        event.serialize_field("username", &facts.username)?;
+        event.serialize_field("transport", facts.transport)?;
+        event.serialize_field("v", &1u32)?;
+        event.end()
+    }
+}
+
+/// A value written into the JSON as the string its `Display` gives, without a `String` first.
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+/// `clientId:seq`.
+struct EventId<'a>(&'a str, u64);
+
+impl std::fmt::Display for EventId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0, self.1)
+    }
+}
 
 /// A client's `$presence` snapshot as the router keeps it: the typed parts, about 100 bytes
 /// with its map entry, where the rendered JSON, its topic and the retained map's entry took
@@ -108,22 +223,22 @@ impl SnapshotState {
     }
 
     fn render(&self, client_id: &str, node: &str) -> Option<Bytes> {
-        let channel_id = self.channel.to_string();
-        let client_ip = std::net::SocketAddr::new(self.client_ip, self.client_port).to_string();
         let snapshot = Snapshot {
             client_id,
             online: self.last_event != EventKind::TcpClean,
             since: self.since,
-            channel_id: &channel_id,
-            client_ip: &client_ip,
+            channel_id: Shown(self.channel),
+            client_ip: Shown(SocketAddr::new(self.client_ip, self.client_port)),
             seq: self.seq,
             last_event: self.last_event.as_str(),
             reason: self.reason.map(CloseReason::as_str),
             node,
             v: 1,
         };
-        let json = serde_json::to_vec(&snapshot).ok()?;
-        Some(Bytes::from(json.into_boxed_slice()))
+        let mut json = Vec::with_capacity(SNAPSHOT_JSON_CAPACITY);
+        serde_json::to_writer(&mut json, &snapshot).ok()?;
+        // Short-lived (staged, sent): the compact state is what stays.
+        Some(Bytes::from(json))
     }
 }
 
@@ -140,16 +255,19 @@ struct StoredSnapshot {
     reason: Option<String>,
 }
 
+/// Bytes reserved for a snapshot's JSON (about 250 with an IPv4 peer).
+const SNAPSHOT_JSON_CAPACITY: usize = 320;
+
 /// The retained snapshot on `$presence/<clientId>`.
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Snapshot<'a> {
     client_id: &'a str,
     online: bool,
     /// Since when the client has been in this state, ms since the Unix epoch.
     since: u64,
-    channel_id: &'a str,
-    client_ip: &'a str,
+    channel_id: Shown<ChannelId>,
+    client_ip: Shown<SocketAddr>,
     seq: u64,
     last_event: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,37 +288,41 @@ impl Router {
         let Some(client) = self.channels.get(&channel).cloned() else {
             return;
         };
-        let Some(attached) = self.sessions.get(&client).and_then(|s| s.attached.as_ref()) else {
+        if self.attached(&client).is_none() {
+            return;
+        }
+        let stamp = self.stamp(&client);
+        let Some(attached) = self.attached(&client) else {
             return;
         };
-        let event = self.describe(&client, channel, attached, clean_session);
-        self.emit(event, client, channel, kind, reason);
+        let peer = attached.peer;
+        let json = Facts {
+            client_ip: Ok(peer),
+            clean_session,
+            protocol: attached.protocol.as_str(),
+            username: attached.username.as_deref(),
+            transport: attached.transport.as_str(),
+            node: &self.settings.presence.node_id,
+            group_id: client.group(),
+            device_id: client.device(),
+            refusal: None,
+        }
+        .encode(&client, channel, kind, reason, stamp);
+        self.record(json, client, channel, kind, reason, stamp, Ok(peer));
     }
 
-    fn describe(
-        &self,
-        client: &ClientId,
-        channel: ChannelId,
-        attached: &Attached,
-        clean_session: bool,
-    ) -> PresenceEvent {
-        PresenceEvent {
-            event_type: String::new(),
-            client_id: client.to_string(),
-            channel_id: channel.to_string(),
-            client_ip: attached.peer.to_string(),
-            time: 0,
-            seq: 0,
-            event_id: String::new(),
-            reason: None,
-            group_id: client.group().map(str::to_string),
-            device_id: client.device().map(str::to_string),
-            node: self.settings.presence.node_id.clone(),
-            clean_session,
-            protocol: attached.protocol.as_str().to_string(),
-            username: attached.username.clone(),
-            transport: attached.transport.as_str().to_string(),
-            v: 1,
+    fn attached(&self, client: &ClientId) -> Option<&Attached> {
+        self.sessions.get(client)?.attached.as_ref()
+    }
+
+    /// The client's next seq (kept, like the event, in the batch the event is staged in) and
+    /// the time of its event.
+    fn stamp(&mut self, client: &ClientId) -> Stamp {
+        let known = self.known.entry(client.clone()).or_default();
+        known.seq += 1;
+        Stamp {
+            seq: known.seq,
+            time_ms: now_ms(),
         }
     }
 
@@ -210,66 +332,44 @@ impl Router {
         if !self.settings.presence.connect_failed {
             return;
         }
-        let client = &failed.client_id;
+        let client = failed.client_id.clone();
         let channel = ChannelId::random();
-        let event = PresenceEvent {
-            event_type: String::new(),
-            client_id: client.to_string(),
-            channel_id: channel.to_string(),
-            client_ip: failed.peer.to_string(),
-            time: 0,
-            seq: 0,
-            event_id: String::new(),
-            reason: Some(failed.reason.to_string()),
-            group_id: client.group().map(str::to_string),
-            device_id: client.device().map(str::to_string),
-            node: self.settings.presence.node_id.clone(),
+        let stamp = self.stamp(&client);
+        let json = Facts {
+            client_ip: Ok(failed.peer),
             clean_session: failed.clean_session,
-            protocol: failed.protocol.as_str().to_string(),
-            username: failed.username.clone(),
-            transport: failed.transport.as_str().to_string(),
-            v: 1,
-        };
-        self.emit(
-            event,
-            failed.client_id.clone(),
-            channel,
-            EventKind::ConnectFailed,
-            None,
-        );
+            protocol: failed.protocol.as_str(),
+            username: failed.username.as_deref(),
+            transport: failed.transport.as_str(),
+            node: &self.settings.presence.node_id,
+            group_id: client.group(),
+            device_id: client.device(),
+            refusal: Some(failed.reason),
+        }
+        .encode(&client, channel, EventKind::ConnectFailed, None, stamp);
+        let kind = EventKind::ConnectFailed;
+        self.record(json, client, channel, kind, None, stamp, Ok(failed.peer));
     }
 
-    /// Stamps `event` with kind, time and the client's next seq, stages everything it changes,
-    /// and defers its hand-off to sinks until that is durable.
-    /// `client` and `channel` are the typed forms of `event.client_id` and `event.channel_id`.
-    pub(crate) fn emit(
+    /// Stages everything an event changes (the client's seq, history, channel record, sink
+    /// outboxes, `$presence` snapshot) and defers its hand-off to sinks until that is durable.
+    /// `json` is the event ([`Facts::encode`]; `None` if it could not be encoded: nothing is
+    /// staged) and `peer` its client address (or the unreadable text of a stored one).
+    #[allow(clippy::too_many_arguments)]
+    fn record(
         &mut self,
-        mut event: PresenceEvent,
+        json: Option<Bytes>,
         client: ClientId,
         channel: ChannelId,
         kind: EventKind,
         reason: Option<CloseReason>,
+        stamp: Stamp,
+        peer: Result<SocketAddr, &str>,
     ) {
-        let seq = {
-            let known = self.known.entry(client.clone()).or_default();
-            known.seq += 1;
-            known.seq
+        let Some(json) = json else {
+            return;
         };
-        let time_ms = now_ms();
-        event.event_type = kind.as_str().to_string();
-        event.time = time_ms;
-        event.seq = seq;
-        event.event_id = format!("{}:{seq}", event.client_id);
-        if let Some(reason) = reason {
-            event.reason = Some(reason.as_str().to_string());
-        }
-        let json = match serde_json::to_vec(&event) {
-            Ok(json) => Bytes::from(json),
-            Err(e) => {
-                warn!(error = %e, "cannot encode a presence event");
-                return;
-            }
-        };
+        let Stamp { seq, time_ms } = stamp;
         let client_id = client.to_string();
         self.persister.stage(Op::PutClientSeq {
             client_id: client_id.clone(),
@@ -280,7 +380,7 @@ impl Router {
             EventKind::Connect => self.persister.stage(Op::PutChannel {
                 channel_id: channel.0,
                 record: ChannelRecord {
-                    client_id: client_id.clone(),
+                    client_id,
                     info: json.clone(),
                 },
             }),
@@ -293,9 +393,8 @@ impl Router {
         let outboxes = self.stage_outboxes(sinks, &json, time_ms);
         debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
         if self.settings.presence.snapshot_topic && kind != EventKind::ConnectFailed {
-            match event.client_ip.parse() {
+            match peer {
                 Ok(client_ip) => {
-                    let client_ip: std::net::SocketAddr = client_ip;
                     let state = SnapshotState {
                         since: time_ms,
                         channel,
@@ -307,8 +406,8 @@ impl Router {
                     };
                     self.publish_snapshot(&client, state);
                 }
-                Err(_) => {
-                    warn!(client_id = %client, client_ip = %event.client_ip, "presence snapshot skipped: unreadable client address")
+                Err(client_ip) => {
+                    warn!(client_id = %client, client_ip, "presence snapshot skipped: unreadable client address")
                 }
             }
         }
@@ -421,8 +520,26 @@ impl Router {
                 client,
             ) {
                 (Ok(event), Ok(client)) => {
+                    let (channel, kind) = (ChannelId(id), EventKind::TcpClean);
                     let reason = Some(CloseReason::BrokerRestart);
-                    self.emit(event, client, ChannelId(id), EventKind::TcpClean, reason);
+                    let peer = event
+                        .client_ip
+                        .parse()
+                        .map_err(|_| event.client_ip.as_str());
+                    let stamp = self.stamp(&client);
+                    let json = Facts {
+                        client_ip: peer,
+                        clean_session: event.clean_session,
+                        protocol: &event.protocol,
+                        username: event.username.as_deref(),
+                        transport: &event.transport,
+                        node: &event.node,
+                        group_id: event.group_id.as_deref(),
+                        device_id: event.device_id.as_deref(),
+                        refusal: None,
+                    }
+                    .encode(&client, channel, kind, reason, stamp);
+                    self.record(json, client, channel, kind, reason, stamp, peer);
                 }
                 (Err(e), _) => {
                     warn!(channel = %ChannelId(id), client_id = %record.client_id, error = %e, "unreadable channel record; dropped");
@@ -622,6 +739,92 @@ mod tests {
         let by_hand = br#"{"clientId":"x","online":true,"since":1,"channelId":"00","clientIp":"1.2.3.4:5","seq":1,"lastEvent":"connect","node":"herald-1","v":1,"extra":1}"#;
         assert!(SnapshotState::from_stored(by_hand, "herald-1").is_none());
         assert!(SnapshotState::from_stored(b"not json", "herald-1").is_none());
+    }
+
+    /// The borrowed encoding writes exactly what serialising a [`PresenceEvent`] writes (the
+    /// type sinks and tests read events back into).
+    #[test]
+    fn events_encode_as_a_presence_event_serialises() {
+        let channel = ChannelId::random();
+        let cases = [
+            (
+                "GID_demo@@@dev-1",
+                "203.0.113.7:51514",
+                EventKind::Connect,
+                None,
+                None,
+                Some("Signature|AK|herald-demo"),
+            ),
+            (
+                "GID_demo@@@dev-1",
+                "[2001:db8::7]:1883",
+                EventKind::TcpClean,
+                Some(CloseReason::KeepaliveTimeout),
+                None,
+                None,
+            ),
+            (
+                "plain \"quoted\" id",
+                "10.0.0.1:2",
+                EventKind::ConnectFailed,
+                None,
+                Some("bad_username_or_password"),
+                Some("user"),
+            ),
+        ];
+        for (id, ip, kind, reason, refusal, username) in cases {
+            let client = ClientId::parse_any(id, 256).expect("client id");
+            let stamp = Stamp {
+                seq: 42,
+                time_ms: 1_732_345_678_901,
+            };
+            let facts = Facts {
+                client_ip: Ok(ip.parse().expect("address")),
+                clean_session: true,
+                protocol: "mqtt3.1.1",
+                username,
+                transport: "tcp",
+                node: "herald-1",
+                group_id: client.group(),
+                device_id: client.device(),
+                refusal,
+            };
+            let json = facts
+                .encode(&client, channel, kind, reason, stamp)
+                .expect("JSON");
+            let expected = PresenceEvent {
+                event_type: kind.as_str().to_string(),
+                client_id: id.to_string(),
+                channel_id: channel.to_string(),
+                client_ip: ip.to_string(),
+                time: stamp.time_ms,
+                seq: 42,
+                event_id: format!("{id}:42"),
+                reason: reason.map(|r| r.as_str()).or(refusal).map(str::to_string),
+                group_id: client.group().map(str::to_string),
+                device_id: client.device().map(str::to_string),
+                node: "herald-1".to_string(),
+                clean_session: true,
+                protocol: "mqtt3.1.1".to_string(),
+                username: username.map(str::to_string),
+                transport: "tcp".to_string(),
+                v: 1,
+            };
+            assert_eq!(
+                std::str::from_utf8(&json).expect("UTF-8"),
+                serde_json::to_string(&expected).expect("JSON")
+            );
+            // An address read back from a stored event that does not parse is kept as text.
+            let facts = Facts {
+                client_ip: Err("somewhere"),
+                ..facts
+            };
+            let json = facts
+                .encode(&client, channel, kind, reason, stamp)
+                .expect("JSON");
+            let back: PresenceEvent = serde_json::from_slice(&json).expect("event");
+            assert_eq!(back.client_ip, "somewhere");
+        }
     }
 
     #[test]
