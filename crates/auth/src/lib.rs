@@ -10,7 +10,9 @@ mod policy;
 mod registry;
 mod signature;
 
-pub use policy::{HeldToken, Permissions, Principal, UPLOAD_TOKEN_TOPIC, is_broker_topic};
+pub use policy::{
+    DeviceGrant, HeldToken, Permissions, Principal, UPLOAD_TOKEN_TOPIC, is_broker_topic,
+};
 pub use registry::{Actions, AuthRegistry, DeviceCredential, TokenGrant};
 pub use signature::{sign, verify_signature};
 
@@ -261,10 +263,10 @@ impl Authenticator {
                 if !verify_signature(credential.secret.expose(), client_id.as_str(), password) {
                     return Err(Refusal::BadCredentials("wrong signature"));
                 }
-                let permissions = Permissions::Device {
+                let permissions = Permissions::Device(Box::new(DeviceGrant {
                     key_id: credential.key_id.clone(),
                     secret: credential.secret.clone(),
-                };
+                }));
                 Ok(self.principal(client_id, permissions))
             }
             Username::Legacy { .. } | Username::Other => self.anonymous_or(

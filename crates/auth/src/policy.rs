@@ -43,8 +43,16 @@ pub enum Permissions {
     /// Token mode: the union of the tokens' grants (each as far as its type allows).
     Tokens(Vec<HeldToken>),
     /// Device credential mode: anywhere under the declared parent topics, except other
-    /// clients' P2P topics and the presence topics (as anonymous clients).
-    Device { key_id: String, secret: Secret },
+    /// clients' P2P topics and the presence topics (as anonymous clients). Boxed: every
+    /// connection holds its permissions, and most are not of this kind.
+    Device(Box<DeviceGrant>),
+}
+
+/// The device credential a connection authenticated with, to check it again later.
+#[derive(Debug, Clone)]
+pub struct DeviceGrant {
+    pub key_id: String,
+    pub secret: Secret,
 }
 
 /// An authenticated client: who it is and what it may do.
@@ -74,7 +82,7 @@ impl Principal {
     pub fn relies_on_registry(&self) -> bool {
         matches!(
             self.permissions,
-            Permissions::Tokens(_) | Permissions::Device { .. }
+            Permissions::Tokens(_) | Permissions::Device(_)
         )
     }
 
@@ -94,8 +102,10 @@ impl Principal {
                 }
                 Ok(())
             }
-            Permissions::Device { key_id, secret } => match registry.credential_of_key(key_id) {
-                Some(c) if c.secret == *secret && c.client_id == self.client_id.as_str() => Ok(()),
+            Permissions::Device(grant) => match registry.credential_of_key(&grant.key_id) {
+                Some(c) if c.secret == grant.secret && c.client_id == self.client_id.as_str() => {
+                    Ok(())
+                }
                 Some(_) => Err("the device credential was refreshed"),
                 None => Err("the device credential was unregistered"),
             },
@@ -139,7 +149,7 @@ impl Principal {
             return false;
         }
         match &self.permissions {
-            Permissions::Anonymous | Permissions::Device { .. } => true,
+            Permissions::Anonymous | Permissions::Device(_) => true,
             Permissions::Key(key) => key.publish.iter().any(|f| matches(f, topic)),
             Permissions::Tokens(held) => held
                 .iter()
@@ -153,7 +163,7 @@ impl Principal {
             return false;
         }
         match &self.permissions {
-            Permissions::Anonymous | Permissions::Device { .. } => {
+            Permissions::Anonymous | Permissions::Device(_) => {
                 !PRESENCE_PREFIXES.contains(&parent_of(filter))
             }
             Permissions::Key(key) => key.subscribe.iter().any(|f| covers(f, filter)),

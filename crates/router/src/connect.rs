@@ -40,7 +40,7 @@ impl Router {
             id: request.channel,
             outbox: request.outbox,
             will: request.will.map(Box::new),
-            peer: request.peer,
+            peer: request.peer.into(),
             protocol: request.protocol,
             username: request.username,
             transport: request.transport,

@@ -19,7 +19,7 @@ use crate::router::{Deferred, Router, RouterStats};
 use crate::session::Attached;
 use crate::types::{
     ChannelId, ChannelInfo, ClientState, CloseReason, Event, EventKind, FailedConnect, Message,
-    now_ms,
+    Peer, now_ms,
 };
 
 /// The JSON form of an event, keys in the order of DESIGN.md 5.1.
@@ -170,17 +170,26 @@ impl std::fmt::Display for EventId<'_> {
 pub(crate) struct Known {
     /// The seq of its last presence event (0: none yet).
     pub(crate) seq: u64,
-    /// Its `$presence/<clientId>` snapshot, when snapshots are on and it had an event.
-    pub(crate) snapshot: Option<SnapshotState>,
+    /// Its `$presence/<clientId>` snapshot, when snapshots are on and it had an event. Boxed,
+    /// so that the map's nodes stay small (16 bytes of value per client).
+    pub(crate) snapshot: Option<Box<SnapshotState>>,
+}
+
+impl Known {
+    /// Replaces the snapshot, in the same allocation when there is one.
+    pub(crate) fn set_snapshot(&mut self, state: SnapshotState) {
+        match &mut self.snapshot {
+            Some(snapshot) => **snapshot = state,
+            None => self.snapshot = Some(Box::new(state)),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct SnapshotState {
     since: u64,
     channel: ChannelId,
-    /// The peer address as its two parts: 19 bytes where a `SocketAddr` takes 32.
-    client_ip: std::net::IpAddr,
-    client_port: u16,
+    peer: Peer,
     seq: u64,
     last_event: EventKind,
     reason: Option<CloseReason>,
@@ -198,8 +207,7 @@ impl SnapshotState {
         let state = SnapshotState {
             since: stored.since,
             channel: ChannelId(u128::from_str_radix(&stored.channel_id, 16).ok()?),
-            client_ip: client_ip.ip(),
-            client_port: client_ip.port(),
+            peer: client_ip.into(),
             seq: stored.seq,
             last_event: EventKind::parse(&stored.last_event)?,
             reason: match stored.reason {
@@ -228,7 +236,7 @@ impl SnapshotState {
             online: self.last_event != EventKind::TcpClean,
             since: self.since,
             channel_id: Shown(self.channel),
-            client_ip: Shown(SocketAddr::new(self.client_ip, self.client_port)),
+            client_ip: Shown(self.peer.addr()),
             seq: self.seq,
             last_event: self.last_event.as_str(),
             reason: self.reason.map(CloseReason::as_str),
@@ -295,7 +303,7 @@ impl Router {
         let Some(attached) = self.attached(&client) else {
             return;
         };
-        let peer = attached.peer;
+        let peer = attached.peer.addr();
         let json = Facts {
             client_ip: Ok(peer),
             clean_session,
@@ -398,8 +406,7 @@ impl Router {
                     let state = SnapshotState {
                         since: time_ms,
                         channel,
-                        client_ip: client_ip.ip(),
-                        client_port: client_ip.port(),
+                        peer: client_ip.into(),
                         seq,
                         last_event: kind,
                         reason,
@@ -478,7 +485,10 @@ impl Router {
             message: crate::router::to_stored(&message),
         });
         self.retained.remove(message.topic.as_str());
-        self.known.entry(client.clone()).or_default().snapshot = Some(state);
+        self.known
+            .entry(client.clone())
+            .or_default()
+            .set_snapshot(state);
         self.deliver_to_subscribers(&message);
     }
 
@@ -648,7 +658,7 @@ impl Router {
             .and_then(|s| s.attached.as_ref())
             .map(|a| ChannelInfo {
                 channel_id: a.id.to_string(),
-                client_ip: a.peer.to_string(),
+                client_ip: a.peer.addr().to_string(),
                 connected_at: a.connected_at_ms,
                 protocol: a.protocol.as_str(),
                 transport: a.transport.as_str(),
@@ -711,8 +721,10 @@ mod tests {
             let state = SnapshotState {
                 since: 1_732_345_678_901,
                 channel: ChannelId::random(),
-                client_ip: "2001:db8::7".parse().expect("address"),
-                client_port: 51514,
+                peer: "[2001:db8::7]:51514"
+                    .parse::<SocketAddr>()
+                    .expect("address")
+                    .into(),
                 seq: 42,
                 last_event,
                 reason,
@@ -831,6 +843,8 @@ mod tests {
     fn what_is_kept_per_known_client_is_small() {
         // One per client id ever seen, online or not (docs/benchmarks.md).
         let size = std::mem::size_of::<Known>();
-        assert!(size <= 80, "Known is {size} bytes");
+        assert!(size <= 16, "Known is {size} bytes");
+        let size = std::mem::size_of::<SnapshotState>();
+        assert!(size <= 64, "SnapshotState is {size} bytes");
     }
 }

@@ -316,7 +316,7 @@ impl Router {
                 && id == client_id
                 && let Ok(client) = self.known_client_id(&id)
             {
-                self.known.entry(client).or_default().snapshot = Some(state);
+                self.known.entry(client).or_default().set_snapshot(state);
                 continue;
             }
             self.retained.insert(message.topic.to_string(), message);

@@ -24,6 +24,29 @@ impl ChannelId {
     }
 }
 
+/// A peer address kept for long (a session's channel, a `$presence` snapshot): 19 bytes where
+/// a `SocketAddr` takes 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    ip: std::net::IpAddr,
+    port: u16,
+}
+
+impl Peer {
+    pub fn addr(self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(addr: SocketAddr) -> Peer {
+        Peer {
+            ip: addr.ip(),
+            port: addr.port(),
+        }
+    }
+}
+
 impl fmt::Display for ChannelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)

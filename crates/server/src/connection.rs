@@ -910,6 +910,6 @@ mod tests {
         assert!(size <= 1024, "a resumed connection task is {size} bytes");
         // What a parked connection keeps (its socket out of tokio's reactor).
         let size = std::mem::size_of::<super::Channel<super::ParkedSocket>>();
-        assert!(size <= 240, "a parked channel's state is {size} bytes");
+        assert!(size <= 208, "a parked channel's state is {size} bytes");
     }
 }
