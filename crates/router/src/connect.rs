@@ -1,6 +1,9 @@
 //! The start and the end of a channel: CONNECT (new session, resumed session, takeover) and
 //! the one exit path every channel takes.
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+
 use herald_protocol::{ConnAck, ConnectReturnCode, Packet};
 use herald_store::Op;
 use tracing::{info, warn};
@@ -8,6 +11,10 @@ use tracing::{info, warn};
 use crate::router::{Router, RouterStats};
 use crate::session::{Attached, Session};
 use crate::types::{ChannelId, CloseReason, ConnectRequest, EventKind, Message, now_ms};
+
+/// How many distinct recent user names [`shared_username`] remembers: a deployment
+/// has a few access keys, each giving one Signature user name to all its devices.
+const RECENT_USERNAMES: usize = 8;
 
 impl Router {
     pub(crate) fn handle_connect(&mut self, request: ConnectRequest) {
@@ -33,6 +40,8 @@ impl Router {
             });
             self.sessions.insert(client.clone(), session);
         }
+        let recent = &mut self.recent_usernames;
+        let username = request.username.map(|name| shared_username(recent, name));
         let Some(session) = self.sessions.get_mut(&client) else {
             return;
         };
@@ -42,7 +51,7 @@ impl Router {
             will: request.will.map(Box::new),
             peer: request.peer.into(),
             protocol: request.protocol,
-            username: request.username,
+            username,
             transport: request.transport,
             connected_at_ms: now_ms(),
         });
@@ -137,5 +146,51 @@ impl Router {
             };
             self.route_from(message, Some(&client));
         }
+    }
+}
+
+/// `name` as an allocation shared with the channels that recently gave the same user name;
+/// `recent` holds the latest distinct names, newest first.
+fn shared_username(recent: &mut VecDeque<Arc<str>>, name: String) -> Arc<str> {
+    if let Some(shared) = recent.iter().find(|shared| ***shared == *name) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(name);
+    if recent.len() == RECENT_USERNAMES {
+        recent.pop_back();
+    }
+    recent.push_front(shared.clone());
+    shared
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_giving_one_user_name_share_it() {
+        let mut recent = VecDeque::new();
+        let signature = "Signature|LTAI5tExample|post-cn-demo";
+        let a = shared_username(&mut recent, signature.to_string());
+        let b = shared_username(&mut recent, signature.to_string());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*b, signature);
+        // Other names are kept apart, and only the latest few distinct ones are remembered.
+        let names: Vec<String> = (0..RECENT_USERNAMES).map(|n| format!("user-{n}")).collect();
+        let others: Vec<Arc<str>> = names
+            .iter()
+            .map(|name| shared_username(&mut recent, name.clone()))
+            .collect();
+        assert!(others.iter().all(|other| !Arc::ptr_eq(other, &a)));
+        assert_eq!(recent.len(), RECENT_USERNAMES);
+        let c = shared_username(&mut recent, signature.to_string());
+        assert_eq!(c, a);
+        assert!(
+            !Arc::ptr_eq(&c, &a),
+            "forgotten after {RECENT_USERNAMES} other names"
+        );
+        let last = names.last().expect("names");
+        let again = shared_username(&mut recent, last.clone());
+        assert!(Arc::ptr_eq(&again, others.last().expect("others")));
     }
 }

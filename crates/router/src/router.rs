@@ -162,6 +162,9 @@ pub struct Router {
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
     pending: VecDeque<Pending>,
+    /// The user names channels gave most recently, newest first: a new channel with one of
+    /// them shares its allocation.
+    pub(crate) recent_usernames: VecDeque<Arc<str>>,
     pending_per_channel: HashMap<ChannelId, usize>,
     /// The highest ticket known durable.
     committed: u64,
@@ -206,6 +209,7 @@ impl Router {
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
             pending: VecDeque::new(),
+            recent_usernames: VecDeque::new(),
             pending_per_channel: HashMap::new(),
             committed: 0,
         };

@@ -2,6 +2,7 @@
 //! state (messages queued, messages in flight, incoming QoS 2 ids awaiting PUBREL).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use herald_protocol::{ClientId, Packet, PacketId, Protocol, Publish, QoS, Will};
 use herald_store::Op;
@@ -19,7 +20,9 @@ pub struct Attached {
     pub will: Option<Box<Will>>,
     pub peer: Peer,
     pub protocol: Protocol,
-    pub username: Option<String>,
+    /// Shared between the channels that gave the same user name (a Signature user name names
+    /// the access key and instance, so a fleet's devices mostly give one).
+    pub username: Option<Arc<str>>,
     pub transport: Transport,
     pub connected_at_ms: u64,
 }
