@@ -122,6 +122,10 @@ pub struct Options {
     /// as lost.
     #[arg(long, default_value_t = 2.0)]
     pub drain_wait: f64,
+    /// conn: seconds the connections stay open after memory is measured (time to inspect
+    /// the broker: a heap profile, `ss`, /proc).
+    #[arg(long, default_value_t = 0.0)]
+    pub hold: f64,
     /// conn: handshakes in flight at once.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,

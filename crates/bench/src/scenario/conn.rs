@@ -116,6 +116,10 @@ pub async fn run(options: &Options, addr: SocketAddr) -> Result<Results, BenchEr
             put(&mut results, "rss_per_conn_kib", per);
         }
     }
+    if options.hold > 0.0 {
+        eprintln!("herald-bench conn: holding {connected} connections");
+        tokio::time::sleep(Duration::from_secs_f64(options.hold.min(3600.0))).await;
+    }
     drop(connections);
     Ok(results)
 }
