@@ -132,9 +132,22 @@ sinks = ["hook"]
 /// `XRANGE` replies: (entry id, [(field, value)]).
 type StreamEntries = Vec<(String, Vec<(String, String)>)>;
 
+/// A port for a redis-server started later in the test: free now and below Linux's ephemeral
+/// range (32768 and up by default), so that the connections other tests open meanwhile cannot
+/// take it before redis binds it (a port from `bind(:0)` is ephemeral, and one was taken).
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().rotate_left(16);
+    for i in 0..1000u32 {
+        let port = 20_000 + (seed.wrapping_add(i.wrapping_mul(7_919)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000")
 }
 
 struct RedisServer(Child);
