@@ -262,6 +262,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         throttles: Throttles::new(abuse),
         parkable,
+        awaiting_connack: true,
         checked_generation: 0,
         context,
         _permit: permit,
@@ -347,6 +348,9 @@ pub(crate) struct Channel<S> {
     throttles: Option<Box<Throttles>>,
     /// Plain TCP and parking on (`limits.park_idle_ms`).
     parkable: bool,
+    /// The CONNACK is still to come (it waits for the connect event to be durable): the
+    /// connection does not park for that wait, which is not idleness.
+    awaiting_connack: bool,
     /// The auth registry's generation when the credentials were last checked (token and
     /// device-credential connections): a parked one whose registry moved on is woken.
     checked_generation: u64,
@@ -425,6 +429,7 @@ impl<S> Channel<S> {
             keep_alive,
             throttles,
             parkable,
+            awaiting_connack,
             checked_generation,
             _permit,
         } = self;
@@ -458,6 +463,7 @@ impl<S> Channel<S> {
             keep_alive,
             throttles,
             parkable,
+            awaiting_connack,
             checked_generation,
             _permit,
         }))
@@ -636,11 +642,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             }
             let idle_at = match idle_at {
                 Some(at) if at <= now => {
-                    if self.framed.is_drained() {
+                    if self.framed.is_drained() && !self.awaiting_connack {
                         return Poll::Ready(Wake::Idle);
                     }
-                    // Half a packet is buffered: look again one idle period later (the rest
-                    // of it, when it comes, moves the idle time anyway).
+                    // Half a packet is buffered, or the CONNACK is yet to come: look again one
+                    // idle period later (the rest of the packet or the CONNACK, when it comes,
+                    // moves the idle time anyway).
                     idle_after.map(|after| now + after)
                 }
                 // Packets came since the timer was set: wait for the time they moved.
@@ -703,7 +710,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         let mut then_close = None;
         for written in 1..=WRITE_BATCH {
             match next {
-                Some(Outgoing::Packet(packet)) => self.framed.queue(packet),
+                Some(Outgoing::Packet(packet)) => {
+                    if matches!(packet, Packet::ConnAck(_)) {
+                        self.awaiting_connack = false;
+                    }
+                    self.framed.queue(packet)
+                }
                 Some(Outgoing::Close(reason)) => {
                     then_close = Some(reason);
                     break;
