@@ -45,6 +45,16 @@ enum Command {
     },
 }
 
+/// jemalloc rather than the C library's allocator: size classes keep short-lived allocations
+/// (a connection's task, buffers and handshake, a presence event) apart from long-lived ones,
+/// and a background thread gives emptied pages back to the system 100 ms after they empty
+/// (built-in options in `.cargo/config.toml`; `_RJEM_MALLOC_CONF` overrides them at start).
+/// With the C library's allocator the memory of a reconnect storm stayed resident, in holes
+/// between the connections that stayed (docs/benchmarks.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
