@@ -1,6 +1,9 @@
 # Build: docker build -t herald .
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# make: the broker's allocator (jemalloc) is built from C source.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --locked --bin herald
 
