@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::router::{Router, RouterStats};
 use crate::session::{Attached, Session};
-use crate::types::{ChannelId, CloseReason, ConnectRequest, EventKind, Message, now_ms};
+use crate::types::{ChannelRef, CloseReason, ConnectRequest, EventKind, Message, now_ms};
 
 /// How many distinct recent user names [`shared_username`] remembers: a deployment
 /// has a few access keys, each giving one Signature user name to all its devices.
@@ -21,7 +21,10 @@ impl Router {
         let client = request.client_id.clone();
         if let Some(old) = self.sessions.get(&client).and_then(|s| s.channel_id()) {
             info!(client_id = %client, old_channel = %old, new_channel = %request.channel, "client id taken over by a new connection");
-            self.end_channel(old, CloseReason::TakenOver);
+            self.end_channel(
+                &ChannelRef::new(client.clone(), old),
+                CloseReason::TakenOver,
+            );
         }
         let mut session_present = false;
         if request.clean_session {
@@ -55,7 +58,6 @@ impl Router {
             transport: request.transport,
             connected_at_ms: now_ms(),
         });
-        self.channels.insert(request.channel, client.clone());
         RouterStats::add(&self.stats.connections, 1);
         let connack = Packet::ConnAck(ConnAck {
             session_present,
@@ -64,16 +66,12 @@ impl Router {
         let Some(session) = self.sessions.get_mut(&client) else {
             return;
         };
+        let channel = ChannelRef::new(client.clone(), request.channel);
         if !session.send(connack) {
-            self.slow_consumer(request.channel);
+            self.slow_consumer(&channel);
             return;
         }
-        self.emit_for(
-            request.channel,
-            EventKind::Connect,
-            None,
-            request.clean_session,
-        );
+        self.emit_for(&channel, EventKind::Connect, None, request.clean_session);
         let Some(session) = self.sessions.get_mut(&client) else {
             return;
         };
@@ -82,10 +80,10 @@ impl Router {
         let pumped = session.pump(self.settings.queue_limits(), &mut ops);
         self.stage_all(ops);
         if resent.slow_consumer {
-            self.slow_consumer(request.channel);
+            self.slow_consumer(&channel);
             return;
         }
-        self.after_send(Some(request.channel), pumped);
+        self.after_send(Some(channel), pumped);
     }
 
     /// Removes a session's subscriptions and, for a persistent one, its stored state.
@@ -101,19 +99,15 @@ impl Router {
     }
 
     /// The one exit path of every channel: ends it once, whoever noticed first.
-    pub(crate) fn end_channel(&mut self, channel: ChannelId, reason: CloseReason) {
-        let Some(client) = self.channels.get(&channel).cloned() else {
+    pub(crate) fn end_channel(&mut self, channel: &ChannelRef, reason: CloseReason) {
+        let Some(persistent) = self.session_of(channel).map(|s| s.persistent) else {
             return;
         };
-        let Some(persistent) = self.sessions.get(&client).map(|s| s.persistent) else {
-            self.channels.remove(&channel);
-            return;
-        };
+        let client = channel.client.clone();
         if reason == CloseReason::ClientDisconnect {
             self.emit_for(channel, EventKind::Disconnect, Some(reason), !persistent);
         }
         self.emit_for(channel, EventKind::TcpClean, Some(reason), !persistent);
-        self.channels.remove(&channel);
         self.stats
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

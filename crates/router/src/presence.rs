@@ -18,8 +18,8 @@ use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::router::{Deferred, Router, RouterStats};
 use crate::session::Attached;
 use crate::types::{
-    ChannelId, ChannelInfo, ClientState, CloseReason, Event, EventKind, FailedConnect, Message,
-    Peer, now_ms,
+    ChannelId, ChannelInfo, ChannelRef, ClientState, CloseReason, Event, EventKind, FailedConnect,
+    Message, Peer, now_ms,
 };
 
 /// The JSON form of an event, keys in the order of DESIGN.md 5.1.
@@ -288,15 +288,13 @@ impl Router {
     /// Emits the event of `kind` for a live channel (call before the channel is forgotten).
     pub(crate) fn emit_for(
         &mut self,
-        channel: ChannelId,
+        channel: &ChannelRef,
         kind: EventKind,
         reason: Option<CloseReason>,
         clean_session: bool,
     ) {
-        let Some(client) = self.channels.get(&channel).cloned() else {
-            return;
-        };
-        if self.attached(&client).is_none() {
+        let (client, channel) = (channel.client.clone(), channel.id);
+        if self.attached(&client).is_none_or(|a| a.id != channel) {
             return;
         }
         let stamp = self.stamp(&client);

@@ -10,12 +10,12 @@ use tracing::warn;
 use crate::presence::SNAPSHOT_PREFIX;
 use crate::router::{Deferred, Router, RouterStats, to_stored};
 use crate::session::{Enqueued, InflightState, Queued, publish_packet};
-use crate::types::{ChannelId, CloseReason, Message, now_ms};
+use crate::types::{ChannelRef, CloseReason, Message, now_ms};
 
 impl Router {
-    pub(crate) fn handle_publish(&mut self, channel: ChannelId, publish: Publish) {
+    pub(crate) fn handle_publish(&mut self, channel: ChannelRef, publish: Publish) {
         let max_incoming = self.settings.max_incoming_qos2;
-        let Some(session) = self.session_of(channel) else {
+        let Some(session) = self.session_of(&channel) else {
             return;
         };
         let packet_id = publish.packet_id;
@@ -32,7 +32,7 @@ impl Router {
             let flow = session.flow_mut();
             if flow.incoming_qos2.len() >= max_incoming {
                 warn!(%channel, limit = "limits.max_inflight", "too many QoS 2 messages awaiting PUBREL; closing");
-                self.end_channel(channel, CloseReason::ProtocolError);
+                self.end_channel(&channel, CloseReason::ProtocolError);
                 return;
             }
             flow.incoming_qos2.insert(id);
@@ -48,7 +48,6 @@ impl Router {
         }
         RouterStats::add(&self.stats.messages_received, 1);
         RouterStats::add(&self.stats.received_by_qos[publish.qos.as_u8() as usize], 1);
-        let publisher = self.channels.get(&channel).cloned();
         let message = Message {
             topic: publish.topic,
             payload: publish.payload,
@@ -56,7 +55,7 @@ impl Router {
             retain: publish.retain,
             published_at_ms: now_ms(),
         };
-        self.route_from(message, publisher.as_ref());
+        self.route_from(message, Some(&channel.client));
         match (publish.qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
                 self.reply(channel, Deferred::Send(Packet::PubAck(id)), true)
@@ -68,8 +67,8 @@ impl Router {
         }
     }
 
-    pub(crate) fn handle_pubrel(&mut self, channel: ChannelId, packet_id: PacketId) {
-        let Some(session) = self.session_of(channel) else {
+    pub(crate) fn handle_pubrel(&mut self, channel: ChannelRef, packet_id: PacketId) {
+        let Some(session) = self.session_of(&channel) else {
             return;
         };
         let removed = session
@@ -89,16 +88,16 @@ impl Router {
         self.reply(channel, Deferred::Send(Packet::PubComp(packet_id)), durable);
     }
 
-    pub(crate) fn handle_puback(&mut self, channel: ChannelId, packet_id: PacketId) {
+    pub(crate) fn handle_puback(&mut self, channel: ChannelRef, packet_id: PacketId) {
         self.complete(channel, packet_id, InflightState::Ack);
     }
 
-    pub(crate) fn handle_pubcomp(&mut self, channel: ChannelId, packet_id: PacketId) {
+    pub(crate) fn handle_pubcomp(&mut self, channel: ChannelRef, packet_id: PacketId) {
         self.complete(channel, packet_id, InflightState::Complete);
     }
 
-    pub(crate) fn handle_pubrec(&mut self, channel: ChannelId, packet_id: PacketId) {
-        let Some(session) = self.session_of(channel) else {
+    pub(crate) fn handle_pubrec(&mut self, channel: ChannelRef, packet_id: PacketId) {
+        let Some(session) = self.session_of(&channel) else {
             return;
         };
         let mut released = None;
@@ -122,9 +121,9 @@ impl Router {
     }
 
     /// The last acknowledgement of an outgoing message: forget it and send the next ones.
-    fn complete(&mut self, channel: ChannelId, packet_id: PacketId, state: InflightState) {
+    fn complete(&mut self, channel: ChannelRef, packet_id: PacketId, state: InflightState) {
         let limits = self.settings.queue_limits();
-        let Some(session) = self.session_of(channel) else {
+        let Some(session) = self.session_of(&channel) else {
             return;
         };
         let mut ops = Vec::new();
@@ -260,7 +259,14 @@ impl Router {
             }
         }
         let outcome = session.pump(limits, &mut ops);
-        let channel = session.channel_id();
+        // Named only for what after_send reports or closes (the client id is cloned then).
+        let channel = (outcome.slow_consumer || outcome.expired > 0)
+            .then(|| {
+                session
+                    .channel_id()
+                    .map(|id| ChannelRef::new(session.client_id.clone(), id))
+            })
+            .flatten();
         self.stage_all(ops);
         self.after_send(channel, outcome);
     }

@@ -19,7 +19,7 @@ use crate::presence::{SNAPSHOT_PREFIX, SnapshotState};
 use crate::session::{Queued, Session};
 use crate::tree::SubscriptionTree;
 use crate::types::{
-    ChannelId, ClientState, CloseReason, Event, Input, Message, RouterSettings, now_ms,
+    ChannelId, ChannelRef, ClientState, CloseReason, Event, Input, Message, RouterSettings, now_ms,
 };
 
 /// Counters the router keeps; read by the admin side and the tests.
@@ -139,7 +139,7 @@ pub(crate) enum Deferred {
 struct Pending {
     ticket: u64,
     /// The channel the action answers, if any: its actions keep their order.
-    channel: Option<ChannelId>,
+    channel: Option<ChannelRef>,
     action: Deferred,
 }
 
@@ -148,7 +148,6 @@ pub struct Router {
     pub(crate) settings: RouterSettings,
     /// Boxed: the map's slots (about 1.6 per session) stay small.
     pub(crate) sessions: HashMap<ClientId, Box<Session>>,
-    pub(crate) channels: HashMap<ChannelId, ClientId>,
     pub(crate) tree: SubscriptionTree,
     pub(crate) retained: BTreeMap<String, Message>,
     pub(crate) persister: Persister,
@@ -198,7 +197,6 @@ impl Router {
         let mut router = Router {
             settings,
             sessions: HashMap::new(),
-            channels: HashMap::new(),
             tree: SubscriptionTree::default(),
             retained: BTreeMap::new(),
             persister,
@@ -423,7 +421,14 @@ impl Router {
     }
 
     fn close_all(&mut self) {
-        let channels: Vec<ChannelId> = self.channels.keys().copied().collect();
+        let channels: Vec<ChannelRef> = self
+            .sessions
+            .values()
+            .filter_map(|s| {
+                s.channel_id()
+                    .map(|id| ChannelRef::new(s.client_id.clone(), id))
+            })
+            .collect();
         if !channels.is_empty() {
             info!(
                 channels = channels.len(),
@@ -431,7 +436,7 @@ impl Router {
             );
         }
         for channel in channels {
-            self.end_channel(channel, CloseReason::ServerShutdown);
+            self.end_channel(&channel, CloseReason::ServerShutdown);
         }
     }
 
@@ -454,7 +459,7 @@ impl Router {
                 packet_id,
                 filters,
             } => self.handle_unsubscribe(channel, packet_id, filters),
-            Input::Closed { channel, reason } => self.end_channel(channel, reason),
+            Input::Closed { channel, reason } => self.end_channel(&channel, reason),
             Input::Acknowledge { channel, packet } => {
                 self.reply(channel, Deferred::Send(packet), false)
             }
@@ -479,11 +484,11 @@ impl Router {
                 self.answer(reply, page);
             }
             Input::Kick { client_id, reply } => {
-                let channel = self
-                    .sessions
-                    .get(client_id.as_str())
-                    .and_then(|s| s.channel_id());
-                if let Some(channel) = channel {
+                let channel = self.sessions.get(client_id.as_str()).and_then(|s| {
+                    s.channel_id()
+                        .map(|id| ChannelRef::new(s.client_id.clone(), id))
+                });
+                if let Some(channel) = &channel {
                     info!(client_id = %client_id, %channel, "kicked through the admin API");
                     self.end_channel(channel, CloseReason::Kicked);
                 }
@@ -510,12 +515,11 @@ impl Router {
     }
 
     /// The session attached to `channel`, if the channel is still live.
-    pub(crate) fn session_of(&mut self, channel: ChannelId) -> Option<&mut Session> {
-        let client = self.channels.get(&channel)?;
+    pub(crate) fn session_of(&mut self, channel: &ChannelRef) -> Option<&mut Session> {
         self.sessions
-            .get_mut(client)
+            .get_mut(&channel.client)
             .map(|s| &mut **s)
-            .filter(|s| s.channel_id() == Some(channel))
+            .filter(|s| s.channel_id() == Some(channel.id))
     }
 
     pub(crate) fn stage_all(&mut self, ops: Vec<Op>) {
@@ -526,14 +530,14 @@ impl Router {
 
     /// Sends `action` to `channel` now, or once the open batch is durable (`durable`), or after
     /// the channel's earlier deferred acknowledgements, whichever keeps the order.
-    pub(crate) fn reply(&mut self, channel: ChannelId, action: Deferred, durable: bool) {
+    pub(crate) fn reply(&mut self, channel: ChannelRef, action: Deferred, durable: bool) {
         let open = if durable {
             self.persister.open_ticket()
         } else {
             None
         };
         let ticket = open.or_else(|| {
-            self.pending_per_channel.contains_key(&channel).then(|| {
+            self.pending_per_channel.contains_key(&channel.id).then(|| {
                 self.persister
                     .open_ticket()
                     .unwrap_or(self.persister.last_sent_ticket())
@@ -542,7 +546,7 @@ impl Router {
         match ticket {
             None => self.execute(Some(channel), action),
             Some(ticket) => {
-                *self.pending_per_channel.entry(channel).or_default() += 1;
+                *self.pending_per_channel.entry(channel.id).or_default() += 1;
                 let channel = Some(channel);
                 self.pending.push_back(Pending {
                     ticket,
@@ -582,7 +586,7 @@ impl Router {
         }
     }
 
-    fn execute(&mut self, channel: Option<ChannelId>, action: Deferred) {
+    fn execute(&mut self, channel: Option<ChannelRef>, action: Deferred) {
         let (packet, retained) = match action {
             Deferred::Send(packet) => (packet, Vec::new()),
             Deferred::SubAck(packet, retained) => (packet, retained),
@@ -598,18 +602,15 @@ impl Router {
             }
         };
         let Some(channel) = channel else { return };
-        let Some(session) = self.session_of(channel) else {
+        let Some(session) = self.session_of(&channel) else {
             return;
         };
         if !session.send(packet) {
-            self.slow_consumer(channel);
+            self.slow_consumer(&channel);
             return;
         }
-        let Some(client) = self.channels.get(&channel).cloned() else {
-            return;
-        };
         for (message, qos) in retained {
-            self.deliver(&client, &message, qos, true);
+            self.deliver(&channel.client, &message, qos, true);
         }
     }
 
@@ -617,7 +618,7 @@ impl Router {
     /// what was sent.
     pub(crate) fn after_send(
         &mut self,
-        channel: Option<ChannelId>,
+        channel: Option<ChannelRef>,
         outcome: crate::session::SendOutcome,
     ) {
         // Counted here, for every caller of `pump` (a new message, an acknowledgement that
@@ -633,16 +634,16 @@ impl Router {
         }
         if outcome.expired > 0 {
             RouterStats::add(&self.stats.queue_expired, outcome.expired);
-            warn!(channel = ?channel, dropped = outcome.expired, limit = "limits.max_queue_age_secs", "queued messages expired before delivery");
+            warn!(channel = ?channel.as_ref().map(|c| c.id), dropped = outcome.expired, limit = "limits.max_queue_age_secs", "queued messages expired before delivery");
         }
         if outcome.slow_consumer
             && let Some(channel) = channel
         {
-            self.slow_consumer(channel);
+            self.slow_consumer(&channel);
         }
     }
 
-    pub(crate) fn slow_consumer(&mut self, channel: ChannelId) {
+    pub(crate) fn slow_consumer(&mut self, channel: &ChannelRef) {
         warn!(%channel, "outbox full: the client does not read fast enough; closing");
         self.end_channel(channel, CloseReason::SlowConsumer);
     }
@@ -662,15 +663,15 @@ impl Router {
             else {
                 break;
             };
-            if let Some(channel) = channel
-                && let Some(count) = self.pending_per_channel.get_mut(&channel)
+            if let Some(channel) = &channel
+                && let Some(count) = self.pending_per_channel.get_mut(&channel.id)
             {
                 *count -= 1;
                 if *count == 0 {
-                    self.pending_per_channel.remove(&channel);
+                    self.pending_per_channel.remove(&channel.id);
                 }
             }
-            match (&failed, channel) {
+            match (&failed, &channel) {
                 (Some((from, error)), Some(channel)) if ticket >= *from => {
                     error!(%channel, %error, "closing a channel whose messages could not be stored; the client will resend them");
                     self.end_channel(channel, CloseReason::StorageFailure);
@@ -713,7 +714,10 @@ mod tests {
 
     fn input() -> Input {
         Input::Closed {
-            channel: ChannelId(1),
+            channel: ChannelRef::new(
+                herald_protocol::ClientId::parse_any("dev-1", 64).expect("client id"),
+                ChannelId(1),
+            ),
             reason: CloseReason::Kicked,
         }
     }

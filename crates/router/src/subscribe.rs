@@ -9,17 +9,17 @@ use herald_store::Op;
 use tracing::warn;
 
 use crate::router::{Deferred, Router};
-use crate::types::{ChannelId, Message};
+use crate::types::{ChannelRef, Message};
 
 impl Router {
     pub(crate) fn handle_subscribe(
         &mut self,
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
         filters: Vec<(String, Option<QoS>)>,
     ) {
         let max = self.settings.max_subscriptions;
-        let Some(session) = self.session_of(channel) else {
+        let Some(session) = self.session_of(&channel) else {
             return;
         };
         let client = session.client_id.clone();
@@ -67,11 +67,11 @@ impl Router {
 
     pub(crate) fn handle_unsubscribe(
         &mut self,
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
         filters: Vec<String>,
     ) {
-        let Some(session) = self.session_of(channel) else {
+        let Some(session) = self.session_of(&channel) else {
             return;
         };
         let client = session.client_id.clone();

@@ -47,6 +47,29 @@ impl From<SocketAddr> for Peer {
     }
 }
 
+/// A live channel as the router addresses it: the client id its session is under, and the
+/// channel's own id. Inputs carry it, so the router finds the session in one lookup and keeps
+/// no map from channel ids to client ids (an entry per connection). A channel that is no
+/// longer its session's attached one (taken over, closed) is ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRef {
+    pub client: ClientId,
+    pub id: ChannelId,
+}
+
+impl ChannelRef {
+    pub fn new(client: ClientId, id: ChannelId) -> ChannelRef {
+        ChannelRef { client, id }
+    }
+}
+
+/// The channel id, as logs name a channel.
+impl fmt::Display for ChannelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.id.fmt(f)
+    }
+}
+
 impl fmt::Display for ChannelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)
@@ -204,46 +227,46 @@ pub struct ConnectRequest {
 pub enum Input {
     Connect(Box<ConnectRequest>),
     Publish {
-        channel: ChannelId,
+        channel: ChannelRef,
         publish: herald_protocol::Publish,
     },
     PubAck {
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
     },
     PubRec {
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
     },
     PubRel {
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
     },
     PubComp {
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
     },
     /// Filters with the QoS asked for, or `None` where the connection refused the filter
     /// (permissions, limits): those get 0x80.
     Subscribe {
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
         filters: Vec<(String, Option<QoS>)>,
     },
     Unsubscribe {
-        channel: ChannelId,
+        channel: ChannelRef,
         packet_id: PacketId,
         filters: Vec<String>,
     },
     /// An acknowledgement for a PUBLISH the connection did not route (a token upload, an
     /// ignored denied publish), sent in order behind the channel's pending acknowledgements.
     Acknowledge {
-        channel: ChannelId,
+        channel: ChannelRef,
         packet: Packet,
     },
     /// The one exit path of every channel.
     Closed {
-        channel: ChannelId,
+        channel: ChannelRef,
         reason: CloseReason,
     },
     /// A message from inside the broker (the admin API, the `mqtt` sink). `done` is answered

@@ -12,8 +12,8 @@ use herald_protocol::{
     ClientId, ConnAck, ConnectReturnCode, Packet, Protocol, Publish, QoS, Topic,
 };
 use herald_router::{
-    ChannelId, CloseReason, ConnectRequest, Event, EventKind, Input, OutboxReceiver, Outgoing,
-    Router, RouterHandle, RouterSettings, Transport, channel_outbox,
+    ChannelId, ChannelRef, CloseReason, ConnectRequest, Event, EventKind, Input, OutboxReceiver,
+    Outgoing, Router, RouterHandle, RouterSettings, Transport, channel_outbox,
 };
 use herald_store::{MemoryStore, Op, Snapshot, Store, StoreError};
 use tokio::sync::mpsc;
@@ -77,7 +77,7 @@ fn start(settings: RouterSettings) -> Harness {
 }
 
 struct Conn {
-    channel: ChannelId,
+    channel: ChannelRef,
     outbox: OutboxReceiver,
 }
 
@@ -89,9 +89,10 @@ impl Harness {
     async fn connect(&self, id: &str, clean: bool, capacity: usize) -> Conn {
         let (outbox, rx) = channel_outbox(capacity);
         let channel = ChannelId::random();
+        let client_id = ClientId::parse_any(id, 64).expect("id");
         let request = ConnectRequest {
             channel,
-            client_id: ClientId::parse_any(id, 64).expect("id"),
+            client_id: client_id.clone(),
             clean_session: clean,
             will: None,
             username: None,
@@ -102,7 +103,7 @@ impl Harness {
         };
         self.send(Input::Connect(Box::new(request))).await;
         let mut conn = Conn {
-            channel,
+            channel: ChannelRef::new(client_id, channel),
             outbox: rx,
         };
         match conn.next().await {
@@ -160,7 +161,7 @@ async fn a_failed_write_withholds_the_puback_and_closes_the_publisher() {
     let h = start(RouterSettings::default());
     let mut sub = h.connect("sub", false, 64).await;
     h.send(Input::Subscribe {
-        channel: sub.channel,
+        channel: sub.channel.clone(),
         packet_id: pid(1),
         filters: vec![("t".into(), Some(QoS::AtLeastOnce))],
     })
@@ -170,14 +171,14 @@ async fn a_failed_write_withholds_the_puback_and_closes_the_publisher() {
         Outgoing::Packet(Packet::SubAck { .. })
     ));
     h.send(Input::Closed {
-        channel: sub.channel,
+        channel: sub.channel.clone(),
         reason: CloseReason::SocketClosed,
     })
     .await;
 
     let mut publisher = h.connect("pub", true, 64).await;
     h.send(Input::Publish {
-        channel: publisher.channel,
+        channel: publisher.channel.clone(),
         publish: publish("t", QoS::AtLeastOnce, 7),
     })
     .await;
@@ -185,7 +186,7 @@ async fn a_failed_write_withholds_the_puback_and_closes_the_publisher() {
 
     h.failing.store(true, Ordering::SeqCst);
     h.send(Input::Publish {
-        channel: publisher.channel,
+        channel: publisher.channel.clone(),
         publish: publish("t", QoS::AtLeastOnce, 8),
     })
     .await;
@@ -202,7 +203,7 @@ async fn takeover_ends_the_old_channel_before_the_new_one_connects() {
     let first = h.next_event().await;
     assert_eq!(
         (first.kind, first.channel),
-        (EventKind::Connect, old.channel)
+        (EventKind::Connect, old.channel.id)
     );
     let new = h.connect("dev", true, 64).await;
     assert!(matches!(
@@ -214,37 +215,37 @@ async fn takeover_ends_the_old_channel_before_the_new_one_connects() {
         (clean.kind, clean.channel, clean.reason),
         (
             EventKind::TcpClean,
-            old.channel,
+            old.channel.id,
             Some(CloseReason::TakenOver)
         )
     );
     let connect = h.next_event().await;
     assert_eq!(
         (connect.kind, connect.channel),
-        (EventKind::Connect, new.channel)
+        (EventKind::Connect, new.channel.id)
     );
     // The old connection task reports its end later: no second event for it.
     h.send(Input::Closed {
-        channel: old.channel,
+        channel: old.channel.clone(),
         reason: CloseReason::SocketClosed,
     })
     .await;
     h.send(Input::Closed {
-        channel: new.channel,
+        channel: new.channel.clone(),
         reason: CloseReason::ClientDisconnect,
     })
     .await;
     let disconnect = h.next_event().await;
     assert_eq!(
         (disconnect.kind, disconnect.channel),
-        (EventKind::Disconnect, new.channel)
+        (EventKind::Disconnect, new.channel.id)
     );
     let clean = h.next_event().await;
     assert_eq!(
         (clean.kind, clean.channel, clean.reason),
         (
             EventKind::TcpClean,
-            new.channel,
+            new.channel.id,
             Some(CloseReason::ClientDisconnect)
         )
     );
@@ -255,7 +256,7 @@ async fn a_reader_whose_outbox_fills_is_closed_as_a_slow_consumer() {
     let mut h = start(RouterSettings::default());
     let mut slow = h.connect("slow", true, 4).await;
     h.send(Input::Subscribe {
-        channel: slow.channel,
+        channel: slow.channel.clone(),
         packet_id: pid(1),
         filters: vec![("s".into(), Some(QoS::AtLeastOnce))],
     })
@@ -263,7 +264,7 @@ async fn a_reader_whose_outbox_fills_is_closed_as_a_slow_consumer() {
     let publisher = h.connect("pub", true, 64).await;
     for i in 1..=10 {
         h.send(Input::Publish {
-            channel: publisher.channel,
+            channel: publisher.channel.clone(),
             publish: publish("s", QoS::AtLeastOnce, i),
         })
         .await;
@@ -284,19 +285,19 @@ async fn qos0_to_an_offline_session_is_dropped_and_counted() {
     let h = start(RouterSettings::default());
     let sub = h.connect("sub0", false, 64).await;
     h.send(Input::Subscribe {
-        channel: sub.channel,
+        channel: sub.channel.clone(),
         packet_id: pid(1),
         filters: vec![("z".into(), Some(QoS::AtMostOnce))],
     })
     .await;
     h.send(Input::Closed {
-        channel: sub.channel,
+        channel: sub.channel.clone(),
         reason: CloseReason::SocketClosed,
     })
     .await;
     let publisher = h.connect("pub0", true, 64).await;
     h.send(Input::Publish {
-        channel: publisher.channel,
+        channel: publisher.channel.clone(),
         publish: publish("z", QoS::AtMostOnce, 0),
     })
     .await;
@@ -324,7 +325,7 @@ async fn client_pages_follow_id_order_within_a_group() {
     }
     // "GID_aaa@@@2" goes offline.
     h.send(Input::Closed {
-        channel: conns[1].channel,
+        channel: conns[1].channel.clone(),
         reason: CloseReason::SocketClosed,
     })
     .await;

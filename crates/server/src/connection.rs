@@ -16,7 +16,9 @@ use bytes::BytesMut;
 use herald_auth::{Principal, UPLOAD_TOKEN_TOPIC};
 use herald_protocol::codec::check_filter_syntax;
 use herald_protocol::{Codec, DecodeError, Packet, Publish, QoS};
-use herald_router::{ChannelId, CloseReason, Input, OutboxReceiver, Outgoing, Route, Transport};
+use herald_router::{
+    ChannelId, ChannelRef, CloseReason, Input, OutboxReceiver, Outgoing, Route, Transport,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -370,6 +372,11 @@ impl Channel<TcpStream> {
 }
 
 impl<S> Channel<S> {
+    /// The channel as the router addresses it (its client id and channel id).
+    fn channel_ref(&self) -> ChannelRef {
+        ChannelRef::new(self.principal.client_id.clone(), self.channel)
+    }
+
     /// Whether the channel's rights depend on the auth registry (tokens, device credential),
     /// and the registry has changed since they were last checked.
     pub(crate) fn registry_moved_on(&self) -> bool {
@@ -397,7 +404,7 @@ impl Channel<ParkedSocket> {
 /// What is left of a channel whose socket was lost while it moved between tokio and the
 /// parker: enough to tell the router, which hears of it like of any other end.
 pub(crate) struct Lost {
-    channel: ChannelId,
+    channel: ChannelRef,
     context: Arc<crate::Context>,
     /// Kept until the router has heard: a closed outbox would read to it as a slow reader.
     _outbox_rx: OutboxReceiver,
@@ -443,7 +450,7 @@ impl<S> Channel<S> {
             Err(e) => {
                 warn!(client_id = %principal.client_id, %channel, error = %e, "closing: the socket could not move between the runtime and the parker");
                 return Err(Lost {
-                    channel,
+                    channel: ChannelRef::new(principal.client_id, channel),
                     context,
                     _outbox_rx: outbox_rx,
                     _permit,
@@ -666,7 +673,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         let channel = self.channel;
         self.context
             .router
-            .route(Input::Closed { channel, reason })
+            .route(Input::Closed {
+                channel: self.channel_ref(),
+                reason,
+            })
             .await;
         debug!(%channel, reason = reason.as_str(), "connection task ended");
         self.framed.close().await;
@@ -747,13 +757,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
 
     /// One match over every packet a client may send.
     fn dispatch(&mut self, packet: Packet) -> Step {
-        let channel = self.channel;
         match packet {
             Packet::Publish(publish) => self.publish(publish),
-            Packet::PubAck(packet_id) => self.send(Input::PubAck { channel, packet_id }),
-            Packet::PubRec(packet_id) => self.send(Input::PubRec { channel, packet_id }),
-            Packet::PubRel(packet_id) => self.send(Input::PubRel { channel, packet_id }),
-            Packet::PubComp(packet_id) => self.send(Input::PubComp { channel, packet_id }),
+            Packet::PubAck(packet_id) => self.send(Input::PubAck {
+                channel: self.channel_ref(),
+                packet_id,
+            }),
+            Packet::PubRec(packet_id) => self.send(Input::PubRec {
+                channel: self.channel_ref(),
+                packet_id,
+            }),
+            Packet::PubRel(packet_id) => self.send(Input::PubRel {
+                channel: self.channel_ref(),
+                packet_id,
+            }),
+            Packet::PubComp(packet_id) => self.send(Input::PubComp {
+                channel: self.channel_ref(),
+                packet_id,
+            }),
             Packet::Subscribe { packet_id, filters } => self.subscribe(packet_id, filters),
             Packet::Unsubscribe { packet_id, filters } => {
                 if let Some(bad) = filters.iter().find(|f| !check_filter_syntax(f)) {
@@ -761,7 +782,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                         .protocol_error(&format!("invalid topic filter {bad:?} in UNSUBSCRIBE"));
                 }
                 self.send(Input::Unsubscribe {
-                    channel,
+                    channel: self.channel_ref(),
                     packet_id,
                     filters,
                 })
@@ -798,7 +819,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         }
         let throttle = self.throttle(topic.len() + publish.payload.len());
         let input = Input::Publish {
-            channel: self.channel,
+            channel: self.channel_ref(),
             publish,
         };
         Step::Route {
@@ -844,7 +865,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             (QoS::ExactlyOnce, Some(id)) => Packet::PubRec(id),
             _ => return Step::Continue,
         };
-        let channel = self.channel;
+        let channel = self.channel_ref();
         self.send(Input::Acknowledge { channel, packet })
     }
 
@@ -882,7 +903,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             checked.push((filter, allowed.then_some(qos)));
         }
         self.send(Input::Subscribe {
-            channel: self.channel,
+            channel: self.channel_ref(),
             packet_id,
             filters: checked,
         })
