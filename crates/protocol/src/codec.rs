@@ -55,9 +55,11 @@ impl From<std::io::Error> for EncodeError {
 }
 
 /// MQTT 3.1 / 3.1.1 codec with a maximum inbound packet size.
+///
+/// Only the limit is kept (every connection holds a codec): the wire codec is made for each
+/// packet, and handed whole packets only, so it has no state to keep between them.
 #[derive(Debug)]
 pub struct Codec {
-    inner: v3::Codec,
     max_packet_size: u32,
 }
 
@@ -66,9 +68,12 @@ impl Codec {
     /// (0 is taken as 1, never as "unlimited").
     pub fn new(max_packet_size: u32) -> Codec {
         Codec {
-            inner: v3::Codec::new(max_packet_size.max(1)),
             max_packet_size: max_packet_size.max(1),
         }
+    }
+
+    fn wire(&self) -> v3::Codec {
+        v3::Codec::new(self.max_packet_size)
     }
 }
 
@@ -88,7 +93,7 @@ impl Decoder for Codec {
             // Too large, or a broken length: the inner decoder reports it at once.
             Frame::Refuse => {}
         }
-        match self.inner.decode(src) {
+        match self.wire().decode(src) {
             Ok(Some((packet, _len))) => from_wire(packet).map(Some),
             Ok(None) => Ok(None),
             Err(WireDecodeError::UnsupportedProtocolLevel) => {
@@ -109,7 +114,7 @@ impl Encoder<Packet> for Codec {
     type Error = EncodeError;
 
     fn encode(&mut self, packet: Packet, dst: &mut BytesMut) -> Result<(), EncodeError> {
-        self.inner
+        self.wire()
             .encode(to_wire(packet), dst)
             .map_err(|e| EncodeError::Invalid(e.to_string()))
     }

@@ -261,7 +261,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         channel,
         principal: accepted.principal,
         outbox_rx,
-        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        keep_alive,
         throttles: Throttles::new(abuse),
         parkable,
         awaiting_connack: true,
@@ -345,7 +345,8 @@ pub(crate) struct Channel<S> {
     principal: Principal,
     context: Arc<crate::Context>,
     pub(crate) outbox_rx: OutboxReceiver,
-    keep_alive: Option<Duration>,
+    /// The client's keepalive in seconds (0: none); see [`Channel::keep_alive`].
+    keep_alive: u16,
     /// `limits.max_messages_per_sec`, `limits.max_bytes_per_sec`.
     throttles: Option<Box<Throttles>>,
     /// Plain TCP and parking on (`limits.park_idle_ms`).
@@ -366,12 +367,20 @@ pub(crate) type ParkedSocket = mio::net::TcpStream;
 impl Channel<TcpStream> {
     /// Takes the socket out of tokio's reactor, which frees its registration, for the parker.
     /// On failure the socket is gone and only the rest of the channel is left, to be ended.
+    // Boxed on purpose: the channel moves between tasks and the parker as a pointer.
+    #[allow(clippy::boxed_local)]
     pub(crate) fn unregister(self: Box<Self>) -> Result<Box<Channel<ParkedSocket>>, Lost> {
         (*self).map_stream(|stream| stream.into_std().map(ParkedSocket::from_std))
     }
 }
 
 impl<S> Channel<S> {
+    /// How long the connection may be silent: 1.5 times the client's keepalive (MQTT 3.1.1
+    /// 3.1.2.10), or forever when it is 0.
+    fn keep_alive(&self) -> Option<Duration> {
+        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
+    }
+
     /// The channel as the router addresses it (its client id and channel id).
     fn channel_ref(&self) -> ChannelRef {
         ChannelRef::new(self.principal.client_id.clone(), self.channel)
@@ -396,6 +405,8 @@ impl Channel<ParkedSocket> {
 
     /// Puts the socket back into tokio's reactor, to be served by a task again. Must run on
     /// the runtime.
+    // Boxed on purpose: the channel moves between tasks and the parker as a pointer.
+    #[allow(clippy::boxed_local)]
     pub(crate) fn register(self: Box<Self>) -> Result<Box<Channel<TcpStream>>, Lost> {
         (*self).map_stream(|stream| TcpStream::from_std(std::net::TcpStream::from(stream)))
     }
@@ -492,7 +503,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     async fn serve(&mut self, deadline: Option<Instant>) -> Served {
         self.framed.release_read_buffer();
         let idle_after = self.context.settings.park_idle.filter(|_| self.parkable);
-        let mut deadline = deadline.or_else(|| self.keep_alive.map(|k| Instant::now() + k));
+        let keep_alive = self.keep_alive();
+        let mut deadline = deadline.or_else(|| keep_alive.map(|k| Instant::now() + k));
         let mut idle_at = idle_after.map(|after| Instant::now() + after);
         // Token and device-credential connections end with `auth_revoked` when the registry
         // takes their right away (revocation, refresh, unregistration: it wakes them) or a
@@ -541,7 +553,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                     return Served::Idle(deadline);
                 }
                 Wake::Read(Ok(packet)) => {
-                    if let Some(keep_alive) = self.keep_alive {
+                    if let Some(keep_alive) = keep_alive {
                         deadline = Some(now + keep_alive);
                     }
                     self.dispatch(packet)
@@ -943,6 +955,8 @@ mod tests {
         assert!(size <= 1024, "a resumed connection task is {size} bytes");
         // What a parked connection keeps (its socket out of tokio's reactor).
         let size = std::mem::size_of::<super::Channel<super::ParkedSocket>>();
-        assert!(size <= 208, "a parked channel's state is {size} bytes");
+        // 160 bytes in release builds (a jemalloc size class); debug builds add 16.
+        let bound = if cfg!(debug_assertions) { 176 } else { 160 };
+        assert!(size <= bound, "a parked channel's state is {size} bytes");
     }
 }
