@@ -31,8 +31,7 @@ impl Router {
             if let Some(old) = self.sessions.remove(&client) {
                 self.discard_session(&old);
             }
-            self.sessions
-                .insert(client.clone(), Session::new(client.clone(), false));
+            self.sessions.insert(Session::new(client.clone(), false));
         } else if self.sessions.get(&client).is_some_and(|s| s.persistent) {
             session_present = true;
         } else {
@@ -41,7 +40,7 @@ impl Router {
                 client_id: client.to_string(),
                 record: session.record(),
             });
-            self.sessions.insert(client.clone(), session);
+            self.sessions.insert(session);
         }
         let recent = &mut self.recent_usernames;
         let username = request.username.map(|name| shared_username(recent, name));

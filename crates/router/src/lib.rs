@@ -13,6 +13,7 @@ mod presence;
 mod publish;
 mod router;
 mod session;
+mod sessions;
 mod subscribe;
 pub mod tree;
 mod types;

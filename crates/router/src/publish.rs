@@ -166,8 +166,8 @@ impl Router {
         let mut targets: HashMap<ClientId, QoS> = HashMap::new();
         if let Some(target) = p2p_target(message.topic.as_str()) {
             // P2P: only the named client, whether or not it subscribed.
-            if let Some((client, _)) = self.sessions.get_key_value(target) {
-                targets.insert(client.clone(), message.qos);
+            if let Some(session) = self.sessions.get(target) {
+                targets.insert(session.client_id.clone(), message.qos);
             }
         } else {
             self.tree.matches(message.topic.as_str(), &mut targets);

@@ -17,6 +17,7 @@ use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
 use crate::presence::{SNAPSHOT_PREFIX, SnapshotState};
 use crate::session::{Queued, Session};
+use crate::sessions::Sessions;
 use crate::tree::SubscriptionTree;
 use crate::types::{
     ChannelId, ChannelRef, ClientState, CloseReason, Event, Input, Message, RouterSettings, now_ms,
@@ -147,7 +148,7 @@ struct Pending {
 pub struct Router {
     pub(crate) settings: RouterSettings,
     /// Boxed: the map's slots (about 1.6 per session) stay small.
-    pub(crate) sessions: HashMap<ClientId, Box<Session>>,
+    pub(crate) sessions: Sessions,
     pub(crate) tree: SubscriptionTree,
     pub(crate) retained: BTreeMap<String, Message>,
     pub(crate) persister: Persister,
@@ -196,7 +197,7 @@ impl Router {
         let reader = persister.reader();
         let mut router = Router {
             settings,
-            sessions: HashMap::new(),
+            sessions: Sessions::new(),
             tree: SubscriptionTree::default(),
             retained: BTreeMap::new(),
             persister,
@@ -298,7 +299,7 @@ impl Router {
                     .incoming_qos2
                     .extend(awaiting_pubrel.into_iter().filter_map(PacketId::new));
             }
-            self.sessions.insert(client, session);
+            self.sessions.insert(session);
         }
         for (client, _) in incoming_qos2 {
             self.persister
@@ -324,7 +325,7 @@ impl Router {
             self.retained.insert(message.topic.to_string(), message);
         }
         // Every session's client id is known to the admin API's listing, events or not.
-        for client in self.sessions.keys() {
+        for client in self.sessions.iter().map(|s| &s.client_id) {
             self.known.entry(client.clone()).or_default();
         }
         for (sink, entries) in snapshot.outboxes {
@@ -423,7 +424,7 @@ impl Router {
     fn close_all(&mut self) {
         let channels: Vec<ChannelRef> = self
             .sessions
-            .values()
+            .iter()
             .filter_map(|s| {
                 s.channel_id()
                     .map(|id| ChannelRef::new(s.client_id.clone(), id))
@@ -518,7 +519,6 @@ impl Router {
     pub(crate) fn session_of(&mut self, channel: &ChannelRef) -> Option<&mut Session> {
         self.sessions
             .get_mut(&channel.client)
-            .map(|s| &mut **s)
             .filter(|s| s.channel_id() == Some(channel.id))
     }
 
