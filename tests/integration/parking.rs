@@ -266,5 +266,33 @@ async fn a_parked_connection_keeps_its_place_under_max_connections() {
     second.expect_closed().await;
     first.send(Packet::PingReq).await;
     assert!(matches!(first.recv().await, Some(Packet::PingResp)));
+    // Parked again, then closed by its client: its place is given back, and a new connection
+    // is let in once the broker has seen the close.
+    parked(&broker, 1).await;
+    drop(first);
+    for _ in 0..100 {
+        if metric(&broker, "herald_connections").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut admitted = false;
+    for _ in 0..20 {
+        let mut third = RawClient::connect(broker.addr).await;
+        third
+            .send(RawClient::connect_packet(
+                DEV,
+                Some(herald_testkit::DEMO_USER),
+                Some(&signature(DEV)),
+                true,
+            ))
+            .await;
+        if matches!(third.recv().await, Some(Packet::ConnAck(_))) {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the closed connection's place was not given back");
     broker.stop().await;
 }

@@ -122,7 +122,8 @@ impl Refusal {
 pub struct Authenticator {
     settings: AuthSettings,
     keys: HashMap<String, Arc<AccessKey>>,
-    parents: Arc<[String]>,
+    /// One thin pointer in every principal (a slice's `Arc` would be two).
+    parents: Arc<Vec<String>>,
     registry: Arc<AuthRegistry>,
 }
 
@@ -161,7 +162,7 @@ impl Authenticator {
             .iter()
             .map(|k| (k.id.clone(), Arc::new(k.clone())))
             .collect();
-        let parents = settings.parent_topics.clone().into();
+        let parents = Arc::new(settings.parent_topics.clone());
         Authenticator {
             settings,
             keys,

@@ -60,11 +60,15 @@ pub struct DeviceGrant {
 pub struct Principal {
     pub client_id: ClientId,
     pub permissions: Permissions,
-    parents: Arc<[String]>,
+    parents: Arc<Vec<String>>,
 }
 
 impl Principal {
-    pub fn new(client_id: ClientId, permissions: Permissions, parents: Arc<[String]>) -> Principal {
+    pub fn new(
+        client_id: ClientId,
+        permissions: Permissions,
+        parents: Arc<Vec<String>>,
+    ) -> Principal {
         Principal {
             client_id,
             permissions,

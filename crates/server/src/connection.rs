@@ -229,6 +229,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     context: Arc<crate::Context>,
     permit: OwnedSemaphorePermit,
 ) -> Option<Box<Channel<S>>> {
+    let context = Admitted::new(context, permit);
     let mut framed = Framed::new(stream, context.settings.max_packet_size);
     let Some(accepted) = handshake::accept(&mut framed, peer, transport, &context).await else {
         framed.close().await;
@@ -267,7 +268,6 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         awaiting_connack: true,
         checked_generation: 0,
         context,
-        _permit: permit,
     }))
 }
 
@@ -343,7 +343,8 @@ pub(crate) struct Channel<S> {
     framed: Framed<S>,
     channel: ChannelId,
     principal: Principal,
-    context: Arc<crate::Context>,
+    /// The server's context, and the connection's slot under `limits.max_connections`.
+    context: Admitted,
     pub(crate) outbox_rx: OutboxReceiver,
     /// The client's keepalive in seconds (0: none); see [`Channel::keep_alive`].
     keep_alive: u16,
@@ -357,8 +358,33 @@ pub(crate) struct Channel<S> {
     /// The auth registry's generation when the credentials were last checked (token and
     /// device-credential connections): a parked one whose registry moved on is woken.
     checked_generation: u64,
-    /// The connection's slot under `limits.max_connections`, held until the channel is gone.
-    _permit: OwnedSemaphorePermit,
+}
+
+/// A connection's hold on the server: the shared context, and its slot under
+/// `limits.max_connections`, given back when this is dropped. The slot's semaphore permit is
+/// forgotten and added back here, so every channel keeps one pointer for both (8 bytes, where
+/// the context and a permit took 24).
+pub(crate) struct Admitted(Arc<crate::Context>);
+
+impl Admitted {
+    fn new(context: Arc<crate::Context>, permit: OwnedSemaphorePermit) -> Admitted {
+        permit.forget();
+        Admitted(context)
+    }
+}
+
+impl std::ops::Deref for Admitted {
+    type Target = Arc<crate::Context>;
+
+    fn deref(&self) -> &Arc<crate::Context> {
+        &self.0
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.connections.add_permits(1);
+    }
 }
 
 /// A parked connection's socket: out of tokio's reactor, in the parker's own epoll set.
@@ -416,10 +442,9 @@ impl Channel<ParkedSocket> {
 /// parker: enough to tell the router, which hears of it like of any other end.
 pub(crate) struct Lost {
     channel: ChannelRef,
-    context: Arc<crate::Context>,
+    context: Admitted,
     /// Kept until the router has heard: a closed outbox would read to it as a slow reader.
     _outbox_rx: OutboxReceiver,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Lost {
@@ -449,7 +474,6 @@ impl<S> Channel<S> {
             parkable,
             awaiting_connack,
             checked_generation,
-            _permit,
         } = self;
         let Framed {
             stream,
@@ -464,7 +488,6 @@ impl<S> Channel<S> {
                     channel: ChannelRef::new(principal.client_id, channel),
                     context,
                     _outbox_rx: outbox_rx,
-                    _permit,
                 });
             }
         };
@@ -483,7 +506,6 @@ impl<S> Channel<S> {
             parkable,
             awaiting_connack,
             checked_generation,
-            _permit,
         }))
     }
 }
@@ -955,8 +977,8 @@ mod tests {
         assert!(size <= 1024, "a resumed connection task is {size} bytes");
         // What a parked connection keeps (its socket out of tokio's reactor).
         let size = std::mem::size_of::<super::Channel<super::ParkedSocket>>();
-        // 160 bytes in release builds (a jemalloc size class); debug builds add 16.
-        let bound = if cfg!(debug_assertions) { 176 } else { 160 };
+        // 128 bytes in release builds (a jemalloc size class); debug builds add 16.
+        let bound = if cfg!(debug_assertions) { 144 } else { 128 };
         assert!(size <= bound, "a parked channel's state is {size} bytes");
     }
 }
