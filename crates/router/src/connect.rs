@@ -99,23 +99,35 @@ impl Router {
 
     /// The one exit path of every channel: ends it once, whoever noticed first.
     pub(crate) fn end_channel(&mut self, channel: &ChannelRef, reason: CloseReason) {
-        let Some(persistent) = self.session_of(channel).map(|s| s.persistent) else {
+        let Some(session) = self.session_of(channel) else {
+            return;
+        };
+        let persistent = session.persistent;
+        // Detached before its events: what they set off (the client's own `$presence`
+        // snapshot delivered to its full outbox) cannot end the channel a second time.
+        let Some(attached) = session.attached.take() else {
             return;
         };
         let client = channel.client.clone();
         if reason == CloseReason::ClientDisconnect {
-            self.emit_for(channel, EventKind::Disconnect, Some(reason), !persistent);
+            self.emit_detached(
+                &client,
+                &attached,
+                EventKind::Disconnect,
+                Some(reason),
+                !persistent,
+            );
         }
-        self.emit_for(channel, EventKind::TcpClean, Some(reason), !persistent);
+        self.emit_detached(
+            &client,
+            &attached,
+            EventKind::TcpClean,
+            Some(reason),
+            !persistent,
+        );
         self.stats
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(session) = self.sessions.get_mut(&client) else {
-            return;
-        };
-        let Some(attached) = session.attached.take() else {
-            return;
-        };
         // The connection task stops when it reads this, or when it finds the outbox closed.
         let _ = attached
             .outbox

@@ -285,7 +285,7 @@ struct Snapshot<'a> {
 }
 
 impl Router {
-    /// Emits the event of `kind` for a live channel (call before the channel is forgotten).
+    /// Emits the event of `kind` for a live channel.
     pub(crate) fn emit_for(
         &mut self,
         channel: &ChannelRef,
@@ -293,14 +293,58 @@ impl Router {
         reason: Option<CloseReason>,
         clean_session: bool,
     ) {
-        let (client, channel) = (channel.client.clone(), channel.id);
-        if self.attached(&client).is_none_or(|a| a.id != channel) {
+        let client = &channel.client;
+        if self.attached(client).is_none_or(|a| a.id != channel.id) {
             return;
         }
-        let stamp = self.stamp(&client);
-        let Some(attached) = self.attached(&client) else {
+        let stamp = self.stamp(client);
+        let Some(attached) = self.attached(client) else {
             return;
         };
+        let (json, peer) = self.encode_event(client, attached, kind, reason, clean_session, stamp);
+        self.record(
+            json,
+            client.clone(),
+            channel.id,
+            kind,
+            reason,
+            stamp,
+            Ok(peer),
+        );
+    }
+
+    /// Emits the event of `kind` for a channel just detached from its session (its end: the
+    /// session no longer names it, so nothing the event sets off can end it again).
+    pub(crate) fn emit_detached(
+        &mut self,
+        client: &ClientId,
+        attached: &Attached,
+        kind: EventKind,
+        reason: Option<CloseReason>,
+        clean_session: bool,
+    ) {
+        let stamp = self.stamp(client);
+        let (json, peer) = self.encode_event(client, attached, kind, reason, clean_session, stamp);
+        self.record(
+            json,
+            client.clone(),
+            attached.id,
+            kind,
+            reason,
+            stamp,
+            Ok(peer),
+        );
+    }
+
+    fn encode_event(
+        &self,
+        client: &ClientId,
+        attached: &Attached,
+        kind: EventKind,
+        reason: Option<CloseReason>,
+        clean_session: bool,
+        stamp: Stamp,
+    ) -> (Option<Bytes>, SocketAddr) {
         let peer = attached.peer.addr();
         let json = Facts {
             client_ip: Ok(peer),
@@ -313,8 +357,8 @@ impl Router {
             device_id: client.device(),
             refusal: None,
         }
-        .encode(&client, channel, kind, reason, stamp);
-        self.record(json, client, channel, kind, reason, stamp, Ok(peer));
+        .encode(client, attached.id, kind, reason, stamp);
+        (json, peer)
     }
 
     fn attached(&self, client: &ClientId) -> Option<&Attached> {

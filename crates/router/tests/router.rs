@@ -280,6 +280,41 @@ async fn a_reader_whose_outbox_fills_is_closed_as_a_slow_consumer() {
     }
 }
 
+/// A client reading `$presence/#` whose outbox is full when it closes: its own `tcpclean`
+/// snapshot cannot be delivered to it, which must not end the channel a second time (a second
+/// `tcpclean`, the connections gauge counted down twice).
+#[tokio::test]
+async fn a_channel_whose_own_close_snapshot_overflows_its_outbox_ends_once() {
+    let mut h = start(RouterSettings::default());
+    // Room for the SUBACK and the client's own retained snapshot, nothing more.
+    let watcher = h.connect("watcher", true, 2).await;
+    h.send(Input::Subscribe {
+        channel: watcher.channel.clone(),
+        packet_id: pid(1),
+        filters: vec![("$presence/#".into(), Some(QoS::AtLeastOnce))],
+    })
+    .await;
+    let connected = h.next_event().await;
+    assert_eq!(connected.kind, EventKind::Connect);
+    h.send(Input::Closed {
+        channel: watcher.channel.clone(),
+        reason: CloseReason::SocketClosed,
+    })
+    .await;
+    let ended = h.next_event().await;
+    assert_eq!(
+        (ended.kind, ended.reason),
+        (EventKind::TcpClean, Some(CloseReason::SocketClosed))
+    );
+    let more = tokio::time::timeout(Duration::from_millis(500), h.events.recv()).await;
+    assert!(more.is_err(), "a second event: {more:?}");
+    assert_eq!(
+        herald_router::RouterStats::get(&h.router.stats.connections),
+        0,
+        "the connections gauge"
+    );
+}
+
 #[tokio::test]
 async fn qos0_to_an_offline_session_is_dropped_and_counted() {
     let h = start(RouterSettings::default());

@@ -352,8 +352,9 @@ pub(crate) struct Channel<S> {
     throttles: Option<Box<Throttles>>,
     /// Plain TCP and parking on (`limits.park_idle_ms`).
     parkable: bool,
-    /// The CONNACK is still to come (it waits for the connect event to be durable): the
-    /// connection does not park for that wait, which is not idleness.
+    /// The CONNACK is still to come (the router sends it once it has handled the CONNECT,
+    /// which behind a busy router queue can take a while): the connection does not park for
+    /// that wait, which is not idleness.
     awaiting_connack: bool,
     /// The auth registry's generation when the credentials were last checked (token and
     /// device-credential connections): a parked one whose registry moved on is woken.
