@@ -10,7 +10,8 @@ use crate::session::Session;
 
 /// The router's sessions: a hash table of the boxed sessions themselves, found by their own
 /// `client_id`. A slot is 8 bytes, where a map from client id to session keeps a copy of the
-/// id beside each box (32 bytes a slot, about 1.6 slots per session).
+/// id beside each box (32 bytes a slot, about 1.6 slots per session). A session's
+/// `client_id` is its key here: it must not change while the session is in the table.
 pub(crate) struct Sessions {
     table: HashTable<Box<Session>>,
     /// SipHash with random keys, as a `HashMap`'s: client ids come from the network.
