@@ -19,12 +19,9 @@ const RECENT_USERNAMES: usize = 8;
 impl Router {
     pub(crate) fn handle_connect(&mut self, request: ConnectRequest) {
         let client = request.client_id.clone();
-        if let Some(old) = self.sessions.get(&client).and_then(|s| s.channel_id()) {
+        if let Some(old) = self.sessions.get(&client).and_then(Session::channel_ref) {
             info!(client_id = %client, old_channel = %old, new_channel = %request.channel, "client id taken over by a new connection");
-            self.end_channel(
-                &ChannelRef::new(client.clone(), old),
-                CloseReason::TakenOver,
-            );
+            self.end_channel(&old, CloseReason::TakenOver);
         }
         let mut session_present = false;
         if request.clean_session {

@@ -261,11 +261,7 @@ impl Router {
         let outcome = session.pump(limits, &mut ops);
         // Named only for what after_send reports or closes (the client id is cloned then).
         let channel = (outcome.slow_consumer || outcome.expired > 0)
-            .then(|| {
-                session
-                    .channel_id()
-                    .map(|id| ChannelRef::new(session.client_id.clone(), id))
-            })
+            .then(|| session.channel_ref())
             .flatten();
         self.stage_all(ops);
         self.after_send(channel, outcome);

@@ -147,7 +147,6 @@ struct Pending {
 /// The broker's state. Owned by one task; see the crate docs.
 pub struct Router {
     pub(crate) settings: RouterSettings,
-    /// Boxed: the map's slots (about 1.6 per session) stay small.
     pub(crate) sessions: Sessions,
     pub(crate) tree: SubscriptionTree,
     pub(crate) retained: BTreeMap<String, Message>,
@@ -425,10 +424,7 @@ impl Router {
         let channels: Vec<ChannelRef> = self
             .sessions
             .iter()
-            .filter_map(|s| {
-                s.channel_id()
-                    .map(|id| ChannelRef::new(s.client_id.clone(), id))
-            })
+            .filter_map(Session::channel_ref)
             .collect();
         if !channels.is_empty() {
             info!(
@@ -485,10 +481,10 @@ impl Router {
                 self.answer(reply, page);
             }
             Input::Kick { client_id, reply } => {
-                let channel = self.sessions.get(client_id.as_str()).and_then(|s| {
-                    s.channel_id()
-                        .map(|id| ChannelRef::new(s.client_id.clone(), id))
-                });
+                let channel = self
+                    .sessions
+                    .get(client_id.as_str())
+                    .and_then(Session::channel_ref);
                 if let Some(channel) = &channel {
                     info!(client_id = %client_id, %channel, "kicked through the admin API");
                     self.end_channel(channel, CloseReason::Kicked);

@@ -9,7 +9,7 @@ use herald_store::Op;
 
 use crate::Outbox;
 use crate::QueueLimits;
-use crate::types::{ChannelId, Message, Outgoing, Peer, Transport, now_ms};
+use crate::types::{ChannelId, ChannelRef, Message, Outgoing, Peer, Transport, now_ms};
 
 /// The live channel a session is attached to.
 #[derive(Debug)]
@@ -129,6 +129,13 @@ impl Session {
 
     pub fn channel_id(&self) -> Option<ChannelId> {
         self.attached.as_ref().map(|a| a.id)
+    }
+
+    /// The attached channel as the router addresses it.
+    pub fn channel_ref(&self) -> Option<ChannelRef> {
+        self.attached
+            .as_ref()
+            .map(|a| ChannelRef::new(self.client_id.clone(), a.id))
     }
 
     /// Sends a packet on the attached channel. `false` when the outbox is full or closed.

@@ -352,9 +352,10 @@ pub(crate) struct Channel<S> {
     throttles: Option<Box<Throttles>>,
     /// Plain TCP and parking on (`limits.park_idle_ms`).
     parkable: bool,
-    /// The CONNACK is still to come (the router sends it once it has handled the CONNECT,
-    /// which behind a busy router queue can take a while): the connection does not park for
-    /// that wait, which is not idleness.
+    /// Nothing has come from the outbox yet: the CONNACK, always the first thing the router
+    /// puts there (once it has handled the CONNECT, which behind a busy router queue can take
+    /// a while), is still to come. The connection does not park for that wait, which is not
+    /// idleness.
     awaiting_connack: bool,
     /// The auth registry's generation when the credentials were last checked (token and
     /// device-credential connections): a parked one whose registry moved on is woken.
@@ -753,14 +754,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     fn take_outbox(&mut self, first: Option<Outgoing>) -> Step {
         let mut next = first;
         let mut then_close = None;
+        self.awaiting_connack = false;
         for written in 1..=WRITE_BATCH {
             match next {
-                Some(Outgoing::Packet(packet)) => {
-                    if matches!(packet, Packet::ConnAck(_)) {
-                        self.awaiting_connack = false;
-                    }
-                    self.framed.queue(packet)
-                }
+                Some(Outgoing::Packet(packet)) => self.framed.queue(packet),
                 Some(Outgoing::Close(reason)) => {
                     then_close = Some(reason);
                     break;
