@@ -21,6 +21,8 @@ use tracing::{info, warn};
 
 pub use herald_config as config;
 
+pub mod fds;
+
 /// A running broker.
 pub struct Broker {
     /// The address the TCP listener is bound to (useful with port 0).

@@ -110,6 +110,9 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             Config::builtin()
         }
     };
+    // Before the runtime starts its threads (see the module).
+    let files = herald::fds::prepare(config.server.max_connections as u64);
+    herald::fds::log(&files);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
