@@ -436,6 +436,132 @@ async fn the_retained_snapshot_tells_late_subscribers_the_state() {
     broker.stop().await;
 }
 
+/// Every `$presence` snapshot, by topic, that a new subscription to `$presence/#` receives.
+async fn snapshots(addr: std::net::SocketAddr) -> std::collections::BTreeMap<String, String> {
+    let mut all = TestClient::connected(backend_options(addr, "GID_demo@@@all")).await;
+    all.subscribe("$presence/#", QoS::AtLeastOnce).await;
+    let mut states = std::collections::BTreeMap::new();
+    while let Some(Ok(packet)) = all.next_incoming(Duration::from_millis(500)).await {
+        if let rumqttc::Packet::Publish(p) = packet {
+            assert!(p.retain);
+            states.insert(p.topic, String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    all.disconnect().await;
+    states
+}
+
+/// The snapshots are not stored with each event but rebuilt at start from each client's newest
+/// history entry; after a refused login (its `connect_failed` event the newest entry) the
+/// snapshot is stored as it was. Either way, what comes back after SIGKILL is what was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_come_back_after_sigkill_as_they_were() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let extra = format!(
+        "{PRESENCE}\n[[rules]]\nid = \"refusals\"\nkind = \"status_notice\"\nsource = {{ events = [\"connect_failed\"] }}\nsinks = [\"notices\"]\n\n[presence]\nconnect_failed = true\n"
+    );
+    let config = demo_config(&dir.path().join("data"), &extra);
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let mut b = backend(broker.addr).await;
+    let id = |name: &str| format!("GID_demo@@@snap-{name}");
+    // gone: connected and dropped. refused: the same, then a login with a wrong password.
+    // online: still connected when the broker is killed.
+    for name in ["gone", "refused", "online"] {
+        let client = TestClient::connected(signed_options(broker.addr, &id(name), true)).await;
+        expect(&notice(&mut b, &id(name)).await, "connect", None);
+        if name == "online" {
+            std::mem::forget(client);
+        } else {
+            client.drop_connection();
+            expect(
+                &notice(&mut b, &id(name)).await,
+                "tcpclean",
+                Some("socket_closed"),
+            );
+        }
+    }
+    let mut raw = RawClient::connect(broker.addr).await;
+    raw.send(RawClient::connect_packet(
+        &id("refused"),
+        Some("Signature|demo|herald-demo"),
+        Some("wrong"),
+        true,
+    ))
+    .await;
+    assert!(matches!(
+        raw.recv().await,
+        Some(herald_protocol::Packet::ConnAck(_))
+    ));
+    let refused = notice(&mut b, &id("refused")).await;
+    expect(&refused, "connect_failed", Some("bad_username_or_password"));
+    let before = snapshots(broker.addr).await;
+    let topic = |name: &str| format!("$presence/{}", id(name));
+    assert!(before.contains_key(&topic("gone")), "{before:?}");
+    assert!(before.contains_key(&topic("refused")), "{before:?}");
+    let refused_state: Value = serde_json::from_str(&before[&topic("refused")]).expect("JSON");
+    assert_eq!(refused_state["lastEvent"], "tcpclean");
+    assert_eq!(
+        refused_state["seq"].as_u64().map(|s| s + 1),
+        refused["seq"].as_u64()
+    );
+    broker.kill();
+
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let mut b = backend(broker.addr).await;
+    expect(
+        &notice(&mut b, &id("online")).await,
+        "tcpclean",
+        Some("broker_restart"),
+    );
+    let after = snapshots(broker.addr).await;
+    // Byte for byte what they were, rebuilt from history or read back as stored.
+    for name in ["gone", "refused"] {
+        assert_eq!(after.get(&topic(name)), before.get(&topic(name)), "{name}");
+    }
+    let online: Value = serde_json::from_str(&after[&topic("online")]).expect("JSON");
+    assert_eq!(online["online"], false);
+    assert_eq!(online["reason"], "broker_restart");
+    // Seqs go on from the newest history entry: the refused client's next event follows its
+    // connect_failed, and its next snapshot replaces the stored one.
+    let again = TestClient::connected(signed_options(broker.addr, &id("refused"), true)).await;
+    let connect = notice(&mut b, &id("refused")).await;
+    expect(&connect, "connect", None);
+    assert_eq!(
+        connect["seq"].as_u64(),
+        refused["seq"].as_u64().map(|s| s + 1)
+    );
+    again.drop_connection();
+    let closed = notice(&mut b, &id("refused")).await;
+    expect(&closed, "tcpclean", Some("socket_closed"));
+    broker.kill();
+
+    // That connect deleted the stored snapshot (else it would come back now, as of before the
+    // refused login): after another SIGKILL the snapshot is rebuilt from the newest entry.
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    let last = snapshots(broker.addr).await;
+    let state: Value = serde_json::from_str(&last[&topic("refused")]).expect("JSON");
+    assert_eq!(state["seq"], closed["seq"]);
+    assert_eq!(state["lastEvent"], "tcpclean");
+    assert_eq!(state["channelId"], closed["channelId"]);
+    broker.kill();
+
+    // With snapshots turned off there are none, stored or rebuilt; turned on again, they are
+    // rebuilt from the history.
+    let off = config.replace(
+        "connect_failed = true",
+        "connect_failed = true\nsnapshot_topic = false",
+    );
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &off);
+    assert_eq!(snapshots(broker.addr).await, Default::default());
+    broker.kill();
+    let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
+    assert_eq!(
+        snapshots(broker.addr).await.get(&topic("refused")),
+        Some(&last[&topic("refused")])
+    );
+    broker.kill();
+}
+
 #[tokio::test]
 async fn refused_logins_can_be_audited_with_connect_failed() {
     let audit = "[[rules]]\nid = \"audit\"\nkind = \"status_notice\"\nsource = { events = [\"connect_failed\"] }\nsinks = [\"notices\"]\n";

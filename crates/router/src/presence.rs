@@ -1,6 +1,8 @@
 //! Presence events (DESIGN.md 5): built once per channel transition with the client's next
-//! `seq`, staged in the store together with that seq, the channel record, the history and every
+//! `seq`, staged in the store together with the channel record, the history and every
 //! matching sink's outbox entry (one transaction), and handed on only after they are durable.
+//! The client's seq and its `$presence` snapshot are not stored apart: both are read back from
+//! its newest history entry at start.
 
 use std::net::SocketAddr;
 use std::ops::Bound;
@@ -219,6 +221,22 @@ impl SnapshotState {
         (same.as_ref() == payload).then_some((stored.client_id, state))
     }
 
+    /// The state after `event`, read back from the history entry `seq` seen at `time_ms`.
+    fn from_event(event: &PresenceEvent, seq: u64, time_ms: u64) -> Option<SnapshotState> {
+        let client_ip: SocketAddr = event.client_ip.parse().ok()?;
+        Some(SnapshotState {
+            since: time_ms,
+            channel: ChannelId(u128::from_str_radix(&event.channel_id, 16).ok()?),
+            peer: client_ip.into(),
+            seq,
+            last_event: EventKind::parse(&event.event_type)?,
+            reason: match &event.reason {
+                Some(reason) => Some(CloseReason::parse(reason)?),
+                None => None,
+            },
+        })
+    }
+
     /// The retained message on `$presence/<client>` that carries this state.
     fn message(&self, client: &ClientId, node: &str) -> Option<Message> {
         Some(Message {
@@ -421,10 +439,6 @@ impl Router {
         };
         let Stamp { seq, time_ms } = stamp;
         let client_id = client.to_string();
-        self.persister.stage(Op::PutClientSeq {
-            client_id: client_id.clone(),
-            seq,
-        });
         self.stage_history(&client_id, seq, time_ms, &json);
         match kind {
             EventKind::Connect => self.persister.stage(Op::PutChannel {
@@ -442,7 +456,9 @@ impl Router {
         let sinks = self.sinks_for(&client, kind);
         let outboxes = self.stage_outboxes(sinks, &json, time_ms);
         debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
-        if self.settings.presence.snapshot_topic && kind != EventKind::ConnectFailed {
+        if self.settings.presence.snapshot_topic && kind == EventKind::ConnectFailed {
+            self.store_snapshot(&client);
+        } else if self.settings.presence.snapshot_topic {
             match peer {
                 Ok(client_ip) => {
                     let state = SnapshotState {
@@ -513,25 +529,81 @@ impl Router {
         sinks
     }
 
-    /// Keeps `$presence/<clientId>` retained with the client's state after this event.
+    /// Keeps `$presence/<clientId>` retained with the client's state after this event: in
+    /// memory in its compact form (rendered for each new subscription), replacing any full
+    /// copy; not in the store, where the event's history entry is what it is rebuilt from (and
+    /// an entry of the topic that would say otherwise is deleted).
     fn publish_snapshot(&mut self, client: &ClientId, state: SnapshotState) {
         if client.as_str().contains(['/', '+', '#', '\0']) {
             return;
         }
-        let Some(message) = state.message(client, &self.settings.presence.node_id) else {
-            return;
-        };
-        // Stored and delivered like any retained message, but kept in memory in its compact
-        // form (rendered again for each new subscription), replacing any full copy.
-        self.persister.stage(Op::PutRetained {
-            message: crate::router::to_stored(&message),
-        });
-        self.retained.remove(message.topic.as_str());
+        let topic = format!("{SNAPSHOT_PREFIX}{client}");
+        if self.stored_snapshots.remove(client) {
+            self.persister.stage(Op::DeleteRetained {
+                topic: topic.clone(),
+            });
+        }
+        self.retained.remove(topic.as_str());
+        let message = state.message(client, &self.settings.presence.node_id);
         self.known
             .entry(client.clone())
             .or_default()
             .set_snapshot(state);
-        self.deliver_to_subscribers(&message);
+        if let Some(message) = message {
+            self.deliver_to_subscribers(&message);
+        }
+    }
+
+    /// A `connect_failed` event leaves the client's snapshot as it was but becomes its newest
+    /// history entry, which the snapshot could not be rebuilt from: so the snapshot is stored
+    /// (unless the store already has the topic's entry), until the client's next event.
+    fn store_snapshot(&mut self, client: &ClientId) {
+        if self.stored_snapshots.contains(client) {
+            return;
+        }
+        let node = &self.settings.presence.node_id;
+        let Some(message) = self
+            .known
+            .get(client)
+            .and_then(|known| known.snapshot.as_ref()?.message(client, node))
+        else {
+            return;
+        };
+        self.persister.stage(Op::PutRetained {
+            message: crate::router::to_stored(&message),
+        });
+        self.stored_snapshots.insert(client.clone());
+    }
+
+    /// At start: the snapshot of each client whose `$presence` topic has no entry in the store,
+    /// from its newest history entry (`since`, `seq`, `lastEvent`, `channelId`, `clientIp` and
+    /// `reason` are all in the event).
+    pub(crate) fn rebuild_snapshots(&mut self, last_events: Vec<(String, u64, u64, Bytes)>) {
+        for (id, seq, time_ms, payload) in last_events {
+            let Ok(client) = self.known_client_id(&id) else {
+                continue;
+            };
+            if self.stored_snapshots.contains(&client)
+                || client.as_str().contains(['/', '+', '#', '\0'])
+            {
+                continue;
+            }
+            let event = match serde_json::from_slice::<PresenceEvent>(&payload) {
+                Ok(event) => event,
+                Err(e) => {
+                    warn!(client_id = %id, seq, error = %e, "presence snapshot not rebuilt: the newest history entry does not parse");
+                    continue;
+                }
+            };
+            let Some(state) = SnapshotState::from_event(&event, seq, time_ms) else {
+                warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
+                continue;
+            };
+            // A client whose newest event is a refused connect had no snapshot to store.
+            if state.last_event != EventKind::ConnectFailed {
+                self.known.entry(client).or_default().set_snapshot(state);
+            }
+        }
     }
 
     /// The `$presence` snapshots a new subscription to `filter` receives, rendered.

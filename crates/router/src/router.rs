@@ -1,6 +1,6 @@
 //! The router task: its state, its loop, and the acknowledgements that wait for the disk.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -158,6 +158,12 @@ pub struct Router {
     /// presence seq and its compact `$presence/<clientId>` snapshot (not in `retained`). One
     /// entry per client rather than a map each; in id order, for the admin API's pages.
     pub(crate) known: BTreeMap<ClientId, crate::presence::Known>,
+    /// Clients whose `$presence/<clientId>` topic has an entry in the store, which then says
+    /// what the topic holds after a restart: their snapshot as of a `connect_failed` event, a
+    /// client's own publish on the topic, an empty tombstone for a cleared one, or a snapshot
+    /// an older version stored with every event. For every other client the snapshot is not
+    /// stored but rebuilt at start from its newest history entry. Empty in the steady state.
+    pub(crate) stored_snapshots: HashSet<ClientId>,
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
     pending: VecDeque<Pending>,
@@ -204,6 +210,7 @@ impl Router {
             stats: stats.clone(),
             events,
             known: BTreeMap::new(),
+            stored_snapshots: HashSet::new(),
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
             pending: VecDeque::new(),
@@ -263,6 +270,14 @@ impl Router {
                 );
             }
         }
+        // A client's last seq is that of its newest history entry (the seqs above are what
+        // older versions also wrote).
+        for (id, seq, _, _) in &snapshot.last_events {
+            if let Ok(client) = self.known_client_id(id) {
+                let known = self.known.entry(client).or_default();
+                known.seq = known.seq.max(*seq);
+            }
+        }
         let count = snapshot.sessions.len();
         for (id, record) in snapshot.sessions {
             let client = match self.known_client_id(&id) {
@@ -312,16 +327,33 @@ impl Router {
         let node = self.settings.presence.node_id.clone();
         for stored in snapshot.retained {
             let message = from_stored(stored);
-            // Presence snapshots this node wrote go back to their compact form.
             if let Some(client_id) = message.topic.as_str().strip_prefix(SNAPSHOT_PREFIX)
-                && let Some((id, state)) = SnapshotState::from_stored(&message.payload, &node)
-                && id == client_id
-                && let Ok(client) = self.known_client_id(&id)
+                && let Ok(client) = self.known_client_id(client_id)
             {
-                self.known.entry(client).or_default().set_snapshot(state);
-                continue;
+                if !self.settings.presence.snapshot_topic {
+                    // Snapshots are off: the ones kept from before go.
+                    self.persister.stage(Op::DeleteRetained {
+                        topic: message.topic.to_string(),
+                    });
+                    continue;
+                }
+                self.stored_snapshots.insert(client.clone());
+                if message.payload.is_empty() {
+                    // A tombstone: the snapshot was cleared.
+                    continue;
+                }
+                // Presence snapshots this node wrote go back to their compact form.
+                if let Some((id, state)) = SnapshotState::from_stored(&message.payload, &node)
+                    && id == client_id
+                {
+                    self.known.entry(client).or_default().set_snapshot(state);
+                    continue;
+                }
             }
             self.retained.insert(message.topic.to_string(), message);
+        }
+        if self.settings.presence.snapshot_topic {
+            self.rebuild_snapshots(snapshot.last_events);
         }
         // Every session's client id is known to the admin API's listing, events or not.
         for client in self.sessions.iter().map(|s| &s.client_id) {

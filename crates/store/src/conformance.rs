@@ -260,6 +260,10 @@ pub(crate) fn mixed_snapshot() -> Snapshot {
         }],
         next_seq: 5,
         client_seqs: vec![("a".into(), 5), ("ab".into(), 7)],
+        last_events: vec![
+            ("a".into(), 3, 300, Bytes::from_static(b"a3")),
+            ("b".into(), 1, 150, Bytes::from_static(b"b1")),
+        ],
         channels: vec![(2, channel("ab", "ab-2")), (1 << 64, channel("a", "a-1"))],
         outboxes: vec![
             ("backend".into(), vec![(1, Bytes::from_static(b"b1"))]),
@@ -647,8 +651,10 @@ macro_rules! conformance_tests {
                 super::presence::history_filters_by_time_and_limit($fresh)
             }
             #[test]
-            fn history_is_not_in_the_snapshot() {
-                super::presence::history_is_not_in_the_snapshot($fresh)
+            fn only_the_newest_history_entry_of_each_client_is_in_the_snapshot() {
+                super::presence::only_the_newest_history_entry_of_each_client_is_in_the_snapshot(
+                    $fresh,
+                )
             }
             #[test]
             fn later_presence_ops_in_a_batch_win() {

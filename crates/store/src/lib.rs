@@ -183,8 +183,13 @@ pub struct Snapshot {
     /// One more than the largest seq ever stored (0 if none), even if that message has since
     /// been dequeued; seqs are global across clients.
     pub next_seq: u64,
-    /// The last presence event seq of each client id that has one, sorted by client id.
+    /// The seqs [`Op::PutClientSeq`] set, sorted by client id. A client's last presence event
+    /// seq is the larger of this and the seq of its entry in `last_events`.
     pub client_seqs: Vec<(String, u64)>,
+    /// The newest presence history entry of each client id that has one, sorted by client id:
+    /// `(client id, seq, time in ms, payload)`. Found with two seeks per client, without
+    /// reading the rest of the history.
+    pub last_events: Vec<(String, u64, u64, bytes::Bytes)>,
     /// The channels recorded as open, sorted by channel id.
     pub channels: Vec<(u128, ChannelRecord)>,
     /// Per sink id (sorted), its outbox entries in id order. Sinks with an empty outbox are

@@ -226,6 +226,14 @@ impl Store for MemoryStore {
                 .iter()
                 .map(|(id, seq)| (id.clone(), *seq))
                 .collect(),
+            last_events: self
+                .history
+                .iter()
+                .filter_map(|(id, entries)| {
+                    let (seq, (time_ms, payload)) = entries.last_key_value()?;
+                    Some((id.clone(), *seq, *time_ms, payload.clone()))
+                })
+                .collect(),
             channels: self
                 .channels
                 .iter()

@@ -144,7 +144,8 @@ fn load_mqtt(
     Ok(())
 }
 
-/// Client seqs, channels, outboxes and `next_outbox_id`.
+/// Client seqs, the newest history entry of each client, channels, outboxes and
+/// `next_outbox_id`.
 fn load_presence(
     txn: &ReadTransaction,
     path: &Path,
@@ -159,6 +160,8 @@ fn load_presence(
             .client_seqs
             .push((key.value().to_owned(), value.value()));
     }
+
+    snapshot.last_events = last_events(txn, path)?;
 
     let channels = txn
         .open_table(CHANNELS)
@@ -184,6 +187,49 @@ fn load_presence(
     // As for next_seq: written with every PutOutbox, the max is a guard.
     snapshot.next_outbox_id = counter(txn, path, KEY_NEXT_OUTBOX_ID)?.max(one_past(largest_id));
     Ok(())
+}
+
+/// The newest history entry of each client: the last key of the first client's range, then
+/// the first key past that range names the next client, and so on.
+fn last_events(
+    txn: &ReadTransaction,
+    path: &Path,
+) -> Result<Vec<(String, u64, u64, Bytes)>, StoreError> {
+    let table = txn.open_table(HISTORY).at(path, "opening table history")?;
+    let mut found = Vec::new();
+    let mut next = table.first().at(path, "reading the history")?;
+    while let Some((first, _)) = next {
+        let client = first.value().0.to_owned();
+        drop(first);
+        let newest = table
+            .range((client.as_str(), 0)..=(client.as_str(), u64::MAX))
+            .at(path, "reading the history")?
+            .next_back()
+            .transpose()
+            .at(path, "reading the history")?;
+        if let Some((key, value)) = newest {
+            let seq = key.value().1;
+            match codec::decode_history_entry(value.value()) {
+                Ok((time_ms, payload)) => found.push((client.clone(), seq, time_ms, payload)),
+                Err(e) => {
+                    // Its seq is in the key: kept, so that the client's next event does not
+                    // reuse it. The history query names the entry if it is asked for.
+                    tracing::warn!(path = %path.display(), client_id = %client, seq, error = %e, "the newest history entry of a client does not decode; only its seq is kept");
+                    found.push((client.clone(), seq, 0, Bytes::new()));
+                }
+            }
+        }
+        next = table
+            .range::<(&str, u64)>((
+                std::ops::Bound::Excluded((client.as_str(), u64::MAX)),
+                std::ops::Bound::Unbounded,
+            ))
+            .at(path, "reading the history")?
+            .next()
+            .transpose()
+            .at(path, "reading the history")?;
+    }
+    Ok(found)
 }
 
 /// Tokens and device credentials.

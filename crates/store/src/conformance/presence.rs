@@ -322,15 +322,76 @@ pub(crate) fn history_filters_by_time_and_limit<S: Store, G>(fresh: impl Fresh<S
     );
 }
 
-pub(crate) fn history_is_not_in_the_snapshot<S: Store, G>(fresh: impl Fresh<S, G>) {
+pub(crate) fn only_the_newest_history_entry_of_each_client_is_in_the_snapshot<S: Store, G>(
+    fresh: impl Fresh<S, G>,
+) {
     let (mut store, _guard) = fresh();
+    // Client ids that are prefixes of each other, an empty one, and seqs at both ends.
     store
-        .apply(&[put_history("c", 1, 10, "e1"), put_history("c", 2, 20, "e2")])
+        .apply(&[
+            put_history("c", 1, 10, "c1"),
+            put_history("c", 2, 20, "c2"),
+            put_history("ca", 0, 5, "ca0"),
+            put_history("c\u{0}", 7, 70, "c0-7"),
+            put_history("", u64::MAX, 1, "empty"),
+            put_history("d", u64::MAX, 30, "d-max"),
+            put_history("d", 3, 40, "d3"),
+        ])
         .expect("apply");
-    assert_eq!(store.load().expect("load"), Snapshot::default());
+    let newest = |client: &str, seq: u64, time_ms: u64, payload: &'static str| {
+        (
+            client.to_owned(),
+            seq,
+            time_ms,
+            Bytes::from_static(payload.as_bytes()),
+        )
+    };
+    assert_eq!(
+        store.load().expect("load"),
+        Snapshot {
+            last_events: vec![
+                newest("", u64::MAX, 1, "empty"),
+                newest("c", 2, 20, "c2"),
+                newest("c\u{0}", 7, 70, "c0-7"),
+                newest("ca", 0, 5, "ca0"),
+                newest("d", u64::MAX, 30, "d-max"),
+            ],
+            ..Snapshot::default()
+        }
+    );
+    // The rest of the history stays where it was.
     assert_eq!(
         full_history(&mut store, "c"),
-        [entry(1, 10, "e1"), entry(2, 20, "e2")]
+        [entry(1, 10, "c1"), entry(2, 20, "c2")]
+    );
+    // Pruning keeps the newest entry; a client whose history is pruned away has none.
+    store
+        .apply(&[
+            Op::PruneHistory {
+                client_id: "c".into(),
+                below_seq: 2,
+            },
+            Op::PruneHistory {
+                client_id: "ca".into(),
+                below_seq: 1,
+            },
+        ])
+        .expect("prune");
+    let clients: Vec<(String, u64)> = store
+        .load()
+        .expect("load")
+        .last_events
+        .into_iter()
+        .map(|(client, seq, _, _)| (client, seq))
+        .collect();
+    assert_eq!(
+        clients,
+        [
+            ("".to_owned(), u64::MAX),
+            ("c".to_owned(), 2),
+            ("c\u{0}".to_owned(), 7),
+            ("d".to_owned(), u64::MAX),
+        ]
     );
 }
 
