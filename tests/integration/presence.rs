@@ -522,7 +522,7 @@ async fn snapshots_come_back_after_sigkill_as_they_were() {
     assert_eq!(online["online"], false);
     assert_eq!(online["reason"], "broker_restart");
     // Seqs go on from the newest history entry: the refused client's next event follows its
-    // connect_failed, and its next snapshot replaces the stored one.
+    // connect_failed.
     let again = TestClient::connected(signed_options(broker.addr, &id("refused"), true)).await;
     let connect = notice(&mut b, &id("refused")).await;
     expect(&connect, "connect", None);
@@ -535,8 +535,9 @@ async fn snapshots_come_back_after_sigkill_as_they_were() {
     expect(&closed, "tcpclean", Some("socket_closed"));
     broker.kill();
 
-    // That connect deleted the stored snapshot (else it would come back now, as of before the
-    // refused login): after another SIGKILL the snapshot is rebuilt from the newest entry.
+    // The snapshot stored at the refused login is stale now that other events followed: after
+    // another SIGKILL the start deletes it (else it would come back, as of before the refused
+    // login) and rebuilds the snapshot from the newest entry.
     let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
     let last = snapshots(broker.addr).await;
     let state: Value = serde_json::from_str(&last[&topic("refused")]).expect("JSON");

@@ -47,8 +47,9 @@ impl OpenFiles {
 }
 
 /// Raises the soft open-files limit to the hard one and grows the descriptor table to hold
-/// `max_connections` connections (within the limit). Call it before the runtime starts
-/// threads: growing the table of a single-threaded process waits for nothing.
+/// `max_connections` connections (within the limit). Call it before the runtime starts: the
+/// one grace period it may wait for (the allocator's background thread already runs) is at
+/// start, not in the middle of a reconnect storm.
 pub fn prepare(max_connections: u64) -> OpenFiles {
     let wanted = max_connections.saturating_add(RESERVED);
     let before = getrlimit(Resource::Nofile);
@@ -75,14 +76,17 @@ pub fn prepare(max_connections: u64) -> OpenFiles {
     }
 }
 
-/// Makes the descriptor table hold at least `slots` descriptors by duplicating stderr to
-/// descriptor `slots - 1` (or the first free one above it) and closing the copy. Returns
-/// `slots`, or 0 if the kernel refused.
+/// Makes the descriptor table hold at least `slots` descriptors by duplicating a descriptor
+/// of `/dev/null` to descriptor `slots - 1` (or the first free one above it) and closing both.
+/// Returns `slots`, or 0 if that failed.
 fn grow_table(slots: u64) -> u64 {
     let Some(last) = slots.checked_sub(1).and_then(|n| i32::try_from(n).ok()) else {
         return 0;
     };
-    match rustix::io::fcntl_dupfd_cloexec(std::io::stderr().as_fd(), last) {
+    let Ok(null) = std::fs::File::open("/dev/null") else {
+        return 0;
+    };
+    match rustix::io::fcntl_dupfd_cloexec(null.as_fd(), last) {
         Ok(copy) => {
             drop(copy);
             slots

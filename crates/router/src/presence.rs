@@ -187,6 +187,16 @@ impl Known {
     }
 }
 
+/// What a client's newest history entry says of its snapshot, at start.
+pub(crate) enum Newest {
+    /// The snapshot as of that event.
+    State(SnapshotState),
+    /// A refused connect: the snapshot is what was stored with it, if anything.
+    ConnectFailed,
+    /// An entry that does not parse: a stored snapshot, if any, is used.
+    Unreadable,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct SnapshotState {
     since: u64,
@@ -531,19 +541,13 @@ impl Router {
 
     /// Keeps `$presence/<clientId>` retained with the client's state after this event: in
     /// memory in its compact form (rendered for each new subscription), replacing any full
-    /// copy; not in the store, where the event's history entry is what it is rebuilt from (and
-    /// an entry of the topic that would say otherwise is deleted).
+    /// copy; not in the store, where the event's history entry is what it is rebuilt from.
     fn publish_snapshot(&mut self, client: &ClientId, state: SnapshotState) {
         if client.as_str().contains(['/', '+', '#', '\0']) {
             return;
         }
-        let topic = format!("{SNAPSHOT_PREFIX}{client}");
-        if self.stored_snapshots.remove(client) {
-            self.persister.stage(Op::DeleteRetained {
-                topic: topic.clone(),
-            });
-        }
-        self.retained.remove(topic.as_str());
+        self.retained
+            .remove(format!("{SNAPSHOT_PREFIX}{client}").as_str());
         let message = state.message(client, &self.settings.presence.node_id);
         self.known
             .entry(client.clone())
@@ -555,12 +559,9 @@ impl Router {
     }
 
     /// A `connect_failed` event leaves the client's snapshot as it was but becomes its newest
-    /// history entry, which the snapshot could not be rebuilt from: so the snapshot is stored
-    /// (unless the store already has the topic's entry), until the client's next event.
+    /// history entry, which the snapshot cannot be rebuilt from: so the snapshot is stored. At
+    /// start it is used while the newest entry is a `connect_failed`, and deleted otherwise.
     fn store_snapshot(&mut self, client: &ClientId) {
-        if self.stored_snapshots.contains(client) {
-            return;
-        }
         let node = &self.settings.presence.node_id;
         let Some(message) = self
             .known
@@ -572,38 +573,35 @@ impl Router {
         self.persister.stage(Op::PutRetained {
             message: crate::router::to_stored(&message),
         });
-        self.stored_snapshots.insert(client.clone());
     }
 
-    /// At start: the snapshot of each client whose `$presence` topic has no entry in the store,
-    /// from its newest history entry (`since`, `seq`, `lastEvent`, `channelId`, `clientIp` and
-    /// `reason` are all in the event).
-    pub(crate) fn rebuild_snapshots(&mut self, last_events: Vec<(String, u64, u64, Bytes)>) {
+    /// At start: what each client's newest history entry says of its snapshot, in the order
+    /// of `last_events` (sorted by client id).
+    pub(crate) fn read_newest(
+        &self,
+        last_events: Vec<(String, u64, u64, Bytes)>,
+    ) -> Vec<(String, Newest)> {
+        let mut newest = Vec::with_capacity(last_events.len());
         for (id, seq, time_ms, payload) in last_events {
-            let Ok(client) = self.known_client_id(&id) else {
-                continue;
-            };
-            if self.stored_snapshots.contains(&client)
-                || client.as_str().contains(['/', '+', '#', '\0'])
-            {
-                continue;
-            }
-            let event = match serde_json::from_slice::<PresenceEvent>(&payload) {
-                Ok(event) => event,
+            let read = match serde_json::from_slice::<PresenceEvent>(&payload) {
+                Ok(event) if event.event_type == EventKind::ConnectFailed.as_str() => {
+                    Newest::ConnectFailed
+                }
+                Ok(event) => match SnapshotState::from_event(&event, seq, time_ms) {
+                    Some(state) => Newest::State(state),
+                    None => {
+                        warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
+                        Newest::Unreadable
+                    }
+                },
                 Err(e) => {
                     warn!(client_id = %id, seq, error = %e, "presence snapshot not rebuilt: the newest history entry does not parse");
-                    continue;
+                    Newest::Unreadable
                 }
             };
-            let Some(state) = SnapshotState::from_event(&event, seq, time_ms) else {
-                warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
-                continue;
-            };
-            // A client whose newest event is a refused connect had no snapshot to store.
-            if state.last_event != EventKind::ConnectFailed {
-                self.known.entry(client).or_default().set_snapshot(state);
-            }
+            newest.push((id, read));
         }
+        newest
     }
 
     /// The `$presence` snapshots a new subscription to `filter` receives, rendered.

@@ -179,25 +179,18 @@ impl Router {
 
     fn retain(&mut self, message: &Message) {
         let topic = message.topic.to_string();
-        // A client allowed to publish on `$presence/...` replaces (or clears) the snapshot. The
-        // store keeps what it published (an empty payload as a tombstone) until the client's
-        // next event: otherwise the snapshot would be rebuilt from its history at start.
+        // A client allowed to publish on `$presence/...` replaces (or clears) the snapshot.
         if let Some(client) = topic.strip_prefix(SNAPSHOT_PREFIX)
-            && let Ok(client) = self.known_client_id(client)
+            && self
+                .known
+                .get_mut(client)
+                .and_then(|known| known.snapshot.take())
+                .is_some()
+            && message.payload.is_empty()
         {
-            if let Some(known) = self.known.get_mut(&client) {
-                known.snapshot = None;
-            }
-            self.stored_snapshots.insert(client);
-            self.persister.stage(Op::PutRetained {
-                message: to_stored(message),
+            self.persister.stage(Op::DeleteRetained {
+                topic: topic.clone(),
             });
-            if message.payload.is_empty() {
-                self.retained.remove(&topic);
-            } else {
-                self.retained.insert(topic, message.clone());
-            }
-            return;
         }
         if message.payload.is_empty() {
             if self.retained.remove(&topic).is_some() {

@@ -1,6 +1,6 @@
 //! The router task: its state, its loop, and the acknowledgements that wait for the disk.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
-use crate::presence::{SNAPSHOT_PREFIX, SnapshotState};
+use crate::presence::{Newest, SNAPSHOT_PREFIX, SnapshotState};
 use crate::session::{Queued, Session};
 use crate::sessions::Sessions;
 use crate::tree::SubscriptionTree;
@@ -158,12 +158,6 @@ pub struct Router {
     /// presence seq and its compact `$presence/<clientId>` snapshot (not in `retained`). One
     /// entry per client rather than a map each; in id order, for the admin API's pages.
     pub(crate) known: BTreeMap<ClientId, crate::presence::Known>,
-    /// Clients whose `$presence/<clientId>` topic has an entry in the store, which then says
-    /// what the topic holds after a restart: their snapshot as of a `connect_failed` event, a
-    /// client's own publish on the topic, an empty tombstone for a cleared one, or a snapshot
-    /// an older version stored with every event. For every other client the snapshot is not
-    /// stored but rebuilt at start from its newest history entry. Empty in the steady state.
-    pub(crate) stored_snapshots: HashSet<ClientId>,
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
     pending: VecDeque<Pending>,
@@ -210,7 +204,6 @@ impl Router {
             stats: stats.clone(),
             events,
             known: BTreeMap::new(),
-            stored_snapshots: HashSet::new(),
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
             pending: VecDeque::new(),
@@ -325,21 +318,27 @@ impl Router {
                 .stage(Op::DeleteSession { client_id: client });
         }
         let node = self.settings.presence.node_id.clone();
+        let snapshots_on = self.settings.presence.snapshot_topic;
+        // A client's snapshot is rebuilt from its newest history entry. A stored one is used
+        // only where that entry cannot give it (a refused connect, an unreadable entry, none),
+        // and deleted elsewhere: left by a connect_failed since followed by other events, or
+        // by an older build, which stored one with every event.
+        let newest = self.read_newest(snapshot.last_events);
+        let newest_of = |client: &str| {
+            newest
+                .binary_search_by(|(id, _)| id.as_str().cmp(client))
+                .ok()
+                .map(|i| &newest[i].1)
+        };
         for stored in snapshot.retained {
             let message = from_stored(stored);
             if let Some(client_id) = message.topic.as_str().strip_prefix(SNAPSHOT_PREFIX)
                 && let Ok(client) = self.known_client_id(client_id)
             {
-                if !self.settings.presence.snapshot_topic {
-                    // Snapshots are off: the ones kept from before go.
+                if !snapshots_on || matches!(newest_of(client_id), Some(Newest::State(_))) {
                     self.persister.stage(Op::DeleteRetained {
                         topic: message.topic.to_string(),
                     });
-                    continue;
-                }
-                self.stored_snapshots.insert(client.clone());
-                if message.payload.is_empty() {
-                    // A tombstone: the snapshot was cleared.
                     continue;
                 }
                 // Presence snapshots this node wrote go back to their compact form.
@@ -352,8 +351,15 @@ impl Router {
             }
             self.retained.insert(message.topic.to_string(), message);
         }
-        if self.settings.presence.snapshot_topic {
-            self.rebuild_snapshots(snapshot.last_events);
+        if snapshots_on {
+            for (id, read) in newest {
+                if let Newest::State(state) = read
+                    && let Ok(client) = self.known_client_id(&id)
+                    && !client.as_str().contains(['/', '+', '#', '\0'])
+                {
+                    self.known.entry(client).or_default().set_snapshot(state);
+                }
+            }
         }
         // Every session's client id is known to the admin API's listing, events or not.
         for client in self.sessions.iter().map(|s| &s.client_id) {

@@ -13,7 +13,7 @@
 //!   field by field and `u64` keys as numbers, so a client's messages are contiguous and iterate
 //!   in seq (delivery) order; deleting a session is one range delete.
 //! - `retained`: topic → encoded [`crate::StoredMessage`].
-//! - `client_seqs`: client id → its last presence event seq.
+//! - `client_seqs`: client id → its last presence event seq, as format 1 wrote it (read only).
 //! - `channels`: channel id (`u128`, compared as a number) → encoded [`crate::ChannelRecord`].
 //! - `outbox`: `(sink id, outbox id)` → encoded payload; a sink's entries are contiguous, in id
 //!   order, as in `queue`.
@@ -28,9 +28,9 @@
 //!   to be completed with PUBREL after a restart.
 //!
 //! `client_seqs` to `history` came with presence, `tokens` and `credentials` with the token and
-//! device-credential modes, `incoming_qos2` and `released` later, all under the same [`FORMAT_VERSION`]: a
-//! Herald from before ignores them, and this one creates them when it opens a file that lacks
-//! them.
+//! device-credential modes, `incoming_qos2` and `released` later, all under format 1: a Herald
+//! from before ignores them, and this one creates them when it opens a file that lacks them.
+//! Format 2 stopped writing `client_seqs` (see [`FORMAT_VERSION`]).
 //!
 //! Durability: [`SyncMode::Always`] commits every batch with `Durability::Immediate` (fsync).
 //! [`SyncMode::Interval`] appends the batch to the log (survives a process crash), then commits
@@ -54,8 +54,17 @@ use crate::wal::{Recovered, Wal};
 use crate::{Op, Snapshot, Store, StoreError, SyncMode, redb_read};
 
 /// The layout of the data directory this Herald reads and writes. A directory with a larger
-/// version is refused with [`StoreError::NewerFormat`].
-pub const FORMAT_VERSION: u64 = 1;
+/// version is refused with [`StoreError::NewerFormat`]; one with a version from
+/// [`OLDEST_READABLE_FORMAT`] on is read and marked with this version at open.
+///
+/// 2: a client's presence seq and `$presence` snapshot are no longer written with each event
+/// (`client_seqs` and `retained`) but read back from its newest `history` entry. A Herald
+/// that writes version 1 would start from stale seqs in such a directory (and issue event ids
+/// again), so the version tells it to refuse the directory.
+pub const FORMAT_VERSION: u64 = 2;
+
+/// The oldest format this Herald reads (and upgrades).
+pub const OLDEST_READABLE_FORMAT: u64 = 1;
 
 pub(crate) const DB_FILE: &str = "herald.redb";
 
@@ -184,6 +193,9 @@ impl RedbStore {
             Some(log) => Some(replay_log(&db, &db_path, log)?),
             None => None,
         };
+        if !fresh {
+            upgrade_format(&db, &db_path)?;
+        }
         let compacted = db.compact().at(&db_path, "compacting")?;
         debug!(path = %db_path.display(), compacted, "compaction at start-up done");
 
@@ -327,7 +339,7 @@ fn check_format(db: &Database, path: &Path) -> Result<bool, StoreError> {
         .at(path, "reading the format version")?
         .map(|guard| guard.value());
     match version {
-        Some(FORMAT_VERSION) => Ok(false),
+        Some(found) if (OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&found) => Ok(false),
         Some(found) if found > FORMAT_VERSION => Err(StoreError::NewerFormat {
             path: path.to_path_buf(),
             found,
@@ -342,6 +354,31 @@ fn check_format(db: &Database, path: &Path) -> Result<bool, StoreError> {
             path.display()
         ))),
     }
+}
+
+/// Marks a directory of an older readable format with [`FORMAT_VERSION`], durably (after its
+/// log is replayed: the ops of a log an older Herald wrote are all still understood).
+fn upgrade_format(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let txn = db.begin_write().at(path, "starting a write")?;
+    let found = {
+        let mut meta = txn.open_table(META).at(path, "opening table meta")?;
+        let found = meta
+            .get(KEY_FORMAT_VERSION)
+            .at(path, "reading the format version")?
+            .map(|guard| guard.value());
+        if found != Some(FORMAT_VERSION) {
+            meta.insert(KEY_FORMAT_VERSION, FORMAT_VERSION)
+                .at(path, "writing the format version")?;
+        }
+        found
+    };
+    if found == Some(FORMAT_VERSION) {
+        txn.abort().at(path, "ending a read")?;
+        return Ok(());
+    }
+    txn.commit().at(path, "upgrading the format version")?;
+    info!(path = %path.display(), from = ?found, to = FORMAT_VERSION, "store format upgraded");
+    Ok(())
 }
 
 /// Creates every table and writes the format version, durably.

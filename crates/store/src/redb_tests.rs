@@ -283,10 +283,10 @@ fn a_newer_format_is_refused() {
         matches!(
             error,
             StoreError::NewerFormat {
-                found: 2,
-                supported: 1,
+                found,
+                supported: FORMAT_VERSION,
                 ..
-            }
+            } if found == FORMAT_VERSION + 1
         ),
         "{error}"
     );
@@ -488,7 +488,8 @@ fn a_store_from_before_presence_opens_and_gains_the_new_tables() {
         assert_eq!(snapshot.client_seqs, [("old".to_owned(), 1)]);
         assert_eq!(snapshot.next_outbox_id, 1);
         assert_eq!(reopen_history(dir.path(), sync, "old").len(), 1);
-        // Nothing was bumped: an earlier Herald can still open the directory.
+        // The version is raised: a Herald of format 1 refuses the directory (it would start
+        // from the seqs in `client_seqs`, which are no longer written).
         let db = Database::create(dir.path().join(DB_FILE)).expect("raw open");
         let txn = db.begin_read().expect("read");
         let meta = txn.open_table(META).expect("meta");
@@ -496,7 +497,7 @@ fn a_store_from_before_presence_opens_and_gains_the_new_tables() {
             .get(KEY_FORMAT_VERSION)
             .expect("get")
             .map(|v| v.value());
-        assert_eq!(version, Some(1));
+        assert_eq!(version, Some(FORMAT_VERSION));
     }
 }
 
