@@ -67,6 +67,55 @@ pub(crate) struct Facts<'a> {
     pub(crate) refusal: Option<&'a str>,
 }
 
+/// An event as [`Router::record`] stages it: its JSON (`None` if it could not be encoded:
+/// nothing is staged) and, for a `connect`, what its channel record keeps.
+pub(crate) struct Recorded {
+    json: Option<Bytes>,
+    channel_info: Option<Bytes>,
+}
+
+/// What a channel record keeps to build the channel's `tcpclean` after a crash: the facts an
+/// event has besides its client id, channel id, kind, time, seq and reason. Short keys, about
+/// 100 bytes where the connect event's JSON (which older builds kept) is about 400: one is
+/// written with every connect.
+#[derive(Serialize)]
+struct ChannelFactsOut<'a> {
+    ip: Shown<SocketAddr>,
+    cs: bool,
+    p: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    u: Option<&'a str>,
+    t: &'a str,
+    n: &'a str,
+}
+
+/// [`ChannelFactsOut`] read back, or the facts of a connect event an older build kept.
+#[derive(Deserialize)]
+struct ChannelFacts {
+    ip: String,
+    cs: bool,
+    p: String,
+    #[serde(default)]
+    u: Option<String>,
+    t: String,
+    n: String,
+}
+
+impl ChannelFacts {
+    fn read(info: &[u8]) -> Result<ChannelFacts, serde_json::Error> {
+        serde_json::from_slice::<ChannelFacts>(info).or_else(|_| {
+            serde_json::from_slice::<PresenceEvent>(info).map(|event| ChannelFacts {
+                ip: event.client_ip,
+                cs: event.clean_session,
+                p: event.protocol,
+                u: event.username,
+                t: event.transport,
+                n: event.node,
+            })
+        })
+    }
+}
+
 /// When an event happened and its place in its client's sequence.
 #[derive(Clone, Copy)]
 pub(crate) struct Stamp {
@@ -78,6 +127,25 @@ pub(crate) struct Stamp {
 const EVENT_JSON_CAPACITY: usize = 512;
 
 impl Facts<'_> {
+    /// What the record of a channel opened from `peer` keeps ([`ChannelFactsOut`]).
+    fn channel_info(&self, peer: SocketAddr) -> Option<Bytes> {
+        let facts = ChannelFactsOut {
+            ip: Shown(peer),
+            cs: self.clean_session,
+            p: self.protocol,
+            u: self.username,
+            t: self.transport,
+            n: self.node,
+        };
+        match serde_json::to_vec(&facts) {
+            Ok(info) => Some(Bytes::from(info)),
+            Err(e) => {
+                warn!(error = %e, "cannot encode a channel record");
+                None
+            }
+        }
+    }
+
     /// The event's JSON, keys in the order of DESIGN.md 5.1 (as [`PresenceEvent`] has them).
     fn encode(
         &self,
@@ -329,9 +397,14 @@ impl Router {
         let Some(attached) = self.attached(client) else {
             return;
         };
-        let (json, peer) = self.encode_event(client, attached, kind, reason, clean_session, stamp);
-        self.record(
+        let (json, peer, info) =
+            self.encode_event(client, attached, kind, reason, clean_session, stamp);
+        let event = Recorded {
             json,
+            channel_info: info,
+        };
+        self.record(
+            event,
             client.clone(),
             channel.id,
             kind,
@@ -352,9 +425,14 @@ impl Router {
         clean_session: bool,
     ) {
         let stamp = self.stamp(client);
-        let (json, peer) = self.encode_event(client, attached, kind, reason, clean_session, stamp);
-        self.record(
+        let (json, peer, info) =
+            self.encode_event(client, attached, kind, reason, clean_session, stamp);
+        let event = Recorded {
             json,
+            channel_info: info,
+        };
+        self.record(
+            event,
             client.clone(),
             attached.id,
             kind,
@@ -372,9 +450,9 @@ impl Router {
         reason: Option<CloseReason>,
         clean_session: bool,
         stamp: Stamp,
-    ) -> (Option<Bytes>, SocketAddr) {
+    ) -> (Option<Bytes>, SocketAddr, Option<Bytes>) {
         let peer = attached.peer.addr();
-        let json = Facts {
+        let facts = Facts {
             client_ip: Ok(peer),
             clean_session,
             protocol: attached.protocol.as_str(),
@@ -384,9 +462,12 @@ impl Router {
             group_id: client.group(),
             device_id: client.device(),
             refusal: None,
-        }
-        .encode(client, attached.id, kind, reason, stamp);
-        (json, peer)
+        };
+        let json = facts.encode(client, attached.id, kind, reason, stamp);
+        let info = (kind == EventKind::Connect)
+            .then(|| facts.channel_info(peer))
+            .flatten();
+        (json, peer, info)
     }
 
     fn attached(&self, client: &ClientId) -> Option<&Attached> {
@@ -426,17 +507,21 @@ impl Router {
         }
         .encode(&client, channel, EventKind::ConnectFailed, None, stamp);
         let kind = EventKind::ConnectFailed;
-        self.record(json, client, channel, kind, None, stamp, Ok(failed.peer));
+        let event = Recorded {
+            json,
+            channel_info: None,
+        };
+        self.record(event, client, channel, kind, None, stamp, Ok(failed.peer));
     }
 
     /// Stages everything an event changes (the client's seq, history, channel record, sink
     /// outboxes, `$presence` snapshot) and defers its hand-off to sinks until that is durable.
-    /// `json` is the event ([`Facts::encode`]; `None` if it could not be encoded: nothing is
-    /// staged) and `peer` its client address (or the unreadable text of a stored one).
+    /// `event` is the event's JSON ([`Facts::encode`]) and, for a `connect`, its channel
+    /// record's facts; `peer` its client address (or the unreadable text of a stored one).
     #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
-        json: Option<Bytes>,
+        event: Recorded,
         client: ClientId,
         channel: ChannelId,
         kind: EventKind,
@@ -444,6 +529,7 @@ impl Router {
         stamp: Stamp,
         peer: Result<SocketAddr, &str>,
     ) {
+        let Recorded { json, channel_info } = event;
         let Some(json) = json else {
             return;
         };
@@ -455,7 +541,7 @@ impl Router {
                 channel_id: channel.0,
                 record: ChannelRecord {
                     client_id,
-                    info: json.clone(),
+                    info: channel_info.unwrap_or_else(|| json.clone()),
                 },
             }),
             EventKind::TcpClean => self.persister.stage(Op::DeleteChannel {
@@ -637,31 +723,29 @@ impl Router {
     pub(crate) fn close_channels_left_open(&mut self, channels: Vec<(u128, ChannelRecord)>) {
         for (id, record) in channels {
             let client = self.known_client_id(&record.client_id);
-            match (
-                serde_json::from_slice::<PresenceEvent>(&record.info),
-                client,
-            ) {
-                (Ok(event), Ok(client)) => {
+            match (ChannelFacts::read(&record.info), client) {
+                (Ok(facts), Ok(client)) => {
                     let (channel, kind) = (ChannelId(id), EventKind::TcpClean);
                     let reason = Some(CloseReason::BrokerRestart);
-                    let peer = event
-                        .client_ip
-                        .parse()
-                        .map_err(|_| event.client_ip.as_str());
+                    let peer = facts.ip.parse().map_err(|_| facts.ip.as_str());
                     let stamp = self.stamp(&client);
                     let json = Facts {
                         client_ip: peer,
-                        clean_session: event.clean_session,
-                        protocol: &event.protocol,
-                        username: event.username.as_deref(),
-                        transport: &event.transport,
-                        node: &event.node,
-                        group_id: event.group_id.as_deref(),
-                        device_id: event.device_id.as_deref(),
+                        clean_session: facts.cs,
+                        protocol: &facts.p,
+                        username: facts.u.as_deref(),
+                        transport: &facts.t,
+                        node: &facts.n,
+                        group_id: client.group(),
+                        device_id: client.device(),
                         refusal: None,
                     }
                     .encode(&client, channel, kind, reason, stamp);
-                    self.record(json, client, channel, kind, reason, stamp, peer);
+                    let event = Recorded {
+                        json,
+                        channel_info: None,
+                    };
+                    self.record(event, client, channel, kind, reason, stamp, peer);
                 }
                 (Err(e), _) => {
                     warn!(channel = %ChannelId(id), client_id = %record.client_id, error = %e, "unreadable channel record; dropped");
@@ -938,6 +1022,21 @@ mod tests {
                 std::str::from_utf8(&json).expect("UTF-8"),
                 serde_json::to_string(&expected).expect("JSON")
             );
+            // A channel record keeps the facts in short form; one an older build wrote (the
+            // connect event itself) reads back the same.
+            let info = facts
+                .channel_info(ip.parse().expect("address"))
+                .expect("channel info");
+            assert!(info.len() * 2 < json.len(), "{info:?}");
+            for stored in [&info, &json] {
+                let back = ChannelFacts::read(stored).expect("channel facts");
+                assert_eq!(back.ip, ip);
+                assert!(back.cs);
+                assert_eq!((back.p.as_str(), back.t.as_str()), ("mqtt3.1.1", "tcp"));
+                assert_eq!(back.u.as_deref(), username);
+                assert_eq!(back.n, "herald-1");
+            }
+            assert!(ChannelFacts::read(b"{}").is_err());
             // An address read back from a stored event that does not parse is kept as text.
             let facts = Facts {
                 client_ip: Err("somewhere"),
