@@ -205,7 +205,9 @@ sinks = ["stream"]
     let _redis = start_redis(port, dir.path());
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
     let mut events = Vec::new();
-    for _ in 0..300 {
+    // The sink retries with a backoff doubling up to 30 s: on a loaded machine the churn above
+    // can take long enough that the retry after redis starts is many seconds away.
+    for _ in 0..800 {
         if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
             let entries: redis::RedisResult<StreamEntries> = redis::cmd("XRANGE")
                 .arg("herald:test")

@@ -4,6 +4,7 @@
 //! The client's seq and its `$presence` snapshot are not stored apart: both are read back from
 //! its newest history entry at start.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -628,19 +629,28 @@ impl Router {
     /// Keeps `$presence/<clientId>` retained with the client's state after this event: in
     /// memory in its compact form (rendered for each new subscription), replacing any full
     /// copy; not in the store, where the event's history entry is what it is rebuilt from.
+    /// Rendered now only if someone subscribes to it.
     fn publish_snapshot(&mut self, client: &ClientId, state: SnapshotState) {
         if client.as_str().contains(['/', '+', '#', '\0']) {
             return;
         }
-        self.retained
-            .remove(format!("{SNAPSHOT_PREFIX}{client}").as_str());
-        let message = state.message(client, &self.settings.presence.node_id);
+        let topic = format!("{SNAPSHOT_PREFIX}{client}");
+        self.retained.remove(topic.as_str());
+        let mut subscribers = HashMap::new();
+        self.tree.matches(&topic, &mut subscribers);
+        let message = if subscribers.is_empty() {
+            None
+        } else {
+            state.message(client, &self.settings.presence.node_id)
+        };
         self.known
             .entry(client.clone())
             .or_default()
             .set_snapshot(state);
         if let Some(message) = message {
-            self.deliver_to_subscribers(&message);
+            for (subscriber, granted) in subscribers {
+                self.deliver(&subscriber, &message, granted, false);
+            }
         }
     }
 
