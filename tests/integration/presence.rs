@@ -71,11 +71,11 @@ pub(crate) async fn notice(backend: &mut TestClient, client: &str) -> Value {
     }
 }
 
-/// A CONNECT for DEV with a wrong password; returns the connection after its CONNACK.
-async fn wrong_password(addr: std::net::SocketAddr) -> RawClient {
+/// A CONNECT for `client_id` with a wrong password; returns the connection after its CONNACK.
+async fn wrong_password(addr: std::net::SocketAddr, client_id: &str) -> RawClient {
     let mut raw = RawClient::connect(addr).await;
     raw.send(RawClient::connect_packet(
-        DEV,
+        client_id,
         Some("Signature|demo|herald-demo"),
         Some("wrong"),
         true,
@@ -219,7 +219,7 @@ async fn every_way_a_channel_ends_has_its_reason() {
     );
 
     // A refused CONNECT emits nothing.
-    let mut raw = wrong_password(broker.addr).await;
+    let mut raw = wrong_password(broker.addr, DEV).await;
     raw.expect_closed().await;
     b.expect_no_publish(QUIET).await;
     broker.stop().await;
@@ -480,18 +480,7 @@ async fn snapshots_come_back_after_sigkill_as_they_were() {
             );
         }
     }
-    let mut raw = RawClient::connect(broker.addr).await;
-    raw.send(RawClient::connect_packet(
-        &id("refused"),
-        Some("Signature|demo|herald-demo"),
-        Some("wrong"),
-        true,
-    ))
-    .await;
-    assert!(matches!(
-        raw.recv().await,
-        Some(herald_protocol::Packet::ConnAck(_))
-    ));
+    let _raw = wrong_password(broker.addr, &id("refused")).await;
     let refused = notice(&mut b, &id("refused")).await;
     expect(&refused, "connect_failed", Some("bad_username_or_password"));
     let before = snapshots(broker.addr).await;
@@ -569,7 +558,7 @@ async fn refused_logins_can_be_audited_with_connect_failed() {
     let extra = format!("[presence]\nconnect_failed = true\n{PRESENCE}\n{audit}");
     let broker = TestBroker::demo(&extra).await;
     let mut b = backend(broker.addr).await;
-    let _refused = wrong_password(broker.addr).await;
+    let _refused = wrong_password(broker.addr, DEV).await;
     let failed = notice(&mut b, DEV).await;
     expect(&failed, "connect_failed", Some("bad_username_or_password"));
     assert_eq!(
