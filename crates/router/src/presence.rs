@@ -13,7 +13,7 @@ use base64::Engine;
 use bytes::Bytes;
 use herald_protocol::topic::matches;
 use herald_protocol::{ClientId, QoS, Topic};
-use herald_store::{ChannelRecord, Op};
+use herald_store::{ChannelRecord, Op, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -254,6 +254,33 @@ impl Known {
             None => self.snapshot = Some(Box::new(state)),
         }
     }
+}
+
+/// Each client's newest history entry, as the router reads it at start: `(client id, seq,
+/// what it says of the snapshot)`, sorted by client id. About 100 bytes a client: the entries'
+/// JSON is parsed as the store lends it, not kept.
+pub(crate) fn read_newest(store: &mut dyn Store) -> Result<Vec<(String, u64, Newest)>, StoreError> {
+    let mut newest = Vec::new();
+    store.last_events(&mut |id, seq, time_ms, payload| {
+        let read = match serde_json::from_slice::<PresenceEvent>(payload) {
+            Ok(event) if event.event_type == EventKind::ConnectFailed.as_str() => {
+                Newest::ConnectFailed
+            }
+            Ok(event) => match SnapshotState::from_event(&event, seq, time_ms) {
+                Some(state) => Newest::State(state),
+                None => {
+                    warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
+                    Newest::Unreadable
+                }
+            },
+            Err(e) => {
+                warn!(client_id = %id, seq, error = %e, "presence snapshot not rebuilt: the newest history entry does not parse");
+                Newest::Unreadable
+            }
+        };
+        newest.push((id.to_owned(), seq, read));
+    })?;
+    Ok(newest)
 }
 
 /// What a client's newest history entry says of its snapshot, at start.
@@ -669,35 +696,6 @@ impl Router {
         self.persister.stage(Op::PutRetained {
             message: crate::router::to_stored(&message),
         });
-    }
-
-    /// At start: what each client's newest history entry says of its snapshot, in the order
-    /// of `last_events` (sorted by client id).
-    pub(crate) fn read_newest(
-        &self,
-        last_events: Vec<(String, u64, u64, Bytes)>,
-    ) -> Vec<(String, Newest)> {
-        let mut newest = Vec::with_capacity(last_events.len());
-        for (id, seq, time_ms, payload) in last_events {
-            let read = match serde_json::from_slice::<PresenceEvent>(&payload) {
-                Ok(event) if event.event_type == EventKind::ConnectFailed.as_str() => {
-                    Newest::ConnectFailed
-                }
-                Ok(event) => match SnapshotState::from_event(&event, seq, time_ms) {
-                    Some(state) => Newest::State(state),
-                    None => {
-                        warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
-                        Newest::Unreadable
-                    }
-                },
-                Err(e) => {
-                    warn!(client_id = %id, seq, error = %e, "presence snapshot not rebuilt: the newest history entry does not parse");
-                    Newest::Unreadable
-                }
-            };
-            newest.push((id, read));
-        }
-        newest
     }
 
     /// The `$presence` snapshots a new subscription to `filter` receives, rendered.

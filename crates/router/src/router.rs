@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
-use crate::presence::{Newest, SNAPSHOT_PREFIX, SnapshotState};
+use crate::presence::{Newest, SNAPSHOT_PREFIX, SnapshotState, read_newest};
 use crate::session::{Queued, Session};
 use crate::sessions::Sessions;
 use crate::tree::SubscriptionTree;
@@ -185,11 +185,12 @@ impl Router {
     /// the router does not own, such as tokens and device credentials, out of it first).
     pub fn start_loaded(
         settings: RouterSettings,
-        store: Box<dyn Store>,
+        mut store: Box<dyn Store>,
         snapshot: herald_store::Snapshot,
         sinks: Vec<Arc<SinkQueue>>,
         events: Option<mpsc::Sender<Event>>,
     ) -> Result<(RouterHandle, JoinHandle<()>), StoreError> {
+        let newest = read_newest(store.as_mut())?;
         let (persister, reports, thread) = persist::start(store)
             .map_err(|e| StoreError::Engine(format!("cannot start the storage thread: {e}")))?;
         let stats = Arc::new(RouterStats::default());
@@ -211,7 +212,7 @@ impl Router {
             pending_per_channel: HashMap::new(),
             committed: 0,
         };
-        router.restore(snapshot);
+        router.restore(snapshot, newest);
         let (tx, rx) = mpsc::channel(4096);
         let task = tokio::spawn(async move {
             router.run(rx, reports).await;
@@ -245,7 +246,9 @@ impl Router {
         }
     }
 
-    fn restore(&mut self, snapshot: herald_store::Snapshot) {
+    /// Takes the store's state back into memory: `snapshot`, and each client's newest history
+    /// entry (`newest`, [`read_newest`]), which gives its seq and its `$presence` snapshot.
+    fn restore(&mut self, snapshot: herald_store::Snapshot, newest: Vec<(String, u64, Newest)>) {
         let mut queues: HashMap<String, Vec<(u64, herald_store::StoredMessage)>> =
             snapshot.queues.into_iter().collect();
         let mut incoming_qos2: HashMap<String, Vec<u16>> =
@@ -265,7 +268,7 @@ impl Router {
         }
         // A client's last seq is that of its newest history entry (the seqs above are what
         // older versions also wrote).
-        for (id, seq, _, _) in &snapshot.last_events {
+        for (id, seq, _) in &newest {
             if let Ok(client) = self.known_client_id(id) {
                 let known = self.known.entry(client).or_default();
                 known.seq = known.seq.max(*seq);
@@ -323,12 +326,11 @@ impl Router {
         // only where that entry cannot give it (a refused connect, an unreadable entry, none),
         // and deleted elsewhere: left by a connect_failed since followed by other events, or
         // by an older build, which stored one with every event.
-        let newest = self.read_newest(snapshot.last_events);
         let newest_of = |client: &str| {
             newest
-                .binary_search_by(|(id, _)| id.as_str().cmp(client))
+                .binary_search_by(|(id, _, _)| id.as_str().cmp(client))
                 .ok()
-                .map(|i| &newest[i].1)
+                .map(|i| &newest[i].2)
         };
         for stored in snapshot.retained {
             let message = from_stored(stored);
@@ -352,7 +354,7 @@ impl Router {
             self.retained.insert(message.topic.to_string(), message);
         }
         if snapshots_on {
-            for (id, read) in newest {
+            for (id, _, read) in newest {
                 if let Newest::State(state) = read
                     && let Ok(client) = self.known_client_id(&id)
                     && !client.as_str().contains(['/', '+', '#', '\0'])

@@ -52,6 +52,9 @@ impl Store for FlakyStore {
     ) -> Result<Vec<Option<Bytes>>, StoreError> {
         self.inner.history_entries(wanted)
     }
+    fn last_events(&mut self, each: &mut herald_store::OnLastEvent<'_>) -> Result<(), StoreError> {
+        self.inner.last_events(each)
+    }
 }
 
 struct Harness {

@@ -184,12 +184,9 @@ pub struct Snapshot {
     /// been dequeued; seqs are global across clients.
     pub next_seq: u64,
     /// The seqs [`Op::PutClientSeq`] set, sorted by client id. A client's last presence event
-    /// seq is the larger of this and the seq of its entry in `last_events`.
+    /// seq is the larger of this and the seq of its newest history entry
+    /// ([`Store::last_events`]).
     pub client_seqs: Vec<(String, u64)>,
-    /// The newest presence history entry of each client id that has one, sorted by client id:
-    /// `(client id, seq, time in ms, payload)`. Found with two seeks per client, without
-    /// reading the rest of the history.
-    pub last_events: Vec<(String, u64, u64, bytes::Bytes)>,
     /// The channels recorded as open, sorted by channel id.
     pub channels: Vec<(u128, ChannelRecord)>,
     /// Per sink id (sorted), its outbox entries in id order. Sinks with an empty outbox are
@@ -219,6 +216,9 @@ pub enum SyncMode {
     /// [`Store::flush`], which the caller runs every `millis`.
     Interval { millis: u64 },
 }
+
+/// What [`Store::last_events`] calls for each client: `(client id, seq, time in ms, payload)`.
+pub type OnLastEvent<'a> = dyn FnMut(&str, u64, u64, &[u8]) + 'a;
 
 /// The broker's storage. One thread owns it; calls are blocking.
 pub trait Store: Send + 'static {
@@ -253,4 +253,11 @@ pub trait Store: Send + 'static {
         &mut self,
         wanted: &[(String, u64)],
     ) -> Result<Vec<Option<bytes::Bytes>>, StoreError>;
+
+    /// Calls `each` with the newest presence history entry of every client id that has one, in
+    /// client id order: `(client id, seq, time in ms, payload)`. Two seeks per client, not a
+    /// read of the whole history, and each payload is lent for the call only, so that a start
+    /// with many clients does not hold all of them at once. An entry whose value does not
+    /// decode is given with time 0 and an empty payload (its seq is in its key).
+    fn last_events(&mut self, each: &mut OnLastEvent<'_>) -> Result<(), StoreError>;
 }

@@ -226,14 +226,6 @@ impl Store for MemoryStore {
                 .iter()
                 .map(|(id, seq)| (id.clone(), *seq))
                 .collect(),
-            last_events: self
-                .history
-                .iter()
-                .filter_map(|(id, entries)| {
-                    let (seq, (time_ms, payload)) = entries.last_key_value()?;
-                    Some((id.clone(), *seq, *time_ms, payload.clone()))
-                })
-                .collect(),
             channels: self
                 .channels
                 .iter()
@@ -299,6 +291,15 @@ impl Store for MemoryStore {
             .take(limit)
             .map(|(seq, (time_ms, payload))| (*seq, *time_ms, payload.clone()))
             .collect())
+    }
+
+    fn last_events(&mut self, each: &mut crate::OnLastEvent<'_>) -> Result<(), StoreError> {
+        for (id, entries) in &self.history {
+            if let Some((seq, (time_ms, payload))) = entries.last_key_value() {
+                each(id, *seq, *time_ms, payload);
+            }
+        }
+        Ok(())
     }
 
     fn history_entries(

@@ -144,8 +144,7 @@ fn load_mqtt(
     Ok(())
 }
 
-/// Client seqs, the newest history entry of each client, channels, outboxes and
-/// `next_outbox_id`.
+/// Client seqs, channels, outboxes and `next_outbox_id`.
 fn load_presence(
     txn: &ReadTransaction,
     path: &Path,
@@ -160,8 +159,6 @@ fn load_presence(
             .client_seqs
             .push((key.value().to_owned(), value.value()));
     }
-
-    snapshot.last_events = last_events(txn, path)?;
 
     let channels = txn
         .open_table(CHANNELS)
@@ -189,14 +186,15 @@ fn load_presence(
     Ok(())
 }
 
-/// The newest history entry of each client: the last key of the first client's range, then
-/// the first key past that range names the next client, and so on.
-fn last_events(
-    txn: &ReadTransaction,
+/// [`crate::Store::last_events`]: the last key of the first client's range, then the first key
+/// past that range names the next client, and so on.
+pub(crate) fn last_events(
+    db: &Database,
     path: &Path,
-) -> Result<Vec<(String, u64, u64, Bytes)>, StoreError> {
+    each: &mut crate::OnLastEvent<'_>,
+) -> Result<(), StoreError> {
+    let txn = db.begin_read().at(path, "reading")?;
     let table = txn.open_table(HISTORY).at(path, "opening table history")?;
-    let mut found = Vec::new();
     let mut next = table.first().at(path, "reading the history")?;
     while let Some((first, _)) = next {
         let client = first.value().0.to_owned();
@@ -210,12 +208,12 @@ fn last_events(
         if let Some((key, value)) = newest {
             let seq = key.value().1;
             match codec::decode_history_entry(value.value()) {
-                Ok((time_ms, payload)) => found.push((client.clone(), seq, time_ms, payload)),
+                Ok((time_ms, payload)) => each(&client, seq, time_ms, &payload),
                 Err(e) => {
                     // Its seq is in the key: kept, so that the client's next event does not
                     // reuse it. The history query names the entry if it is asked for.
                     tracing::warn!(path = %path.display(), client_id = %client, seq, error = %e, "the newest history entry of a client does not decode; only its seq is kept");
-                    found.push((client.clone(), seq, 0, Bytes::new()));
+                    each(&client, seq, 0, &[]);
                 }
             }
         }
@@ -229,7 +227,7 @@ fn last_events(
             .transpose()
             .at(path, "reading the history")?;
     }
-    Ok(found)
+    Ok(())
 }
 
 /// Tokens and device credentials.

@@ -309,6 +309,10 @@ impl Store for RedbStore {
     ) -> Result<Vec<Option<bytes::Bytes>>, StoreError> {
         redb_read::history_entries(&self.db, &self.db_path, wanted)
     }
+
+    fn last_events(&mut self, each: &mut crate::OnLastEvent<'_>) -> Result<(), StoreError> {
+        redb_read::last_events(&self.db, &self.db_path, each)
+    }
 }
 
 /// Returns whether the database is new (has no table at all), after checking that an existing
