@@ -451,9 +451,10 @@ async fn snapshots(addr: std::net::SocketAddr) -> std::collections::BTreeMap<Str
     states
 }
 
-/// The snapshots are not stored with each event but rebuilt at start from each client's newest
-/// history entry; after a refused login (its `connect_failed` event the newest entry) the
-/// snapshot is stored as it was. Either way, what comes back after SIGKILL is what was there.
+/// The snapshots and open channels are not stored with each event but read back at start from
+/// each client's newest history entry; after a refused login (its `connect_failed` event the
+/// newest entry) the snapshot, and the channel if one is open, are stored as they were. Either
+/// way, what comes back after SIGKILL is what was there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_come_back_after_sigkill_as_they_were() {
     let dir = tempfile::TempDir::new().expect("temp dir");
@@ -483,6 +484,11 @@ async fn snapshots_come_back_after_sigkill_as_they_were() {
     let _raw = wrong_password(broker.addr, &id("refused")).await;
     let refused = notice(&mut b, &id("refused")).await;
     expect(&refused, "connect_failed", Some("bad_username_or_password"));
+    // A refused login for a client id whose channel is open: its newest event is no longer the
+    // connect, so the open channel is recorded apart, and still gets its broker_restart.
+    let _raw = wrong_password(broker.addr, &id("online")).await;
+    let failed = notice(&mut b, &id("online")).await;
+    expect(&failed, "connect_failed", Some("bad_username_or_password"));
     let before = snapshots(broker.addr).await;
     let topic = |name: &str| format!("$presence/{}", id(name));
     assert!(before.contains_key(&topic("gone")), "{before:?}");
@@ -497,10 +503,11 @@ async fn snapshots_come_back_after_sigkill_as_they_were() {
 
     let broker = BrokerProcess::spawn(Path::new(BIN), dir.path(), &config);
     let mut b = backend(broker.addr).await;
-    expect(
-        &notice(&mut b, &id("online")).await,
-        "tcpclean",
-        Some("broker_restart"),
+    let restart = notice(&mut b, &id("online")).await;
+    expect(&restart, "tcpclean", Some("broker_restart"));
+    assert_eq!(
+        restart["seq"].as_u64(),
+        failed["seq"].as_u64().map(|s| s + 1)
     );
     let after = snapshots(broker.addr).await;
     // Byte for byte what they were, rebuilt from history or read back as stored.

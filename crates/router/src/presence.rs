@@ -68,17 +68,10 @@ pub(crate) struct Facts<'a> {
     pub(crate) refusal: Option<&'a str>,
 }
 
-/// An event as [`Router::record`] stages it: its JSON (`None` if it could not be encoded:
-/// nothing is staged) and, for a `connect`, what its channel record keeps.
-pub(crate) struct Recorded {
-    json: Option<Bytes>,
-    channel_info: Option<Bytes>,
-}
-
 /// What a channel record keeps to build the channel's `tcpclean` after a crash: the facts an
 /// event has besides its client id, channel id, kind, time, seq and reason. Short keys, about
-/// 100 bytes where the connect event's JSON (which older builds kept) is about 400: one is
-/// written with every connect.
+/// 100 bytes where the connect event's JSON (which older builds kept with every connect) is
+/// about 400.
 #[derive(Serialize)]
 struct ChannelFactsOut<'a> {
     ip: Shown<SocketAddr>,
@@ -92,7 +85,7 @@ struct ChannelFactsOut<'a> {
 
 /// [`ChannelFactsOut`] read back, or the facts of a connect event an older build kept.
 #[derive(Deserialize)]
-struct ChannelFacts {
+pub(crate) struct ChannelFacts {
     ip: String,
     cs: bool,
     p: String,
@@ -104,16 +97,21 @@ struct ChannelFacts {
 
 impl ChannelFacts {
     fn read(info: &[u8]) -> Result<ChannelFacts, serde_json::Error> {
-        serde_json::from_slice::<ChannelFacts>(info).or_else(|_| {
-            serde_json::from_slice::<PresenceEvent>(info).map(|event| ChannelFacts {
-                ip: event.client_ip,
-                cs: event.clean_session,
-                p: event.protocol,
-                u: event.username,
-                t: event.transport,
-                n: event.node,
-            })
-        })
+        serde_json::from_slice::<ChannelFacts>(info)
+            .or_else(|_| serde_json::from_slice::<PresenceEvent>(info).map(ChannelFacts::from))
+    }
+}
+
+impl From<PresenceEvent> for ChannelFacts {
+    fn from(event: PresenceEvent) -> ChannelFacts {
+        ChannelFacts {
+            ip: event.client_ip,
+            cs: event.clean_session,
+            p: event.protocol,
+            u: event.username,
+            t: event.transport,
+            n: event.node,
+        }
     }
 }
 
@@ -259,29 +257,51 @@ impl Known {
 /// Each client's newest history entry, as the router reads it at start: `(client id, seq,
 /// what it says of the snapshot)`, sorted by client id. About 100 bytes a client: the entries'
 /// JSON is parsed as the store lends it, not kept.
-pub(crate) fn read_newest(store: &mut dyn Store) -> Result<Vec<(String, u64, Newest)>, StoreError> {
+pub(crate) fn read_newest(store: &mut dyn Store) -> Result<Vec<NewestEntry>, StoreError> {
     let mut newest = Vec::new();
     store.last_events(&mut |id, seq, time_ms, payload| {
+        let mut open = None;
         let read = match serde_json::from_slice::<PresenceEvent>(payload) {
             Ok(event) if event.event_type == EventKind::ConnectFailed.as_str() => {
                 Newest::ConnectFailed
             }
-            Ok(event) => match SnapshotState::from_event(&event, seq, time_ms) {
-                Some(state) => Newest::State(state),
-                None => {
-                    warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
-                    Newest::Unreadable
+            Ok(event) => {
+                let read = match SnapshotState::from_event(&event, seq, time_ms) {
+                    Some(state) => Newest::State(state),
+                    None => {
+                        warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
+                        Newest::Unreadable
+                    }
+                };
+                // A channel whose connect (or disconnect) is the newest event has not ended.
+                let open_kind = matches!(
+                    EventKind::parse(&event.event_type),
+                    Some(EventKind::Connect | EventKind::Disconnect)
+                );
+                match u128::from_str_radix(&event.channel_id, 16) {
+                    Ok(channel) if open_kind => open = Some((ChannelId(channel), event.into())),
+                    Ok(_) => {}
+                    Err(e) if open_kind => {
+                        warn!(client_id = %id, seq, error = %e, "the newest history entry has an unreadable channel id: its channel is taken as ended");
+                    }
+                    Err(_) => {}
                 }
-            },
+                read
+            }
             Err(e) => {
-                warn!(client_id = %id, seq, error = %e, "presence snapshot not rebuilt: the newest history entry does not parse");
+                warn!(client_id = %id, seq, error = %e, "presence snapshot not rebuilt, channel taken as ended: the newest history entry does not parse");
                 Newest::Unreadable
             }
         };
-        newest.push((id.to_owned(), seq, read));
+        newest.push((id.to_owned(), seq, read, open));
     })?;
     Ok(newest)
 }
+
+/// A client's newest history entry as [`read_newest`] gives it: client id, seq, what it says
+/// of the snapshot, and the channel it says is still open, with what that channel's
+/// `tcpclean` needs.
+pub(crate) type NewestEntry = (String, u64, Newest, Option<(ChannelId, ChannelFacts)>);
 
 /// What a client's newest history entry says of its snapshot, at start.
 pub(crate) enum Newest {
@@ -425,14 +445,9 @@ impl Router {
         let Some(attached) = self.attached(client) else {
             return;
         };
-        let (json, peer, info) =
-            self.encode_event(client, attached, kind, reason, clean_session, stamp);
-        let event = Recorded {
-            json,
-            channel_info: info,
-        };
+        let (json, peer) = self.encode_event(client, attached, kind, reason, clean_session, stamp);
         self.record(
-            event,
+            json,
             client.clone(),
             channel.id,
             kind,
@@ -453,14 +468,9 @@ impl Router {
         clean_session: bool,
     ) {
         let stamp = self.stamp(client);
-        let (json, peer, info) =
-            self.encode_event(client, attached, kind, reason, clean_session, stamp);
-        let event = Recorded {
-            json,
-            channel_info: info,
-        };
+        let (json, peer) = self.encode_event(client, attached, kind, reason, clean_session, stamp);
         self.record(
-            event,
+            json,
             client.clone(),
             attached.id,
             kind,
@@ -478,10 +488,27 @@ impl Router {
         reason: Option<CloseReason>,
         clean_session: bool,
         stamp: Stamp,
-    ) -> (Option<Bytes>, SocketAddr, Option<Bytes>) {
+    ) -> (Option<Bytes>, SocketAddr) {
         let peer = attached.peer.addr();
-        let facts = Facts {
-            client_ip: Ok(peer),
+        let json = self.facts_of(client, attached, clean_session).encode(
+            client,
+            attached.id,
+            kind,
+            reason,
+            stamp,
+        );
+        (json, peer)
+    }
+
+    /// What the events of `attached`, a channel of `client`, say besides their kind and stamp.
+    fn facts_of<'a>(
+        &'a self,
+        client: &'a ClientId,
+        attached: &'a Attached,
+        clean_session: bool,
+    ) -> Facts<'a> {
+        Facts {
+            client_ip: Ok(attached.peer.addr()),
             clean_session,
             protocol: attached.protocol.as_str(),
             username: attached.username.as_deref(),
@@ -490,12 +517,7 @@ impl Router {
             group_id: client.group(),
             device_id: client.device(),
             refusal: None,
-        };
-        let json = facts.encode(client, attached.id, kind, reason, stamp);
-        let info = (kind == EventKind::Connect)
-            .then(|| facts.channel_info(peer))
-            .flatten();
-        (json, peer, info)
+        }
     }
 
     fn attached(&self, client: &ClientId) -> Option<&Attached> {
@@ -535,21 +557,46 @@ impl Router {
         }
         .encode(&client, channel, EventKind::ConnectFailed, None, stamp);
         let kind = EventKind::ConnectFailed;
-        let event = Recorded {
-            json,
-            channel_info: None,
+        self.record_open_channel(&client);
+        self.record(json, client, channel, kind, None, stamp, Ok(failed.peer));
+    }
+
+    /// A refused connect becomes the client's newest history entry, which no longer says that
+    /// its channel, if it has one open, is open: so that channel is recorded in the store
+    /// (`PutChannel`, with what its `tcpclean` needs) until it ends.
+    fn record_open_channel(&mut self, client: &ClientId) {
+        let Some(session) = self.sessions.get(client) else {
+            return;
         };
-        self.record(event, client, channel, kind, None, stamp, Ok(failed.peer));
+        let Some(attached) = session.attached.as_ref() else {
+            return;
+        };
+        if self.stored_channels.contains(&attached.id) {
+            return;
+        }
+        let facts = self.facts_of(client, attached, !session.persistent);
+        let Some(info) = facts.channel_info(attached.peer.addr()) else {
+            return;
+        };
+        let id = attached.id;
+        self.persister.stage(Op::PutChannel {
+            channel_id: id.0,
+            record: ChannelRecord {
+                client_id: client.to_string(),
+                info,
+            },
+        });
+        self.stored_channels.insert(id);
     }
 
     /// Stages everything an event changes (the client's seq, history, channel record, sink
     /// outboxes, `$presence` snapshot) and defers its hand-off to sinks until that is durable.
-    /// `event` is the event's JSON ([`Facts::encode`]) and, for a `connect`, its channel
-    /// record's facts; `peer` its client address (or the unreadable text of a stored one).
+    /// `json` is the event ([`Facts::encode`]; `None` if it could not be encoded: nothing is
+    /// staged) and `peer` its client address (or the unreadable text of a stored one).
     #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
-        event: Recorded,
+        json: Option<Bytes>,
         client: ClientId,
         channel: ChannelId,
         kind: EventKind,
@@ -557,26 +604,18 @@ impl Router {
         stamp: Stamp,
         peer: Result<SocketAddr, &str>,
     ) {
-        let Recorded { json, channel_info } = event;
         let Some(json) = json else {
             return;
         };
         let Stamp { seq, time_ms } = stamp;
         let client_id = client.to_string();
         self.stage_history(&client_id, seq, time_ms, &json);
-        match kind {
-            EventKind::Connect => self.persister.stage(Op::PutChannel {
-                channel_id: channel.0,
-                record: ChannelRecord {
-                    client_id,
-                    info: channel_info.unwrap_or_else(|| json.clone()),
-                },
-            }),
-            EventKind::TcpClean => self.persister.stage(Op::DeleteChannel {
-                channel_id: channel.0,
-            }),
-            EventKind::Disconnect | EventKind::ConnectFailed => 0,
-        };
+        // A connect needs no record of its channel: while it (or the channel's disconnect) is
+        // the client's newest history entry, the channel is open (read back at start). One is
+        // stored only where a refused connect came after it (`record_open_channel`).
+        if kind == EventKind::TcpClean {
+            self.forget_channel_record(channel);
+        }
         let sinks = self.sinks_for(&client, kind);
         let outboxes = self.stage_outboxes(sinks, &json, time_ms);
         debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
@@ -728,12 +767,28 @@ impl Router {
 
     /// At start-up, before any connection: every channel the store says was open when the
     /// broker died gets its `tcpclean` with reason `broker_restart`.
-    pub(crate) fn close_channels_left_open(&mut self, channels: Vec<(u128, ChannelRecord)>) {
-        for (id, record) in channels {
-            let client = self.known_client_id(&record.client_id);
-            match (ChannelFacts::read(&record.info), client) {
+    pub(crate) fn close_channels_left_open(
+        &mut self,
+        records: Vec<(u128, ChannelRecord)>,
+        from_history: Vec<(String, ChannelId, ChannelFacts)>,
+    ) {
+        let mut left = Vec::with_capacity(records.len() + from_history.len());
+        for (id, record) in records {
+            let channel = ChannelId(id);
+            self.stored_channels.insert(channel);
+            let facts = ChannelFacts::read(&record.info).map_err(|e| e.to_string());
+            left.push((channel, record.client_id, facts));
+        }
+        for (client_id, channel, facts) in from_history {
+            if !self.stored_channels.contains(&channel) {
+                left.push((channel, client_id, Ok(facts)));
+            }
+        }
+        left.sort_by_key(|(channel, _, _)| *channel);
+        for (channel, client_id, facts) in left {
+            match (facts, self.known_client_id(&client_id)) {
                 (Ok(facts), Ok(client)) => {
-                    let (channel, kind) = (ChannelId(id), EventKind::TcpClean);
+                    let kind = EventKind::TcpClean;
                     let reason = Some(CloseReason::BrokerRestart);
                     let peer = facts.ip.parse().map_err(|_| facts.ip.as_str());
                     let stamp = self.stamp(&client);
@@ -749,21 +804,26 @@ impl Router {
                         refusal: None,
                     }
                     .encode(&client, channel, kind, reason, stamp);
-                    let event = Recorded {
-                        json,
-                        channel_info: None,
-                    };
-                    self.record(event, client, channel, kind, reason, stamp, peer);
+                    self.record(json, client, channel, kind, reason, stamp, peer);
                 }
                 (Err(e), _) => {
-                    warn!(channel = %ChannelId(id), client_id = %record.client_id, error = %e, "unreadable channel record; dropped");
-                    self.persister.stage(Op::DeleteChannel { channel_id: id });
+                    warn!(%channel, %client_id, error = %e, "unreadable channel record; dropped");
+                    self.forget_channel_record(channel);
                 }
                 (_, Err(e)) => {
-                    warn!(channel = %ChannelId(id), client_id = %record.client_id, error = %e, "channel record with an unusable client id; dropped");
-                    self.persister.stage(Op::DeleteChannel { channel_id: id });
+                    warn!(%channel, %client_id, error = %e, "channel record with an unusable client id; dropped");
+                    self.forget_channel_record(channel);
                 }
             }
+        }
+    }
+
+    /// Deletes the stored record of `channel`, if there is one.
+    fn forget_channel_record(&mut self, channel: ChannelId) {
+        if self.stored_channels.remove(&channel) {
+            self.persister.stage(Op::DeleteChannel {
+                channel_id: channel.0,
+            });
         }
     }
 

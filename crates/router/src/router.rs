@@ -1,6 +1,6 @@
 //! The router task: its state, its loop, and the acknowledgements that wait for the disk.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
-use crate::presence::{Newest, SNAPSHOT_PREFIX, SnapshotState, read_newest};
+use crate::presence::{Newest, NewestEntry, SNAPSHOT_PREFIX, SnapshotState, read_newest};
 use crate::session::{Queued, Session};
 use crate::sessions::Sessions;
 use crate::tree::SubscriptionTree;
@@ -158,6 +158,11 @@ pub struct Router {
     /// presence seq and its compact `$presence/<clientId>` snapshot (not in `retained`). One
     /// entry per client rather than a map each; in id order, for the admin API's pages.
     pub(crate) known: BTreeMap<ClientId, crate::presence::Known>,
+    /// Channels with a record in the store's `channels` table (a channel whose client's newest
+    /// event became a refused connect, or one an older build recorded): deleted when the
+    /// channel ends. Empty in the steady state: an open channel is otherwise known from its
+    /// client's newest history entry.
+    pub(crate) stored_channels: HashSet<ChannelId>,
     pub(crate) sinks: HashMap<String, Arc<SinkQueue>>,
     pub(crate) next_outbox_id: u64,
     pending: VecDeque<Pending>,
@@ -205,6 +210,7 @@ impl Router {
             stats: stats.clone(),
             events,
             known: BTreeMap::new(),
+            stored_channels: HashSet::new(),
             sinks: sinks.into_iter().map(|s| (s.id.clone(), s)).collect(),
             next_outbox_id: snapshot.next_outbox_id,
             pending: VecDeque::new(),
@@ -248,7 +254,7 @@ impl Router {
 
     /// Takes the store's state back into memory: `snapshot`, and each client's newest history
     /// entry (`newest`, [`read_newest`]), which gives its seq and its `$presence` snapshot.
-    fn restore(&mut self, snapshot: herald_store::Snapshot, newest: Vec<(String, u64, Newest)>) {
+    fn restore(&mut self, snapshot: herald_store::Snapshot, newest: Vec<NewestEntry>) {
         let mut queues: HashMap<String, Vec<(u64, herald_store::StoredMessage)>> =
             snapshot.queues.into_iter().collect();
         let mut incoming_qos2: HashMap<String, Vec<u16>> =
@@ -268,7 +274,7 @@ impl Router {
         }
         // A client's last seq is that of its newest history entry (the seqs above are what
         // older versions also wrote).
-        for (id, seq, _) in &newest {
+        for (id, seq, _, _) in &newest {
             if let Ok(client) = self.known_client_id(id) {
                 let known = self.known.entry(client).or_default();
                 known.seq = known.seq.max(*seq);
@@ -328,7 +334,7 @@ impl Router {
         // by an older build, which stored one with every event.
         let newest_of = |client: &str| {
             newest
-                .binary_search_by(|(id, _, _)| id.as_str().cmp(client))
+                .binary_search_by(|(id, ..)| id.as_str().cmp(client))
                 .ok()
                 .map(|i| &newest[i].2)
         };
@@ -353,14 +359,17 @@ impl Router {
             }
             self.retained.insert(message.topic.to_string(), message);
         }
-        if snapshots_on {
-            for (id, _, read) in newest {
-                if let Newest::State(state) = read
-                    && let Ok(client) = self.known_client_id(&id)
-                    && !client.as_str().contains(['/', '+', '#', '\0'])
-                {
-                    self.known.entry(client).or_default().set_snapshot(state);
-                }
+        let mut open = Vec::new();
+        for (id, _, read, channel) in newest {
+            if snapshots_on
+                && let Newest::State(state) = read
+                && let Ok(client) = self.known_client_id(&id)
+                && !client.as_str().contains(['/', '+', '#', '\0'])
+            {
+                self.known.entry(client).or_default().set_snapshot(state);
+            }
+            if let Some((channel, facts)) = channel {
+                open.push((id, channel, facts));
             }
         }
         // Every session's client id is known to the admin API's listing, events or not.
@@ -370,7 +379,7 @@ impl Router {
         for (sink, entries) in snapshot.outboxes {
             self.restore_outbox(sink, entries);
         }
-        self.close_channels_left_open(snapshot.channels);
+        self.close_channels_left_open(snapshot.channels, open);
         info!(
             sessions = count,
             retained = self.retained.len(),
