@@ -1,8 +1,9 @@
 //! Presence events (DESIGN.md 5): built once per channel transition with the client's next
-//! `seq`, staged in the store together with the channel record, the history and every
-//! matching sink's outbox entry (one transaction), and handed on only after they are durable.
-//! The client's seq and its `$presence` snapshot are not stored apart: both are read back from
-//! its newest history entry at start.
+//! `seq`, staged in the store as a history entry together with every matching sink's outbox
+//! entry (one transaction), and handed on only after they are durable. The client's seq, its
+//! `$presence` snapshot and whether its channel is open are not stored apart: all three are
+//! read back from its newest history entry at start (a channel is recorded apart only where
+//! that entry would not show it open: a refused connect after it, a write that failed).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -254,13 +255,21 @@ impl Known {
     }
 }
 
-/// Each client's newest history entry, as the router reads it at start: `(client id, seq,
-/// what it says of the snapshot)`, sorted by client id. About 100 bytes a client: the entries'
-/// JSON is parsed as the store lends it, not kept.
-pub(crate) fn read_newest(store: &mut dyn Store) -> Result<Vec<NewestEntry>, StoreError> {
+/// Each client's newest history entry, as the router reads it at start ([`read_newest`]).
+/// The entries' JSON is parsed as the store lends it, not kept.
+pub(crate) struct ReadBack {
+    /// `(client id, seq, what the entry says of the snapshot)`, sorted by client id: about
+    /// 100 bytes a client.
+    pub(crate) newest: Vec<(String, u64, Newest)>,
+    /// The channels the entries say are still open (their connect or disconnect is the
+    /// newest), with what their `tcpclean` needs: usually none after a clean shutdown.
+    pub(crate) open: Vec<(String, ChannelId, ChannelFacts)>,
+}
+
+pub(crate) fn read_newest(store: &mut dyn Store) -> Result<ReadBack, StoreError> {
     let mut newest = Vec::new();
+    let mut open_channels = Vec::new();
     store.last_events(&mut |id, seq, time_ms, payload| {
-        let mut open = None;
         let read = match serde_json::from_slice::<PresenceEvent>(payload) {
             Ok(event) if event.event_type == EventKind::ConnectFailed.as_str() => {
                 Newest::ConnectFailed
@@ -279,7 +288,9 @@ pub(crate) fn read_newest(store: &mut dyn Store) -> Result<Vec<NewestEntry>, Sto
                     Some(EventKind::Connect | EventKind::Disconnect)
                 );
                 match u128::from_str_radix(&event.channel_id, 16) {
-                    Ok(channel) if open_kind => open = Some((ChannelId(channel), event.into())),
+                    Ok(channel) if open_kind => {
+                        open_channels.push((id.to_owned(), ChannelId(channel), event.into()));
+                    }
                     Ok(_) => {}
                     Err(e) if open_kind => {
                         warn!(client_id = %id, seq, error = %e, "the newest history entry has an unreadable channel id: its channel is taken as ended");
@@ -293,15 +304,13 @@ pub(crate) fn read_newest(store: &mut dyn Store) -> Result<Vec<NewestEntry>, Sto
                 Newest::Unreadable
             }
         };
-        newest.push((id.to_owned(), seq, read, open));
+        newest.push((id.to_owned(), seq, read));
     })?;
-    Ok(newest)
+    Ok(ReadBack {
+        newest,
+        open: open_channels,
+    })
 }
-
-/// A client's newest history entry as [`read_newest`] gives it: client id, seq, what it says
-/// of the snapshot, and the channel it says is still open, with what that channel's
-/// `tcpclean` needs.
-pub(crate) type NewestEntry = (String, u64, Newest, Option<(ChannelId, ChannelFacts)>);
 
 /// What a client's newest history entry says of its snapshot, at start.
 pub(crate) enum Newest {
@@ -563,7 +572,9 @@ impl Router {
 
     /// A refused connect becomes the client's newest history entry, which no longer says that
     /// its channel, if it has one open, is open: so that channel is recorded in the store
-    /// (`PutChannel`, with what its `tcpclean` needs) until it ends.
+    /// (`PutChannel`, with what its `tcpclean` needs) until it ends. Recorded again at each
+    /// refused connect (rare; the op replaces), so that a record whose batch failed is not
+    /// taken as stored.
     fn record_open_channel(&mut self, client: &ClientId) {
         let Some(session) = self.sessions.get(client) else {
             return;
@@ -571,9 +582,6 @@ impl Router {
         let Some(attached) = session.attached.as_ref() else {
             return;
         };
-        if self.stored_channels.contains(&attached.id) {
-            return;
-        }
         let facts = self.facts_of(client, attached, !session.persistent);
         let Some(info) = facts.channel_info(attached.peer.addr()) else {
             return;
@@ -589,8 +597,9 @@ impl Router {
         self.stored_channels.insert(id);
     }
 
-    /// Stages everything an event changes (the client's seq, history, channel record, sink
-    /// outboxes, `$presence` snapshot) and defers its hand-off to sinks until that is durable.
+    /// Stages everything an event changes (its history entry, the sink outboxes, for a
+    /// `tcpclean` the removal of its channel's record if it has one) and defers its hand-off to
+    /// sinks until that is durable; updates the `$presence` snapshot.
     /// `json` is the event ([`Facts::encode`]; `None` if it could not be encoded: nothing is
     /// staged) and `peer` its client address (or the unreadable text of a stored one).
     #[allow(clippy::too_many_arguments)]
@@ -816,6 +825,21 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// A `tcpclean` whose batch could not be stored (and so was not handed on): its channel's
+    /// connect may stay its client's newest history entry or, once another event of the client
+    /// is stored, not. Recorded (the event's JSON has what a record needs), so that the next
+    /// start gives the channel its `broker_restart` either way.
+    pub(crate) fn record_unstored_close(&mut self, event: &Event) {
+        self.persister.stage(Op::PutChannel {
+            channel_id: event.channel.0,
+            record: ChannelRecord {
+                client_id: event.client_id.to_string(),
+                info: event.json.clone(),
+            },
+        });
+        self.stored_channels.insert(event.channel);
     }
 
     /// Deletes the stored record of `channel`, if there is one.

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
-use crate::presence::{Newest, NewestEntry, SNAPSHOT_PREFIX, SnapshotState, read_newest};
+use crate::presence::{Newest, ReadBack, SNAPSHOT_PREFIX, SnapshotState, read_newest};
 use crate::session::{Queued, Session};
 use crate::sessions::Sessions;
 use crate::tree::SubscriptionTree;
@@ -195,7 +195,7 @@ impl Router {
         sinks: Vec<Arc<SinkQueue>>,
         events: Option<mpsc::Sender<Event>>,
     ) -> Result<(RouterHandle, JoinHandle<()>), StoreError> {
-        let newest = read_newest(store.as_mut())?;
+        let read_back = read_newest(store.as_mut())?;
         let (persister, reports, thread) = persist::start(store)
             .map_err(|e| StoreError::Engine(format!("cannot start the storage thread: {e}")))?;
         let stats = Arc::new(RouterStats::default());
@@ -218,7 +218,7 @@ impl Router {
             pending_per_channel: HashMap::new(),
             committed: 0,
         };
-        router.restore(snapshot, newest);
+        router.restore(snapshot, read_back);
         let (tx, rx) = mpsc::channel(4096);
         let task = tokio::spawn(async move {
             router.run(rx, reports).await;
@@ -254,7 +254,8 @@ impl Router {
 
     /// Takes the store's state back into memory: `snapshot`, and each client's newest history
     /// entry (`newest`, [`read_newest`]), which gives its seq and its `$presence` snapshot.
-    fn restore(&mut self, snapshot: herald_store::Snapshot, newest: Vec<NewestEntry>) {
+    fn restore(&mut self, snapshot: herald_store::Snapshot, read_back: ReadBack) {
+        let ReadBack { newest, open } = read_back;
         let mut queues: HashMap<String, Vec<(u64, herald_store::StoredMessage)>> =
             snapshot.queues.into_iter().collect();
         let mut incoming_qos2: HashMap<String, Vec<u16>> =
@@ -274,7 +275,7 @@ impl Router {
         }
         // A client's last seq is that of its newest history entry (the seqs above are what
         // older versions also wrote).
-        for (id, seq, _, _) in &newest {
+        for (id, seq, _) in &newest {
             if let Ok(client) = self.known_client_id(id) {
                 let known = self.known.entry(client).or_default();
                 known.seq = known.seq.max(*seq);
@@ -359,17 +360,14 @@ impl Router {
             }
             self.retained.insert(message.topic.to_string(), message);
         }
-        let mut open = Vec::new();
-        for (id, _, read, channel) in newest {
-            if snapshots_on
-                && let Newest::State(state) = read
-                && let Ok(client) = self.known_client_id(&id)
-                && !client.as_str().contains(['/', '+', '#', '\0'])
-            {
-                self.known.entry(client).or_default().set_snapshot(state);
-            }
-            if let Some((channel, facts)) = channel {
-                open.push((id, channel, facts));
+        if snapshots_on {
+            for (id, _, read) in newest {
+                if let Newest::State(state) = read
+                    && let Ok(client) = self.known_client_id(&id)
+                    && !client.as_str().contains(['/', '+', '#', '\0'])
+                {
+                    self.known.entry(client).or_default().set_snapshot(state);
+                }
             }
         }
         // Every session's client id is known to the admin API's listing, events or not.
@@ -699,6 +697,8 @@ impl Router {
             Report::Failed { from, to, error } => (to, Some((from, error))),
         };
         self.committed = self.committed.max(up_to);
+        // Channels whose connect event was in the failed batches: never announced.
+        let mut unannounced = Vec::new();
         while self.pending.front().is_some_and(|p| p.ticket <= up_to) {
             let Some(Pending {
                 ticket,
@@ -725,6 +725,17 @@ impl Router {
                     // A presence event whose seq was not stored is not handed on: its eventId
                     // could be issued again.
                     error!(%error, "an event or internal publish was dropped: its state could not be stored");
+                    if let Deferred::Presence(event, _) = &action {
+                        match event.kind {
+                            crate::types::EventKind::Connect => unannounced.push(event.channel),
+                            crate::types::EventKind::TcpClean
+                                if !unannounced.contains(&event.channel) =>
+                            {
+                                self.record_unstored_close(event);
+                            }
+                            _ => {}
+                        }
+                    }
                 }
                 _ => self.execute(channel, action),
             }

@@ -18,21 +18,28 @@ use herald_router::{
 use herald_store::{MemoryStore, Op, Snapshot, Store, StoreError};
 use tokio::sync::mpsc;
 
-/// A store that fails every write while `failing` is set, like a full disk.
+/// A store that fails every write while `failing` is set, like a full disk. Its state can be
+/// shared with a second router, as a restart on the same data.
 struct FlakyStore {
-    inner: MemoryStore,
+    inner: Arc<std::sync::Mutex<MemoryStore>>,
     failing: Arc<AtomicBool>,
+}
+
+impl FlakyStore {
+    fn inner(&self) -> std::sync::MutexGuard<'_, MemoryStore> {
+        self.inner.lock().expect("store lock")
+    }
 }
 
 impl Store for FlakyStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        self.inner.load()
+        self.inner().load()
     }
     fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
             return Err(StoreError::Engine("no space left on device".into()));
         }
-        self.inner.apply(ops)
+        self.inner().apply(ops)
     }
     fn flush(&mut self) -> Result<(), StoreError> {
         Ok(())
@@ -44,16 +51,16 @@ impl Store for FlakyStore {
         to_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
-        self.inner.history(client_id, from_ms, to_ms, limit)
+        self.inner().history(client_id, from_ms, to_ms, limit)
     }
     fn history_entries(
         &mut self,
         wanted: &[(String, u64)],
     ) -> Result<Vec<Option<Bytes>>, StoreError> {
-        self.inner.history_entries(wanted)
+        self.inner().history_entries(wanted)
     }
     fn last_events(&mut self, each: &mut herald_store::OnLastEvent<'_>) -> Result<(), StoreError> {
-        self.inner.last_events(each)
+        self.inner().last_events(each)
     }
 }
 
@@ -61,12 +68,21 @@ struct Harness {
     router: RouterHandle,
     events: mpsc::Receiver<Event>,
     failing: Arc<AtomicBool>,
+    data: Arc<std::sync::Mutex<MemoryStore>>,
 }
 
 fn start(settings: RouterSettings) -> Harness {
+    start_on(
+        settings,
+        Arc::new(std::sync::Mutex::new(MemoryStore::new())),
+    )
+}
+
+/// A router on `data`: a restart when another router used it before.
+fn start_on(settings: RouterSettings, data: Arc<std::sync::Mutex<MemoryStore>>) -> Harness {
     let failing = Arc::new(AtomicBool::new(false));
     let store = FlakyStore {
-        inner: MemoryStore::new(),
+        inner: data.clone(),
         failing: failing.clone(),
     };
     let (events_tx, events) = mpsc::channel(1024);
@@ -76,6 +92,7 @@ fn start(settings: RouterSettings) -> Harness {
         router,
         events,
         failing,
+        data,
     }
 }
 
@@ -197,6 +214,45 @@ async fn a_failed_write_withholds_the_puback_and_closes_the_publisher() {
         Outgoing::Close(CloseReason::StorageFailure) => {}
         other => panic!("expected the channel to close, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_close_whose_write_failed_still_gets_its_broker_restart() {
+    let mut h = start(RouterSettings::default());
+    let first = h.connect("dev", true, 64).await;
+    assert_eq!(h.next_event().await.kind, EventKind::Connect);
+    // The tcpclean's batch fails: the event is not handed on.
+    h.failing.store(true, Ordering::SeqCst);
+    h.send(Input::Closed {
+        channel: first.channel.clone(),
+        reason: CloseReason::SocketClosed,
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.failing.store(false, Ordering::SeqCst);
+    // The client's next connect is stored: the first channel's connect is no longer its
+    // newest history entry, yet that channel never had a tcpclean.
+    let second = h.connect("dev", true, 64).await;
+    let connect = h.next_event().await;
+    assert_eq!(
+        (connect.kind, connect.channel),
+        (EventKind::Connect, second.channel.id)
+    );
+
+    let mut again = start_on(RouterSettings::default(), h.data.clone());
+    let mut closed = Vec::new();
+    for _ in 0..2 {
+        let event = again.next_event().await;
+        assert_eq!(
+            (event.kind, event.reason),
+            (EventKind::TcpClean, Some(CloseReason::BrokerRestart))
+        );
+        closed.push(event.channel);
+    }
+    closed.sort();
+    let mut expected = vec![first.channel.id, second.channel.id];
+    expected.sort();
+    assert_eq!(closed, expected);
 }
 
 #[tokio::test]

@@ -65,8 +65,10 @@ pub struct SessionRecord {
     pub created_at_ms: u64,
 }
 
-/// A channel that was open, recorded at connect and deleted when it ends. After a crash, the
-/// records left are the channels that need a `tcpclean` with reason `broker_restart`.
+/// A channel recorded as open (the router records one only where its client's newest presence
+/// history entry would not show it open; older builds recorded every channel at connect),
+/// deleted when it ends. After a crash, the records left are channels that need a `tcpclean`
+/// with reason `broker_restart`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelRecord {
     pub client_id: String,
