@@ -628,6 +628,19 @@ impl Router {
         let sinks = self.sinks_for(&client, kind);
         let outboxes = self.stage_outboxes(sinks, &json, time_ms);
         debug!(event = kind.as_str(), client_id = %client, %channel, seq, reason = ?reason, "presence event");
+        RouterStats::add(&self.stats.presence_events[kind as usize], 1);
+        let event = Event {
+            kind,
+            reason,
+            client_id: client.clone(),
+            channel,
+            seq,
+            time_ms,
+            json,
+        };
+        self.defer(Deferred::Presence(event, outboxes));
+        // After the event is deferred: what the snapshot's delivery sets off (a slow
+        // subscriber closed, its tcpclean) is handed on after this event, not before.
         if self.settings.presence.snapshot_topic && kind == EventKind::ConnectFailed {
             self.store_snapshot(&client);
         } else if self.settings.presence.snapshot_topic {
@@ -648,17 +661,6 @@ impl Router {
                 }
             }
         }
-        RouterStats::add(&self.stats.presence_events[kind as usize], 1);
-        let event = Event {
-            kind,
-            reason,
-            client_id: client,
-            channel,
-            seq,
-            time_ms,
-            json,
-        };
-        self.defer(Deferred::Presence(event, outboxes));
     }
 
     fn stage_history(&mut self, client_id: &str, seq: u64, time_ms: u64, json: &Bytes) {
