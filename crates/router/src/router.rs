@@ -252,8 +252,9 @@ impl Router {
         }
     }
 
-    /// Takes the store's state back into memory: `snapshot`, and each client's newest history
-    /// entry (`newest`, [`read_newest`]), which gives its seq and its `$presence` snapshot.
+    /// Takes the store's state back into memory: `snapshot`, and what each client's newest
+    /// history entry says (`read_back`, from [`read_newest`]): its seq, its `$presence`
+    /// snapshot and whether its channel is still open.
     fn restore(&mut self, snapshot: herald_store::Snapshot, read_back: ReadBack) {
         let ReadBack { newest, open } = read_back;
         let mut queues: HashMap<String, Vec<(u64, herald_store::StoredMessage)>> =
