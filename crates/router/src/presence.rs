@@ -5,7 +5,6 @@
 //! read back from its newest history entry at start (a channel is recorded apart only where
 //! that entry would not show it open: a refused connect after it, a write that failed).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -71,26 +70,14 @@ pub(crate) struct Facts<'a> {
 
 /// What a channel record keeps to build the channel's `tcpclean` after a crash: the facts an
 /// event has besides its client id, channel id, kind, time, seq and reason. Short keys, about
-/// 100 bytes where the connect event's JSON (which older builds kept with every connect) is
-/// about 400.
-#[derive(Serialize)]
-struct ChannelFactsOut<'a> {
-    ip: Shown<SocketAddr>,
-    cs: bool,
-    p: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    u: Option<&'a str>,
-    t: &'a str,
-    n: &'a str,
-}
-
-/// [`ChannelFactsOut`] read back, or the facts of a connect event an older build kept.
-#[derive(Deserialize)]
+/// 100 bytes where the connect event's JSON (which older builds kept with every connect, and
+/// which is still read) is about 400.
+#[derive(Serialize, Deserialize)]
 pub(crate) struct ChannelFacts {
     ip: String,
     cs: bool,
     p: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     u: Option<String>,
     t: String,
     n: String,
@@ -127,15 +114,15 @@ pub(crate) struct Stamp {
 const EVENT_JSON_CAPACITY: usize = 512;
 
 impl Facts<'_> {
-    /// What the record of a channel opened from `peer` keeps ([`ChannelFactsOut`]).
+    /// What the record of a channel opened from `peer` keeps ([`ChannelFacts`]).
     fn channel_info(&self, peer: SocketAddr) -> Option<Bytes> {
-        let facts = ChannelFactsOut {
-            ip: Shown(peer),
+        let facts = ChannelFacts {
+            ip: peer.to_string(),
             cs: self.clean_session,
-            p: self.protocol,
-            u: self.username,
-            t: self.transport,
-            n: self.node,
+            p: self.protocol.to_owned(),
+            u: self.username.map(str::to_owned),
+            t: self.transport.to_owned(),
+            n: self.node.to_owned(),
         };
         match serde_json::to_vec(&facts) {
             Ok(info) => Some(Bytes::from(info)),
@@ -268,48 +255,44 @@ pub(crate) struct ReadBack {
 
 pub(crate) fn read_newest(store: &mut dyn Store) -> Result<ReadBack, StoreError> {
     let mut newest = Vec::new();
-    let mut open_channels = Vec::new();
+    let mut open = Vec::new();
     store.last_events(&mut |id, seq, time_ms, payload| {
-        let read = match serde_json::from_slice::<PresenceEvent>(payload) {
-            Ok(event) if event.event_type == EventKind::ConnectFailed.as_str() => {
-                Newest::ConnectFailed
-            }
-            Ok(event) => {
-                let read = match SnapshotState::from_event(&event, seq, time_ms) {
-                    Some(state) => Newest::State(state),
-                    None => {
-                        warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown event type, reason, channel id or client address");
-                        Newest::Unreadable
-                    }
-                };
-                // A channel whose connect (or disconnect) is the newest event has not ended.
-                let open_kind = matches!(
-                    EventKind::parse(&event.event_type),
-                    Some(EventKind::Connect | EventKind::Disconnect)
-                );
-                match u128::from_str_radix(&event.channel_id, 16) {
-                    Ok(channel) if open_kind => {
-                        open_channels.push((id.to_owned(), ChannelId(channel), event.into()));
-                    }
-                    Ok(_) => {}
-                    Err(e) if open_kind => {
-                        warn!(client_id = %id, seq, error = %e, "the newest history entry has an unreadable channel id: its channel is taken as ended");
-                    }
-                    Err(_) => {}
-                }
-                read
-            }
+        let event = match serde_json::from_slice::<PresenceEvent>(payload) {
+            Ok(event) => event,
             Err(e) => {
                 warn!(client_id = %id, seq, error = %e, "presence snapshot not rebuilt, channel taken as ended: the newest history entry does not parse");
+                newest.push((id.to_owned(), seq, Newest::Unreadable));
+                return;
+            }
+        };
+        let kind = EventKind::parse(&event.event_type);
+        let channel = u128::from_str_radix(&event.channel_id, 16)
+            .ok()
+            .map(ChannelId);
+        let read = match (kind, channel) {
+            (Some(EventKind::ConnectFailed), _) => Newest::ConnectFailed,
+            (Some(kind), Some(channel)) => {
+                match SnapshotState::from_event(&event, kind, channel, seq, time_ms) {
+                    Some(state) => Newest::State(state),
+                    None => {
+                        warn!(client_id = %id, seq, "presence snapshot not rebuilt: the newest history entry has an unknown reason or client address");
+                        Newest::Unreadable
+                    }
+                }
+            }
+            _ => {
+                warn!(client_id = %id, seq, "presence snapshot not rebuilt, channel taken as ended: the newest history entry has an unknown event type or channel id");
                 Newest::Unreadable
             }
         };
         newest.push((id.to_owned(), seq, read));
+        // A channel whose connect (or disconnect) is the newest event has not ended.
+        if let (Some(EventKind::Connect | EventKind::Disconnect), Some(channel)) = (kind, channel)
+        {
+            open.push((id.to_owned(), channel, event.into()));
+        }
     })?;
-    Ok(ReadBack {
-        newest,
-        open: open_channels,
-    })
+    Ok(ReadBack { newest, open })
 }
 
 /// What a client's newest history entry says of its snapshot, at start.
@@ -356,15 +339,22 @@ impl SnapshotState {
         (same.as_ref() == payload).then_some((stored.client_id, state))
     }
 
-    /// The state after `event`, read back from the history entry `seq` seen at `time_ms`.
-    fn from_event(event: &PresenceEvent, seq: u64, time_ms: u64) -> Option<SnapshotState> {
+    /// The state after `event` (of `kind`, on `channel`), read back from the history entry
+    /// `seq` seen at `time_ms`.
+    fn from_event(
+        event: &PresenceEvent,
+        kind: EventKind,
+        channel: ChannelId,
+        seq: u64,
+        time_ms: u64,
+    ) -> Option<SnapshotState> {
         let client_ip: SocketAddr = event.client_ip.parse().ok()?;
         Some(SnapshotState {
             since: time_ms,
-            channel: ChannelId(u128::from_str_radix(&event.channel_id, 16).ok()?),
+            channel,
             peer: client_ip.into(),
             seq,
-            last_event: EventKind::parse(&event.event_type)?,
+            last_event: kind,
             reason: match &event.reason {
                 Some(reason) => Some(CloseReason::parse(reason)?),
                 None => None,
@@ -713,8 +703,7 @@ impl Router {
         }
         let topic = format!("{SNAPSHOT_PREFIX}{client}");
         self.retained.remove(topic.as_str());
-        let mut subscribers = HashMap::new();
-        self.tree.matches(&topic, &mut subscribers);
+        let subscribers = self.targets_of(&topic, QoS::AtLeastOnce);
         let message = if subscribers.is_empty() {
             None
         } else {

@@ -160,21 +160,26 @@ impl Router {
         self.deliver_to_subscribers(&message);
     }
 
-    /// Delivers a copy to every session the message reaches: the subscribers of its topic, or
-    /// for a P2P topic the named client.
+    /// Delivers a copy to every session the message reaches ([`Router::targets_of`]).
     pub(crate) fn deliver_to_subscribers(&mut self, message: &Message) {
-        let mut targets: HashMap<ClientId, QoS> = HashMap::new();
-        if let Some(target) = p2p_target(message.topic.as_str()) {
-            // P2P: only the named client, whether or not it subscribed.
-            if let Some(session) = self.sessions.get(target) {
-                targets.insert(session.client_id.clone(), message.qos);
-            }
-        } else {
-            self.tree.matches(message.topic.as_str(), &mut targets);
-        }
-        for (client, granted) in targets {
+        for (client, granted) in self.targets_of(message.topic.as_str(), message.qos) {
             self.deliver(&client, message, granted, false);
         }
+    }
+
+    /// The sessions a message on `topic` reaches and the QoS each is granted: the subscribers
+    /// of the topic, or for a P2P topic the named client (at `qos`, whether or not it
+    /// subscribed).
+    pub(crate) fn targets_of(&self, topic: &str, qos: QoS) -> HashMap<ClientId, QoS> {
+        let mut targets: HashMap<ClientId, QoS> = HashMap::new();
+        if let Some(target) = p2p_target(topic) {
+            if let Some(session) = self.sessions.get(target) {
+                targets.insert(session.client_id.clone(), qos);
+            }
+        } else {
+            self.tree.matches(topic, &mut targets);
+        }
+        targets
     }
 
     fn retain(&mut self, message: &Message) {

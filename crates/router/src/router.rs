@@ -20,7 +20,8 @@ use crate::session::{Queued, Session};
 use crate::sessions::Sessions;
 use crate::tree::SubscriptionTree;
 use crate::types::{
-    ChannelId, ChannelRef, ClientState, CloseReason, Event, Input, Message, RouterSettings, now_ms,
+    ChannelId, ChannelRef, ClientState, CloseReason, Event, EventKind, Input, Message,
+    RouterSettings, now_ms,
 };
 
 /// Counters the router keeps; read by the admin side and the tests.
@@ -275,11 +276,19 @@ impl Router {
             }
         }
         // A client's last seq is that of its newest history entry (the seqs above are what
-        // older versions also wrote).
-        for (id, seq, _) in &newest {
+        // older versions also wrote), and so, with snapshots on, is its snapshot.
+        let snapshots_on = self.settings.presence.snapshot_topic;
+        for (id, seq, read) in &newest {
             if let Ok(client) = self.known_client_id(id) {
+                let plain_id = !client.as_str().contains(['/', '+', '#', '\0']);
                 let known = self.known.entry(client).or_default();
                 known.seq = known.seq.max(*seq);
+                if snapshots_on
+                    && plain_id
+                    && let Newest::State(state) = read
+                {
+                    known.set_snapshot(state.clone());
+                }
             }
         }
         let count = snapshot.sessions.len();
@@ -329,7 +338,6 @@ impl Router {
                 .stage(Op::DeleteSession { client_id: client });
         }
         let node = self.settings.presence.node_id.clone();
-        let snapshots_on = self.settings.presence.snapshot_topic;
         // A client's snapshot is rebuilt from its newest history entry. A stored one is used
         // only where that entry cannot give it (a refused connect, an unreadable entry, none),
         // and deleted elsewhere: left by a connect_failed since followed by other events, or
@@ -360,16 +368,6 @@ impl Router {
                 }
             }
             self.retained.insert(message.topic.to_string(), message);
-        }
-        if snapshots_on {
-            for (id, _, read) in newest {
-                if let Newest::State(state) = read
-                    && let Ok(client) = self.known_client_id(&id)
-                    && !client.as_str().contains(['/', '+', '#', '\0'])
-                {
-                    self.known.entry(client).or_default().set_snapshot(state);
-                }
-            }
         }
         // Every session's client id is known to the admin API's listing, events or not.
         for client in self.sessions.iter().map(|s| &s.client_id) {
@@ -728,10 +726,8 @@ impl Router {
                     error!(%error, "an event or internal publish was dropped: its state could not be stored");
                     if let Deferred::Presence(event, _) = &action {
                         match event.kind {
-                            crate::types::EventKind::Connect => unannounced.push(event.channel),
-                            crate::types::EventKind::TcpClean
-                                if !unannounced.contains(&event.channel) =>
-                            {
+                            EventKind::Connect => unannounced.push(event.channel),
+                            EventKind::TcpClean if !unannounced.contains(&event.channel) => {
                                 self.record_unstored_close(event);
                             }
                             _ => {}

@@ -136,6 +136,15 @@ impl Harness {
         conn
     }
 
+    /// The connection task of `channel` reports its end.
+    async fn close(&self, channel: &ChannelRef, reason: CloseReason) {
+        self.send(Input::Closed {
+            channel: channel.clone(),
+            reason,
+        })
+        .await;
+    }
+
     async fn send(&self, input: Input) {
         self.router
             .inputs
@@ -190,11 +199,7 @@ async fn a_failed_write_withholds_the_puback_and_closes_the_publisher() {
         sub.next().await,
         Outgoing::Packet(Packet::SubAck { .. })
     ));
-    h.send(Input::Closed {
-        channel: sub.channel.clone(),
-        reason: CloseReason::SocketClosed,
-    })
-    .await;
+    h.close(&sub.channel, CloseReason::SocketClosed).await;
 
     let mut publisher = h.connect("pub", true, 64).await;
     h.send(Input::Publish {
@@ -223,11 +228,7 @@ async fn a_close_whose_write_failed_still_gets_its_broker_restart() {
     assert_eq!(h.next_event().await.kind, EventKind::Connect);
     // The tcpclean's batch fails: the event is not handed on.
     h.failing.store(true, Ordering::SeqCst);
-    h.send(Input::Closed {
-        channel: first.channel.clone(),
-        reason: CloseReason::SocketClosed,
-    })
-    .await;
+    h.close(&first.channel, CloseReason::SocketClosed).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     h.failing.store(false, Ordering::SeqCst);
     // The client's next connect is stored: the first channel's connect is no longer its
@@ -284,16 +285,8 @@ async fn takeover_ends_the_old_channel_before_the_new_one_connects() {
         (EventKind::Connect, new.channel.id)
     );
     // The old connection task reports its end later: no second event for it.
-    h.send(Input::Closed {
-        channel: old.channel.clone(),
-        reason: CloseReason::SocketClosed,
-    })
-    .await;
-    h.send(Input::Closed {
-        channel: new.channel.clone(),
-        reason: CloseReason::ClientDisconnect,
-    })
-    .await;
+    h.close(&old.channel, CloseReason::SocketClosed).await;
+    h.close(&new.channel, CloseReason::ClientDisconnect).await;
     let disconnect = h.next_event().await;
     assert_eq!(
         (disconnect.kind, disconnect.channel),
@@ -355,11 +348,7 @@ async fn a_channel_whose_own_close_snapshot_overflows_its_outbox_ends_once() {
     .await;
     let connected = h.next_event().await;
     assert_eq!(connected.kind, EventKind::Connect);
-    h.send(Input::Closed {
-        channel: watcher.channel.clone(),
-        reason: CloseReason::SocketClosed,
-    })
-    .await;
+    h.close(&watcher.channel, CloseReason::SocketClosed).await;
     let ended = h.next_event().await;
     assert_eq!(
         (ended.kind, ended.reason),
@@ -384,11 +373,7 @@ async fn qos0_to_an_offline_session_is_dropped_and_counted() {
         filters: vec![("z".into(), Some(QoS::AtMostOnce))],
     })
     .await;
-    h.send(Input::Closed {
-        channel: sub.channel.clone(),
-        reason: CloseReason::SocketClosed,
-    })
-    .await;
+    h.close(&sub.channel, CloseReason::SocketClosed).await;
     let publisher = h.connect("pub0", true, 64).await;
     h.send(Input::Publish {
         channel: publisher.channel.clone(),
@@ -418,11 +403,7 @@ async fn client_pages_follow_id_order_within_a_group() {
         conns.push(h.connect(id, true, 64).await);
     }
     // "GID_aaa@@@2" goes offline.
-    h.send(Input::Closed {
-        channel: conns[1].channel.clone(),
-        reason: CloseReason::SocketClosed,
-    })
-    .await;
+    h.close(&conns[1].channel, CloseReason::SocketClosed).await;
     let h = &h;
     let page = |group: Option<&str>, online: Option<bool>, after: Option<&str>, limit: usize| {
         let (reply, rx) = tokio::sync::oneshot::channel();
