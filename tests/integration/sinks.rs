@@ -173,6 +173,8 @@ fn start_redis(port: u16, dir: &std::path::Path) -> RedisServer {
         ])
         .arg("--dir")
         .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server is needed for this test (apt-get install -y redis-server)");
@@ -202,33 +204,48 @@ sinks = ["stream"]
     churn(&broker, &ids).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let _redis = start_redis(port, dir.path());
+    let mut redis_server = start_redis(port, dir.path());
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
     let mut events = Vec::new();
+    // What the last look found, for the message if the events never all arrive.
+    let mut last_look = String::from("no look yet");
     // The sink retries with a backoff doubling up to 30 s: on a loaded machine the churn above
     // can take long enough that the retry after redis starts is many seconds away.
     for _ in 0..800 {
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let entries: redis::RedisResult<StreamEntries> = redis::cmd("XRANGE")
-                .arg("herald:test")
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await;
-            if let Ok(entries) = entries
-                && entries.len() >= 12
-            {
-                for (_, fields) in entries {
-                    let fields: HashMap<String, String> = fields.into_iter().collect();
-                    let event: Value = serde_json::from_str(&fields["event"]).expect("JSON");
-                    assert_eq!(event["eventId"].as_str(), Some(fields["eventId"].as_str()));
-                    events.push(event);
+        match client.get_multiplexed_async_connection().await {
+            Err(e) => last_look = format!("cannot connect to redis: {e}"),
+            Ok(mut conn) => {
+                let entries: redis::RedisResult<StreamEntries> = redis::cmd("XRANGE")
+                    .arg("herald:test")
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await;
+                match &entries {
+                    Ok(entries) => last_look = format!("{} entries in the stream", entries.len()),
+                    Err(e) => last_look = format!("XRANGE failed: {e}"),
                 }
-                break;
+                if let Ok(entries) = entries
+                    && entries.len() >= 12
+                {
+                    for (_, fields) in entries {
+                        let fields: HashMap<String, String> = fields.into_iter().collect();
+                        let event: Value = serde_json::from_str(&fields["event"]).expect("JSON");
+                        assert_eq!(event["eventId"].as_str(), Some(fields["eventId"].as_str()));
+                        events.push(event);
+                    }
+                    break;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(
+        !events.is_empty(),
+        "after 40 s: {last_look}; redis-server {:?}, its log: {}",
+        redis_server.0.try_wait(),
+        std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default()
+    );
     check_events(&events, &ids, 2);
     broker.stop().await;
 }

@@ -130,7 +130,8 @@ pub enum Op {
     /// Removes the retained message of `topic`, if any.
     DeleteRetained { topic: String },
     /// Sets the last presence event seq of `client_id` (replacing what was there; the store
-    /// does not check that it grows).
+    /// does not check that it grows). The router no longer stages it (a client's seq is that
+    /// of its newest history entry); kept so that a log an older Herald wrote still replays.
     PutClientSeq { client_id: String, seq: u64 },
     /// Records the open channel `channel_id` (replacing what was there).
     PutChannel {
