@@ -136,6 +136,16 @@ impl Harness {
         conn
     }
 
+    /// `channel` subscribes to `filter` (packet id 1).
+    async fn subscribe(&self, channel: &ChannelRef, filter: &str, qos: QoS) {
+        self.send(Input::Subscribe {
+            channel: channel.clone(),
+            packet_id: pid(1),
+            filters: vec![(filter.into(), Some(qos))],
+        })
+        .await;
+    }
+
     /// The connection task of `channel` reports its end.
     async fn close(&self, channel: &ChannelRef, reason: CloseReason) {
         self.send(Input::Closed {
@@ -189,12 +199,7 @@ fn publish(topic: &str, qos: QoS, id: u16) -> Publish {
 async fn a_failed_write_withholds_the_puback_and_closes_the_publisher() {
     let h = start(RouterSettings::default());
     let mut sub = h.connect("sub", false, 64).await;
-    h.send(Input::Subscribe {
-        channel: sub.channel.clone(),
-        packet_id: pid(1),
-        filters: vec![("t".into(), Some(QoS::AtLeastOnce))],
-    })
-    .await;
+    h.subscribe(&sub.channel, "t", QoS::AtLeastOnce).await;
     assert!(matches!(
         sub.next().await,
         Outgoing::Packet(Packet::SubAck { .. })
@@ -307,12 +312,7 @@ async fn takeover_ends_the_old_channel_before_the_new_one_connects() {
 async fn a_reader_whose_outbox_fills_is_closed_as_a_slow_consumer() {
     let mut h = start(RouterSettings::default());
     let mut slow = h.connect("slow", true, 4).await;
-    h.send(Input::Subscribe {
-        channel: slow.channel.clone(),
-        packet_id: pid(1),
-        filters: vec![("s".into(), Some(QoS::AtLeastOnce))],
-    })
-    .await;
+    h.subscribe(&slow.channel, "s", QoS::AtLeastOnce).await;
     let publisher = h.connect("pub", true, 64).await;
     for i in 1..=10 {
         h.send(Input::Publish {
@@ -340,12 +340,8 @@ async fn a_channel_whose_own_close_snapshot_overflows_its_outbox_ends_once() {
     let mut h = start(RouterSettings::default());
     // Room for the SUBACK and the client's own retained snapshot, nothing more.
     let watcher = h.connect("watcher", true, 2).await;
-    h.send(Input::Subscribe {
-        channel: watcher.channel.clone(),
-        packet_id: pid(1),
-        filters: vec![("$presence/#".into(), Some(QoS::AtLeastOnce))],
-    })
-    .await;
+    h.subscribe(&watcher.channel, "$presence/#", QoS::AtLeastOnce)
+        .await;
     let connected = h.next_event().await;
     assert_eq!(connected.kind, EventKind::Connect);
     h.close(&watcher.channel, CloseReason::SocketClosed).await;
@@ -367,12 +363,7 @@ async fn a_channel_whose_own_close_snapshot_overflows_its_outbox_ends_once() {
 async fn qos0_to_an_offline_session_is_dropped_and_counted() {
     let h = start(RouterSettings::default());
     let sub = h.connect("sub0", false, 64).await;
-    h.send(Input::Subscribe {
-        channel: sub.channel.clone(),
-        packet_id: pid(1),
-        filters: vec![("z".into(), Some(QoS::AtMostOnce))],
-    })
-    .await;
+    h.subscribe(&sub.channel, "z", QoS::AtMostOnce).await;
     h.close(&sub.channel, CloseReason::SocketClosed).await;
     let publisher = h.connect("pub0", true, 64).await;
     h.send(Input::Publish {
