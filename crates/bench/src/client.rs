@@ -22,6 +22,10 @@ use crate::UsernameMode;
 
 /// Largest packet the client accepts from a broker.
 const MAX_PACKET: u32 = 1024 * 1024;
+/// Room a new connection's reader has for one read: a CONNACK, a SUBACK, a few acks.
+const FIRST_READ: usize = 1024;
+/// The most room a reader keeps for one read, reached by doubling while reads fill it.
+const MAX_READ: usize = 64 * 1024;
 /// Keepalive announced in CONNECT: longer than any run.
 pub const KEEP_ALIVE_SECS: u16 = 600;
 
@@ -76,6 +80,9 @@ pub struct Reader {
     half: OwnedReadHalf,
     buf: BytesMut,
     codec: Codec,
+    /// Room made for the next read: [`FIRST_READ`], doubled (up to [`MAX_READ`]) each time a
+    /// read fills it. An idle connection of the `conn` scenario keeps 1 KiB, not 64.
+    read_size: usize,
 }
 
 impl Reader {
@@ -86,12 +93,18 @@ impl Reader {
 
     /// Reads once from the socket into the buffer.
     pub async fn fill(&mut self) -> Result<(), ClientError> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(64 * 1024);
+        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+            self.buf.reserve(self.read_size);
         }
+        let room = self.buf.capacity() - self.buf.len();
         match self.half.read_buf(&mut self.buf).await? {
             0 => Err(ClientError::Closed),
-            _ => Ok(()),
+            read => {
+                if read == room && self.read_size < MAX_READ {
+                    self.read_size *= 2;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -181,8 +194,9 @@ pub async fn connect(
     let (read, write) = stream.into_split();
     let mut reader = Reader {
         half: read,
-        buf: BytesMut::with_capacity(1024),
+        buf: BytesMut::with_capacity(FIRST_READ),
         codec: Codec::new(MAX_PACKET),
+        read_size: FIRST_READ,
     };
     let mut writer = Writer {
         half: write,
