@@ -93,6 +93,81 @@ async fn a_parked_subscriber_gets_every_message_and_parks_again() {
 }
 
 #[tokio::test]
+async fn the_parker_writes_to_a_parked_subscriber_without_resuming_it() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut sub = raw_connected(&broker, DEV, 600).await;
+    sub.send(Packet::Subscribe {
+        packet_id: herald_protocol::PacketId::new(1).expect("id"),
+        filters: vec![("demo/quiet".to_string(), PQoS::AtMostOnce)],
+    })
+    .await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck { .. })));
+    let mut publisher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@pub-1", true)).await;
+    parked(&broker, 2).await;
+    let before = metric(&broker, "herald_parked_writes_total").await;
+    for round in 0..3u8 {
+        publisher
+            .publish("demo/quiet", QoS::AtMostOnce, false, &[round])
+            .await;
+        let Some(Packet::Publish(publish)) = sub.recv().await else {
+            panic!("expected a PUBLISH");
+        };
+        assert_eq!(&publish.payload[..], &[round][..]);
+    }
+    // The subscriber sent nothing back, so each message was written by the parker.
+    assert_eq!(
+        metric(&broker, "herald_parked_writes_total").await - before,
+        3
+    );
+    sub.send(Packet::PingReq).await;
+    assert!(matches!(sub.recv().await, Some(Packet::PingResp)));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn what_a_full_socket_does_not_take_from_the_parker_its_task_writes_first() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut sub = raw_connected(&broker, DEV, 600).await;
+    sub.send(Packet::Subscribe {
+        packet_id: herald_protocol::PacketId::new(1).expect("id"),
+        filters: vec![("demo/bulk".to_string(), PQoS::AtMostOnce)],
+    })
+    .await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck { .. })));
+    let mut publisher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@pub-1", true)).await;
+    parked(&broker, 2).await;
+    // 250 x 60 KiB: more than the loopback socket buffers take (4 MiB to send, 6 to receive
+    // at most) while the subscriber does not read, so a write from the parker stops part-way
+    // and the rest is the task's.
+    let count = 250u16;
+    let payload = vec![7u8; 60 * 1024];
+    for n in 0..count {
+        let mut body = n.to_be_bytes().to_vec();
+        body.extend_from_slice(&payload);
+        publisher
+            .publish("demo/bulk", QoS::AtMostOnce, false, &body)
+            .await;
+    }
+    // Only then does the subscriber read: by now the broker has met the full socket.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in 0..count {
+        let Some(Packet::Publish(publish)) = sub.recv().await else {
+            panic!("expected PUBLISH {n}");
+        };
+        assert_eq!(publish.payload.len(), 2 + payload.len());
+        assert_eq!(
+            &publish.payload[..2],
+            &n.to_be_bytes()[..],
+            "in order, none lost"
+        );
+    }
+    sub.expect_silence(QUIET).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
 async fn a_parked_connection_answers_pings_and_takes_qos1_acks() {
     let broker = TestBroker::demo(&config(100)).await;
     // A persistent session, so that an unacknowledged message would be sent again on return.

@@ -149,6 +149,11 @@ fn register_edge(registry: &mut Registry, edge: &ServerStats) {
         parked,
     );
     registry.register(
+        "herald_parked_writes",
+        "Packets from the router written to parked connections without resuming them",
+        counter(&edge.parked_writes),
+    );
+    registry.register(
         "herald_publish_throttled",
         "PUBLISH packets delayed by the per-connection message or byte rate",
         counter(&edge.throttled),

@@ -12,6 +12,8 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use herald_protocol::Packet;
+
 use crate::types::Outgoing;
 
 struct State {
@@ -42,6 +44,10 @@ impl Items {
 
     fn push_back(&mut self, item: Outgoing) {
         self.0.get_or_insert_with(Box::default).push_back(item);
+    }
+
+    fn front(&self) -> Option<&Outgoing> {
+        self.0.as_ref()?.front()
     }
 
     fn pop_front(&mut self) -> Option<Outgoing> {
@@ -206,6 +212,26 @@ impl OutboxReceiver {
     pub fn try_recv(&mut self) -> Option<Outgoing> {
         pop(&mut self.shared.lock())
     }
+
+    /// Takes up to `max` packets from the front, stopping at a [`Outgoing::Close`] (which
+    /// stays queued), for a parked connection that writes without its task. Registers `waker`
+    /// as [`register_waker`](Self::register_waker) does when nothing is left; returns the
+    /// packets and whether something is left (more packets, a close, or the outbox's end),
+    /// in which case nothing is registered.
+    pub fn take_packets(&mut self, max: usize, waker: &Waker) -> (Vec<Packet>, bool) {
+        let mut state = self.shared.lock();
+        let mut packets = Vec::new();
+        while packets.len() < max && matches!(state.items.front(), Some(Outgoing::Packet(_))) {
+            if let Some(Outgoing::Packet(packet)) = state.items.pop_front() {
+                packets.push(packet);
+            }
+        }
+        let left = !state.items.is_empty() || state.senders == 0;
+        if !left {
+            state.waker = Some(waker.clone());
+        }
+        (packets, left)
+    }
 }
 
 fn pop(state: &mut State) -> Option<Outgoing> {
@@ -257,6 +283,47 @@ mod tests {
         ));
         assert!(rx.try_recv().is_none());
         assert_eq!(tx.try_send(ping()), Ok(()));
+    }
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn packets_are_taken_up_to_a_close_which_stays_for_the_task() {
+        let (tx, mut rx) = channel_outbox(8);
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        for _ in 0..3 {
+            tx.try_send(ping()).expect("room");
+        }
+        tx.try_send(Outgoing::Close(CloseReason::Kicked))
+            .expect("room");
+        let (packets, left) = rx.take_packets(2, &waker);
+        assert_eq!((packets.len(), left), (2, true), "at most the batch");
+        let (packets, left) = rx.take_packets(8, &waker);
+        assert_eq!((packets.len(), left), (1, true), "not past the close");
+        assert!(matches!(
+            rx.try_recv(),
+            Some(Outgoing::Close(CloseReason::Kicked))
+        ));
+        // Nothing left: the waker is registered, and the next packet wakes it.
+        let (packets, left) = rx.take_packets(8, &waker);
+        assert_eq!((packets.len(), left), (0, false));
+        tx.try_send(ping()).expect("room");
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let (packets, left) = rx.take_packets(8, &waker);
+        assert_eq!((packets.len(), left), (1, false));
+        // The router gone: that is left for the task to see.
+        drop(tx);
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let (packets, left) = rx.take_packets(8, &waker);
+        assert_eq!((packets.len(), left), (0, true));
     }
 
     #[tokio::test]

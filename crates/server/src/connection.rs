@@ -9,7 +9,7 @@ use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -50,6 +50,56 @@ pub(crate) struct Framed<S> {
 struct Buffers {
     read: BytesMut,
     write: BytesMut,
+}
+
+impl<S> Framed<S> {
+    /// Gives back both buffers when they are empty (a connection about to park).
+    fn release_buffers(&mut self) {
+        if self.is_drained() {
+            self.bufs = None;
+        }
+    }
+
+    /// Nothing read and not decoded, nothing queued and not written.
+    fn is_drained(&self) -> bool {
+        self.bufs
+            .as_ref()
+            .is_none_or(|b| b.read.is_empty() && b.write.is_empty())
+    }
+
+    /// Bytes queued and not written yet (left by a parked connection's write).
+    fn has_unwritten(&self) -> bool {
+        self.bufs.as_ref().is_some_and(|b| !b.write.is_empty())
+    }
+
+    pub(crate) fn queue(&mut self, packet: Packet) {
+        let bufs = self.bufs.get_or_insert_with(Box::default);
+        if let Err(e) = self.codec.encode(packet, &mut bufs.write) {
+            warn!(error = %e, "dropping a packet that cannot be encoded");
+        }
+    }
+}
+
+impl Framed<ParkedSocket> {
+    /// Writes what is queued without waiting: true when all of it went out. What the socket
+    /// did not take stays queued for the connection's task, which writes it first; an error
+    /// is left for the task to meet too.
+    fn write_now(&mut self) -> bool {
+        use std::io::Write;
+        let Some(bufs) = &mut self.bufs else {
+            return true;
+        };
+        while !bufs.write.is_empty() {
+            match self.stream.write(&bufs.write) {
+                Ok(0) => return false,
+                Ok(n) => bytes::Buf::advance(&mut bufs.write, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        bufs.write.clear();
+        true
+    }
 }
 
 /// Why no packet could be read: a clean EOF, an I/O error, or bytes that do not decode.
@@ -101,27 +151,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             && bufs.read.is_empty()
         {
             bufs.read = BytesMut::new();
-        }
-    }
-
-    /// Gives back both buffers when they are empty (a connection about to park).
-    fn release_buffers(&mut self) {
-        if self.is_drained() {
-            self.bufs = None;
-        }
-    }
-
-    /// Nothing read and not decoded, nothing queued and not written.
-    fn is_drained(&self) -> bool {
-        self.bufs
-            .as_ref()
-            .is_none_or(|b| b.read.is_empty() && b.write.is_empty())
-    }
-
-    pub(crate) fn queue(&mut self, packet: Packet) {
-        let bufs = self.bufs.get_or_insert_with(Box::default);
-        if let Err(e) = self.codec.encode(packet, &mut bufs.write) {
-            warn!(error = %e, "dropping a packet that cannot be encoded");
         }
     }
 
@@ -438,6 +467,26 @@ impl Channel<ParkedSocket> {
     pub(crate) fn register(self: Box<Self>) -> Result<Box<Channel<TcpStream>>, Lost> {
         (*self).map_stream(|stream| TcpStream::from_std(std::net::TcpStream::from(stream)))
     }
+
+    /// Writes what the router queued while the connection is parked, without giving it a
+    /// task: up to [`WRITE_BATCH`] packets in one non-blocking write. True when all of it
+    /// went out and nothing else waits, with `waker` left with the outbox; false when the
+    /// task is needed (a close or the outbox's end is queued, more than a batch, or the socket
+    /// did not take everything: the rest stays queued and the task writes it first).
+    pub(crate) fn write_in_place(&mut self, waker: &Waker) -> bool {
+        let (packets, left) = self.outbox_rx.take_packets(WRITE_BATCH, waker);
+        if !packets.is_empty() {
+            self.awaiting_connack = false;
+        }
+        for packet in packets {
+            self.framed.queue(packet);
+        }
+        let written = self.framed.write_now();
+        if written {
+            self.framed.release_buffers();
+        }
+        written && !left
+    }
 }
 
 /// What is left of a channel whose socket was lost while it moved between tokio and the
@@ -525,6 +574,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// starts its keepalive now. Returns [`Served::Idle`] when a parkable connection has had
     /// nothing to do for `limits.park_idle_ms`.
     async fn serve(&mut self, deadline: Option<Instant>) -> Served {
+        // What the parker could not write (the socket was full) goes out first.
+        if self.framed.has_unwritten()
+            && let Err(e) = self.framed.flush().await
+        {
+            debug!(channel = %self.channel, error = %e, "write failed");
+            return Served::Ended(CloseReason::SocketClosed);
+        }
         self.framed.release_read_buffer();
         let idle_after = self.context.settings.park_idle.filter(|_| self.parkable);
         let keep_alive = self.keep_alive();

@@ -46,6 +46,8 @@ pub struct ServerStats {
     pub handshake_failures: AtomicU64,
     /// Idle connections parked right now (a gauge; `limits.park_idle_ms`).
     pub parked: AtomicU64,
+    /// Writes the parker made for parked connections, which stayed parked.
+    pub parked_writes: AtomicU64,
 }
 
 impl ServerStats {

@@ -7,12 +7,15 @@
 //! ends. The parker is one task per listener set: it keeps every parked connection in a slab,
 //! moves its socket out of tokio's reactor into its own epoll set (freeing tokio's per-socket
 //! registration, 256 bytes), leaves one small waker with the outbox (the router wrote to it,
-//! or closed it), and keeps the keepalive deadlines in one heap with one timer. Whichever comes
-//! first (the socket readable or closed by the peer, the outbox, the deadline) resumes the
-//! connection: its socket goes back to tokio and a new task is spawned with the same state,
-//! which handles the wake-up as if the connection had never stopped. Nothing is lost: bytes
-//! stay in the socket and packets in the outbox until the resumed task reads them. The cost is
-//! two `epoll_ctl` calls to park and two to resume.
+//! or closed it), and keeps the keepalive deadlines in one heap with one timer. Packets the
+//! router writes to the outbox the parker writes to the socket itself, in one non-blocking
+//! write, and the connection stays parked (an idle subscriber that is sent a message never
+//! needs a task). Anything else (the socket readable or closed by the peer, a close from the
+//! router, a write the socket did not take whole, the deadline) resumes the connection: its
+//! socket goes back to tokio and a new task is spawned with the same state, which writes what
+//! the parker left first and handles the wake-up as if the connection had never stopped.
+//! Nothing is lost: bytes stay in the socket and packets in the outbox until the resumed task
+//! reads them. The cost is two `epoll_ctl` calls to park and two to resume.
 //!
 //! Only plain TCP connections park (TLS and WebSocket keep state inside their stream types).
 //! Token and device-credential connections park too: a change of the auth registry wakes every
@@ -315,9 +318,15 @@ impl Lot {
                 );
             }
             let had_work = !arriving.is_empty() || !woken.is_empty() || !ready.is_empty();
-            for slot in ready.into_iter().chain(woken) {
+            for slot in ready {
                 if self.holds(slot) {
                     self.resume(slot.0 as usize);
+                }
+            }
+            // The router wrote to these: written from here when that is all they need.
+            for slot in woken {
+                if self.holds(slot) {
+                    self.write_or_resume(slot);
                 }
             }
             for parked in arriving {
@@ -406,13 +415,10 @@ impl Lot {
     /// in the set at once.
     fn take_in(&mut self, parked: Parked) {
         self.generation = self.generation.wrapping_add(1);
-        let entry = self.slots.vacant_entry();
-        let key = entry.key();
+        // The key the slot will take: nothing enters the slab before it is inserted below.
+        let key = self.slots.vacant_key();
         let slot = (key as u32, self.generation);
-        let waker = Waker::from(Arc::new(ConnectionWaker {
-            slot,
-            shared: Arc::downgrade(&self.shared),
-        }));
+        let waker = self.waker(slot);
         let Parked {
             channel,
             deadline,
@@ -440,13 +446,14 @@ impl Lot {
         let relies_on_registry = channel.relies_on_registry();
         let epoch = self.epoch;
         let wake_at = wake_at.map(|at| tick(epoch, at));
-        entry.insert(Slot {
+        let inserted = self.slots.insert(Slot {
             channel,
             deadline: deadline.map(|at| tick(epoch, at)),
             wake_at,
             generation: self.generation,
             relies_on_registry,
         });
+        debug_assert_eq!(inserted, key);
         self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
         if let Some(wake_at) = wake_at {
             self.deadlines.push(Reverse((wake_at, slot)));
@@ -461,6 +468,31 @@ impl Lot {
                     })
                     .collect();
             }
+        }
+    }
+
+    /// The waker a slot leaves with its outbox.
+    fn waker(&self, slot: SlotRef) -> Waker {
+        Waker::from(Arc::new(ConnectionWaker {
+            slot,
+            shared: Arc::downgrade(&self.shared),
+        }))
+    }
+
+    /// A parked connection the router wrote to: the parker writes the packets itself when the
+    /// socket takes them all and nothing else is queued (a device that is sent a message and
+    /// stays idle never leaves the parker); otherwise the connection resumes.
+    fn write_or_resume(&mut self, slot: SlotRef) {
+        let waker = self.waker(slot);
+        let key = slot.0 as usize;
+        let written = self
+            .slots
+            .get_mut(key)
+            .is_some_and(|parked| parked.channel.write_in_place(&waker));
+        if written {
+            ServerStats::add(&self.shared.stats.parked_writes);
+        } else {
+            self.resume(key);
         }
     }
 
