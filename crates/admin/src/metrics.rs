@@ -150,7 +150,7 @@ fn register_edge(registry: &mut Registry, edge: &ServerStats) {
     );
     registry.register(
         "herald_parked_writes",
-        "Packets from the router written to parked connections without resuming them",
+        "Packets the parker wrote to parked connections, which stayed parked",
         counter(&edge.parked_writes),
     );
     registry.register(

@@ -308,10 +308,14 @@ mod tests {
         assert_eq!((packets.len(), left), (2, true), "at most the batch");
         let (packets, left) = rx.take_packets(8, &waker);
         assert_eq!((packets.len(), left), (1, true), "not past the close");
+        // Something was left both times: no waker was registered, so nothing wakes it.
+        tx.try_send(ping()).expect("room");
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert!(matches!(
             rx.try_recv(),
             Some(Outgoing::Close(CloseReason::Kicked))
         ));
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Packet(_))));
         // Nothing left: the waker is registered, and the next packet wakes it.
         let (packets, left) = rx.take_packets(8, &waker);
         assert_eq!((packets.len(), left), (0, false));
@@ -319,9 +323,12 @@ mod tests {
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         let (packets, left) = rx.take_packets(8, &waker);
         assert_eq!((packets.len(), left), (1, false));
-        // The router gone: that is left for the task to see.
+        // The router gone: that is left for the task to see, after the packets it sent.
+        tx.try_send(ping()).expect("room");
         drop(tx);
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let (packets, left) = rx.take_packets(8, &waker);
+        assert_eq!((packets.len(), left), (1, true));
         let (packets, left) = rx.take_packets(8, &waker);
         assert_eq!((packets.len(), left), (0, true));
     }

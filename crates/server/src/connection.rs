@@ -468,14 +468,21 @@ impl Channel<ParkedSocket> {
         (*self).map_stream(|stream| TcpStream::from_std(std::net::TcpStream::from(stream)))
     }
 
-    /// Writes what the router queued while the connection is parked, without giving it a
-    /// task: up to [`WRITE_BATCH`] packets in one non-blocking write. True when all of it
-    /// went out and nothing else waits, with `waker` left with the outbox; false when the
-    /// task is needed (a close or the outbox's end is queued, more than a batch, or the socket
-    /// did not take everything: the rest stays queued and the task writes it first).
-    pub(crate) fn write_in_place(&mut self, waker: &Waker) -> bool {
-        let (packets, left) = self.outbox_rx.take_packets(WRITE_BATCH, waker);
-        if !packets.is_empty() {
+    /// Writes the packet the router queued while the connection is parked, without giving it
+    /// a task, with non-blocking writes. `Some(packets written)` when it went out and nothing
+    /// else waits, with `waker` left with the outbox; `None` when the task is needed: more
+    /// than one packet was queued (the connection is busy: its task serves it better than the
+    /// one parker), a close or the outbox's end is queued, the socket did not take everything
+    /// (the rest stays queued and the task writes it first, even if nothing else comes), or
+    /// the connection's tokens or credentials changed since it last checked them (the task
+    /// checks before it writes).
+    pub(crate) fn write_in_place(&mut self, waker: &Waker) -> Option<usize> {
+        if self.registry_moved_on() {
+            return None;
+        }
+        let (packets, left) = self.outbox_rx.take_packets(1, waker);
+        let count = packets.len();
+        if count > 0 {
             self.awaiting_connack = false;
         }
         for packet in packets {
@@ -485,7 +492,7 @@ impl Channel<ParkedSocket> {
         if written {
             self.framed.release_buffers();
         }
-        written && !left
+        (written && !left).then_some(count)
     }
 }
 

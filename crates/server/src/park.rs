@@ -7,11 +7,12 @@
 //! ends. The parker is one task per listener set: it keeps every parked connection in a slab,
 //! moves its socket out of tokio's reactor into its own epoll set (freeing tokio's per-socket
 //! registration, 256 bytes), leaves one small waker with the outbox (the router wrote to it,
-//! or closed it), and keeps the keepalive deadlines in one heap with one timer. Packets the
-//! router writes to the outbox the parker writes to the socket itself, in one non-blocking
-//! write, and the connection stays parked (an idle subscriber that is sent a message never
-//! needs a task). Anything else (the socket readable or closed by the peer, a close from the
-//! router, a write the socket did not take whole, the deadline) resumes the connection: its
+//! or closed it), and keeps the keepalive deadlines in one heap with one timer. A packet the
+//! router writes to the outbox the parker writes to the socket itself, without blocking, and
+//! the connection stays parked (an idle subscriber that is sent a message now and then never
+//! needs a task). Anything else (the socket readable or closed by the peer, more than one
+//! packet queued, a close from the router, a write the socket did not take whole, the
+//! deadline) resumes the connection: its
 //! socket goes back to tokio and a new task is spawned with the same state, which writes what
 //! the parker left first and handles the wake-up as if the connection had never stopped.
 //! Nothing is lost: bytes stay in the socket and packets in the outbox until the resumed task
@@ -479,20 +480,26 @@ impl Lot {
         }))
     }
 
-    /// A parked connection the router wrote to: the parker writes the packets itself when the
-    /// socket takes them all and nothing else is queued (a device that is sent a message and
-    /// stays idle never leaves the parker); otherwise the connection resumes.
+    /// A parked connection the router wrote to: the parker writes the packet itself when it is
+    /// the only one queued and the socket takes it whole (a device that is sent a message now
+    /// and then never leaves the parker); otherwise the connection resumes. A subscriber that
+    /// gets a stream resumes too, at its first wake-up with two packets waiting, so the one
+    /// parker never becomes the writer of busy connections.
     fn write_or_resume(&mut self, slot: SlotRef) {
         let waker = self.waker(slot);
         let key = slot.0 as usize;
         let written = self
             .slots
             .get_mut(key)
-            .is_some_and(|parked| parked.channel.write_in_place(&waker));
-        if written {
-            ServerStats::add(&self.shared.stats.parked_writes);
-        } else {
-            self.resume(key);
+            .and_then(|parked| parked.channel.write_in_place(&waker));
+        match written {
+            Some(packets) => {
+                let stats = &self.shared.stats;
+                stats
+                    .parked_writes
+                    .fetch_add(packets as u64, Ordering::Relaxed);
+            }
+            None => self.resume(key),
         }
     }
 
