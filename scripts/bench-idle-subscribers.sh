@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Messages to idle subscribers: N QoS 0 subscribers of one topic that send nothing, and one
+# message to all of them every PERIOD seconds for DURATION seconds. Prints the broker's CPU per
+# delivery for Herald and, if installed, Mosquitto (docs/benchmarks.md, "Messages to idle
+# subscribers"). A fleet of devices that are sent a command now and then looks like this; with
+# PERIOD above `limits.park_idle_ms` (100 ms) every Herald subscriber is parked when its message
+# comes.
+#
+#   scripts/bench-idle-subscribers.sh      # N=2000 PERIOD=0.3 DURATION=6 ROUNDS=2
+#
+# Loopback only; plain MQTT 3.1.1 from Python's standard library (no client package needed).
+
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+N=${N:-2000}
+PERIOD=${PERIOD:-0.3}
+DURATION=${DURATION:-6}
+ROUNDS=${ROUNDS:-2}
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+WORK=$(mktemp -d /tmp/herald-idle.XXXXXX)
+BROKER_PID=""
+cleanup() {
+    if [[ -n "$BROKER_PID" ]]; then kill "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if (($(ulimit -n) < N + 200)); then
+    echo "ulimit -n is $(ulimit -n): too low for N=$N" >&2
+    exit 2
+fi
+
+cat >"$WORK/idle.py" <<'PY'
+import asyncio, os, struct, sys, time
+port, pid, n, period, duration = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+def length(n):
+    out = b""
+    while True:
+        byte, n = n % 128, n // 128
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+def text(s):
+    s = s.encode()
+    return struct.pack(">H", len(s)) + s
+def packet(first, body):
+    return bytes([first]) + length(len(body)) + body
+def connect(client_id):
+    return packet(0x10, text("MQTT") + bytes([4, 2]) + struct.pack(">H", 600) + text(client_id))
+TOPIC = "idle/t"
+PAYLOAD = b"cmd!"
+PUBLISH = packet(0x30, text(TOPIC) + PAYLOAD)
+delivered = 0
+async def subscriber(i, ready):
+    global delivered
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(connect(f"idle-{i}"))
+    writer.write(packet(0x82, struct.pack(">H", 1) + text(TOPIC) + bytes([0])))
+    await writer.drain()
+    await reader.readexactly(4 + 5)  # CONNACK, SUBACK
+    ready.append(i)
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            return
+        delivered += data.count(PUBLISH)
+def cpu_ms():
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 // os.sysconf("SC_CLK_TCK")
+async def main():
+    ready = []
+    tasks = [asyncio.create_task(subscriber(i, ready)) for i in range(n)]
+    while len(ready) < n:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # quiet: Herald parks them after 100 ms
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(connect("idle-publisher"))
+    await writer.drain()
+    await reader.readexactly(4)
+    before, start, sent = cpu_ms(), time.time(), 0
+    while time.time() - start < duration:
+        writer.write(PUBLISH)
+        await writer.drain()
+        sent += 1
+        await asyncio.sleep(period)
+    await asyncio.sleep(0.5)
+    used = cpu_ms() - before
+    lost = sent * n - delivered
+    print(f"messages {sent} deliveries {delivered} (missing {lost}) broker CPU {used} ms, {1000 * used / max(1, delivered):.2f} us per delivery")
+    os._exit(0 if lost == 0 else 1)
+asyncio.run(main())
+PY
+
+start_herald() {
+    mkdir -p "$WORK/herald"
+    cat >"$WORK/herald/herald.toml" <<EOT
+[node]
+id = "idle-bench"
+data_dir = "$WORK/herald/data"
+[listeners.tcp]
+bind = "127.0.0.1:0"
+[admin]
+enabled = false
+[instance]
+id = "idle-bench"
+allow_anonymous = true
+client_id_format = "any"
+[limits]
+max_connections = 100000
+EOT
+    RUST_LOG=warn "$BIN/herald" serve --config "$WORK/herald/herald.toml" >"$WORK/herald/stdout" 2>>"$WORK/herald.log" &
+    BROKER_PID=$!
+    for _ in $(seq 1 200); do
+        PORT=$(sed -n 's/^herald: listening tcp .*:\([0-9]*\)$/\1/p' "$WORK/herald/stdout" 2>/dev/null | head -1)
+        [[ -n "$PORT" ]] && return
+        sleep 0.05
+    done
+    echo "herald did not start; see $WORK/herald.log" >&2
+    exit 1
+}
+
+start_mosquitto() {
+    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    {
+        echo "listener $PORT 127.0.0.1"
+        echo "allow_anonymous true"
+        echo "persistence false"
+        echo "log_dest none"
+        if [[ $(id -u) == 0 ]]; then echo "user root"; fi
+    } >"$WORK/mosquitto.conf"
+    mosquitto -c "$WORK/mosquitto.conf" >/dev/null 2>&1 &
+    BROKER_PID=$!
+    for _ in $(seq 1 200); do
+        [[ -n "$(ss -Htln "sport = :$PORT" 2>/dev/null)" ]] && return
+        sleep 0.05
+    done
+    echo "mosquitto did not start" >&2
+    exit 1
+}
+
+stop_broker() {
+    kill "$BROKER_PID" 2>/dev/null || true
+    wait "$BROKER_PID" 2>/dev/null || true
+    BROKER_PID=""
+}
+
+cargo build --release -q -p herald
+echo "$N idle QoS 0 subscribers, one message to all every ${PERIOD}s for ${DURATION}s, $ROUNDS rounds"
+for round in $(seq 1 "$ROUNDS"); do
+    start_herald
+    echo "herald:    $(python3 "$WORK/idle.py" "$PORT" "$BROKER_PID" "$N" "$PERIOD" "$DURATION")"
+    stop_broker
+    if command -v mosquitto >/dev/null; then
+        start_mosquitto
+        echo "mosquitto: $(python3 "$WORK/idle.py" "$PORT" "$BROKER_PID" "$N" "$PERIOD" "$DURATION")"
+        stop_broker
+    fi
+done
