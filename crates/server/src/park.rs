@@ -12,11 +12,11 @@
 //! the connection stays parked (an idle subscriber that is sent a message now and then never
 //! needs a task). Anything else (the socket readable or closed by the peer, more than one
 //! packet queued, a close from the router, a write the socket did not take whole, the
-//! deadline) resumes the connection: its
-//! socket goes back to tokio and a new task is spawned with the same state, which writes what
-//! the parker left first and handles the wake-up as if the connection had never stopped.
-//! Nothing is lost: bytes stay in the socket and packets in the outbox until the resumed task
-//! reads them. The cost is two `epoll_ctl` calls to park and two to resume.
+//! deadline) resumes the connection: its socket goes back to tokio and a new task is spawned
+//! with the same state, which writes what the parker left first and handles the wake-up as if
+//! the connection had never stopped. Nothing is lost: bytes stay in the socket and packets in
+//! the outbox until the resumed task reads them. The cost is two `epoll_ctl` calls to park
+//! and two to resume.
 //!
 //! Only plain TCP connections park (TLS and WebSocket keep state inside their stream types).
 //! Token and device-credential connections park too: a change of the auth registry wakes every
