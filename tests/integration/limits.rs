@@ -1,6 +1,7 @@
 //! Limits of DESIGN.md 2, each with its refusal.
 
 use std::num::NonZeroU16;
+use std::time::Duration;
 
 use herald_protocol::{ConnAck, ConnectReturnCode, Packet, QoS as WireQoS, SubAckCode};
 use herald_testkit::{RawClient, TestBroker, TestClient, options};
@@ -149,5 +150,59 @@ async fn connections_beyond_the_limit_are_closed() {
     raw.send(RawClient::connect_packet("c", None, None, true))
         .await;
     raw.expect_closed().await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_when_a_write_stalls() {
+    // Two connections at most: the one that stops reading and the publisher. Only when the
+    // first is closed can a third one connect.
+    let broker = TestBroker::open("[limits]\nwrite_timeout_secs = 1\nmax_connections = 2\n").await;
+    let mut sub = RawClient::connect(broker.addr).await;
+    sub.send(RawClient::connect_packet("stalled", None, None, true))
+        .await;
+    assert!(matches!(sub.recv().await, Some(Packet::ConnAck(_))));
+    sub.send(Packet::Subscribe {
+        packet_id: pid(1),
+        filters: vec![("flood".into(), WireQoS::AtMostOnce)],
+    })
+    .await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck { .. })));
+    // From here on the subscriber reads nothing. 1,300 x 60 KiB is more than the loopback
+    // socket buffers and its outbox (1,024 packets) hold, so the broker's write to it waits.
+    let mut publisher = RawClient::connect(broker.addr).await;
+    publisher
+        .send(RawClient::connect_packet("flooder", None, None, true))
+        .await;
+    assert!(matches!(publisher.recv().await, Some(Packet::ConnAck(_))));
+    let payload = bytes::Bytes::from(vec![0u8; 60 * 1024]);
+    for _ in 0..1_300 {
+        publisher
+            .send(Packet::Publish(herald_protocol::Publish {
+                dup: false,
+                qos: WireQoS::AtMostOnce,
+                retain: false,
+                topic: herald_protocol::Topic::new("flood".to_string(), 128).expect("topic"),
+                packet_id: None,
+                payload: payload.clone(),
+            }))
+            .await;
+    }
+    // The stalled write ends after 1 s without progress and frees the subscriber's slot.
+    let started = std::time::Instant::now();
+    loop {
+        let mut probe = RawClient::connect(broker.addr).await;
+        probe
+            .send(RawClient::connect_packet("probe", None, None, true))
+            .await;
+        if matches!(probe.recv().await, Some(Packet::ConnAck(_))) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the stalled subscriber still holds its slot after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     broker.stop().await;
 }

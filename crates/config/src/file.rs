@@ -241,6 +241,8 @@ pub struct Limits {
     pub max_bytes_per_sec: u64,
     /// Milliseconds without traffic after which a plain TCP connection parks (0: never).
     pub park_idle_ms: u64,
+    /// Seconds a write to a client may wait without the client taking a byte.
+    pub write_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -262,6 +264,7 @@ impl Default for Limits {
             max_messages_per_sec: 0,
             max_bytes_per_sec: 0,
             park_idle_ms: 100,
+            write_timeout_secs: 30,
         }
     }
 }

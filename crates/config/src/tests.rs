@@ -75,6 +75,28 @@ fn park_idle_ms_zero_never_parks_and_is_bounded() {
 }
 
 #[test]
+fn write_timeout_secs_is_read_and_bounded() {
+    let config = Config::builtin();
+    assert_eq!(
+        config.server.write_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    let config = Config::parse("[limits]\nwrite_timeout_secs = 5\n", &no_env).expect("valid");
+    assert_eq!(
+        config.server.write_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    for bad in ["0", "86401"] {
+        let errs = errors(&format!("[limits]\nwrite_timeout_secs = {bad}\n"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("limits.write_timeout_secs")),
+            "{bad}: {errs:?}"
+        );
+    }
+}
+
+#[test]
 fn builtin_defaults_are_valid_and_local() {
     let config = Config::builtin();
     assert!(config.auth.allow_anonymous);

@@ -149,6 +149,12 @@ pub fn validate(
             0 => None,
             millis => Some(Duration::from_millis(millis as u64)),
         },
+        write_timeout: Duration::from_secs(errors.range(
+            "limits.write_timeout_secs",
+            limits.write_timeout_secs,
+            1,
+            86_400,
+        ) as u64),
         ..ServerSettings::default()
     };
     if limits.connect_timeout_secs == 0 {

@@ -154,29 +154,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+    /// Writes what is queued. Fails with `TimedOut` when the client takes no byte for `stall`
+    /// (`limits.write_timeout_secs`): a client that stops reading would otherwise hold the
+    /// write, and the connection, for as long as its TCP stack answers.
+    pub(crate) async fn flush(&mut self, stall: Duration) -> std::io::Result<()> {
         if let Some(bufs) = &mut self.bufs
             && !bufs.write.is_empty()
         {
-            self.stream.write_all(&bufs.write).await?;
-            bufs.write.clear();
+            while !bufs.write.is_empty() {
+                let written = tokio::time::timeout(stall, self.stream.write(&bufs.write))
+                    .await
+                    .map_err(|_| stalled())??;
+                if written == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                bytes::Buf::advance(&mut bufs.write, written);
+            }
             if bufs.write.capacity() > 64 * 1024 {
                 // Give back the memory of a burst.
                 bufs.write = BytesMut::new();
             }
         }
-        self.stream.flush().await
+        tokio::time::timeout(stall, self.stream.flush())
+            .await
+            .map_err(|_| stalled())?
     }
 
-    pub(crate) async fn write(&mut self, packet: Packet) -> std::io::Result<()> {
+    pub(crate) async fn write(&mut self, packet: Packet, stall: Duration) -> std::io::Result<()> {
         self.queue(packet);
-        self.flush().await
+        self.flush(stall).await
     }
 
-    pub(crate) async fn close(mut self) {
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+    pub(crate) async fn close(mut self, stall: Duration) {
+        let _ = self.flush(stall).await;
+        let _ = tokio::time::timeout(stall, self.stream.shutdown()).await;
     }
+}
+
+/// The error of a write the client took no byte of within `limits.write_timeout_secs`.
+fn stalled() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the client took no byte within limits.write_timeout_secs",
+    )
+}
+
+/// Whether a write failed because the client stopped reading.
+fn is_stall(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::TimedOut
 }
 
 /// Runs a connection from accept to close.
@@ -261,7 +286,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     let context = Admitted::new(context, permit);
     let mut framed = Framed::new(stream, context.settings.max_packet_size);
     let Some(accepted) = handshake::accept(&mut framed, peer, transport, &context).await else {
-        framed.close().await;
+        framed.close(context.settings.write_timeout).await;
         return None;
     };
     let channel = ChannelId::random();
@@ -280,7 +305,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         .route(Input::Connect(Box::new(request)))
         .await
     {
-        framed.close().await;
+        framed.close(context.settings.write_timeout).await;
         return None;
     }
     info!(client_id = %accepted.principal.client_id, %channel, %peer, transport = transport.as_str(), "client connected");
@@ -583,10 +608,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     async fn serve(&mut self, deadline: Option<Instant>) -> Served {
         // What the parker could not write (the socket was full) goes out first.
         if self.framed.has_unwritten()
-            && let Err(e) = self.framed.flush().await
+            && let Err(e) = self.framed.flush(self.context.settings.write_timeout).await
         {
-            debug!(channel = %self.channel, error = %e, "write failed");
-            return Served::Ended(CloseReason::SocketClosed);
+            return Served::Ended(self.write_failed(&e));
         }
         self.framed.release_read_buffer();
         let idle_after = self.context.settings.park_idle.filter(|_| self.parkable);
@@ -660,13 +684,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             let ended = match step {
                 Step::Continue => None,
                 Step::Close(reason) => Some(reason),
-                Step::Flush { then_close } => match self.framed.flush().await {
-                    Ok(()) => then_close,
-                    Err(e) => {
-                        debug!(channel = %self.channel, error = %e, "write failed");
-                        Some(then_close.unwrap_or(CloseReason::SocketClosed))
+                Step::Flush { then_close } => {
+                    match self.framed.flush(self.context.settings.write_timeout).await {
+                        Ok(()) => then_close,
+                        Err(e) => Some(then_close.unwrap_or_else(|| self.write_failed(&e))),
                     }
-                },
+                }
                 Step::Route { route, throttle } => match (route.await, throttle) {
                     (false, _) => Some(CloseReason::ServerShutdown),
                     (true, None) => None,
@@ -778,7 +801,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             })
             .await;
         debug!(%channel, reason = reason.as_str(), "connection task ended");
-        self.framed.close().await;
+        let stall = self.context.settings.write_timeout;
+        self.framed.close(stall).await;
     }
 
     fn recheck_credentials(&mut self) -> Step {
@@ -794,6 +818,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 info!(client_id = %self.principal.client_id, channel = %self.channel, why, "closing: credentials no longer valid");
                 Step::Close(CloseReason::AuthRevoked)
             }
+        }
+    }
+
+    /// Why a write ended the connection, logged: a client that took no byte for
+    /// `limits.write_timeout_secs` is a slow consumer, anything else a closed socket.
+    fn write_failed(&self, error: &std::io::Error) -> CloseReason {
+        if is_stall(error) {
+            let secs = self.context.settings.write_timeout.as_secs();
+            warn!(client_id = %self.principal.client_id, channel = %self.channel, limit = "limits.write_timeout_secs", secs, "closing: the client read nothing while a write waited");
+            CloseReason::SlowConsumer
+        } else {
+            debug!(channel = %self.channel, %error, "write failed");
+            CloseReason::SocketClosed
         }
     }
 

@@ -20,18 +20,18 @@ pub(crate) struct Accepted {
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
+    context: &Context,
     peer: SocketAddr,
     client_id: &str,
     code: ConnectReturnCode,
     why: &str,
 ) {
     warn!(%peer, client_id, code = code.as_u8(), refusal = code.as_str(), why, "connection refused");
-    let _ = framed
-        .write(Packet::ConnAck(ConnAck {
-            session_present: false,
-            code,
-        }))
-        .await;
+    let connack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+    });
+    let _ = framed.write(connack, context.settings.write_timeout).await;
 }
 
 /// Counts a CONNECT refused for its credentials towards the address's ban
@@ -70,13 +70,22 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(ReadError::Decode(DecodeError::UnsupportedProtocolLevel)) => {
             let code = ConnectReturnCode::UnacceptableProtocolVersion;
-            refuse(framed, peer, "", code, "protocol level is not 3 or 4").await;
+            refuse(
+                framed,
+                context,
+                peer,
+                "",
+                code,
+                "protocol level is not 3 or 4",
+            )
+            .await;
             return None;
         }
         Err(ReadError::Decode(DecodeError::EmptyClientIdWithoutCleanSession)) => {
             let code = ConnectReturnCode::IdentifierRejected;
             refuse(
                 framed,
+                context,
                 peer,
                 "",
                 code,
@@ -106,7 +115,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             if matches!(refusal, Refusal::ClientId(ClientIdError::TooLong { .. })) {
                 why.push_str(" (limits.max_client_id_len)");
             }
-            refuse(framed, peer, &id, refusal.return_code(), &why).await;
+            refuse(framed, context, peer, &id, refusal.return_code(), &why).await;
             return None;
         }
     };
@@ -119,7 +128,15 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         Err(refusal) => {
             let code = refusal.return_code();
             failed_login(context, peer);
-            refuse(framed, peer, client_id.as_str(), code, &refusal.to_string()).await;
+            refuse(
+                framed,
+                context,
+                peer,
+                client_id.as_str(),
+                code,
+                &refusal.to_string(),
+            )
+            .await;
             report_failure(context, &connect, &client_id, peer, transport, code);
             return None;
         }
@@ -137,6 +154,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(why) = why {
             refuse(
                 framed,
+                context,
                 peer,
                 client_id.as_str(),
                 ConnectReturnCode::NotAuthorized,

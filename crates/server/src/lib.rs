@@ -49,6 +49,9 @@ pub struct ServerSettings {
     /// How long a plain TCP connection stays idle before it parks (gives up its task until
     /// its socket, its outbox or its keepalive deadline wakes it); `None`: never.
     pub park_idle: Option<Duration>,
+    /// How long a write may wait without the client taking a byte before the connection is
+    /// closed as a slow consumer.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -63,6 +66,7 @@ impl Default for ServerSettings {
             abuse: AbuseSettings::default(),
             report_connect_failed: false,
             park_idle: Some(Duration::from_millis(100)),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
