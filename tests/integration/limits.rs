@@ -153,41 +153,53 @@ async fn connections_beyond_the_limit_are_closed() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_when_a_write_stalls() {
-    // Two connections at most: the one that stops reading and the publisher. Only when the
-    // first is closed can a third one connect.
-    let broker = TestBroker::open("[limits]\nwrite_timeout_secs = 1\nmax_connections = 2\n").await;
+/// A raw subscriber of `topic` at QoS 0, and a raw publisher.
+async fn subscriber_and_publisher(broker: &TestBroker, topic: &str) -> (RawClient, RawClient) {
     let mut sub = RawClient::connect(broker.addr).await;
-    sub.send(RawClient::connect_packet("stalled", None, None, true))
+    sub.send(RawClient::connect_packet("reader", None, None, true))
         .await;
     assert!(matches!(sub.recv().await, Some(Packet::ConnAck(_))));
     sub.send(Packet::Subscribe {
         packet_id: pid(1),
-        filters: vec![("flood".into(), WireQoS::AtMostOnce)],
+        filters: vec![(topic.into(), WireQoS::AtMostOnce)],
     })
     .await;
     assert!(matches!(sub.recv().await, Some(Packet::SubAck { .. })));
-    // From here on the subscriber reads nothing. 1,300 x 60 KiB is more than the loopback
-    // socket buffers and its outbox (1,024 packets) hold, so the broker's write to it waits.
     let mut publisher = RawClient::connect(broker.addr).await;
     publisher
         .send(RawClient::connect_packet("flooder", None, None, true))
         .await;
     assert!(matches!(publisher.recv().await, Some(Packet::ConnAck(_))));
-    let payload = bytes::Bytes::from(vec![0u8; 60 * 1024]);
-    for _ in 0..1_300 {
+    (sub, publisher)
+}
+
+/// `count` QoS 0 PUBLISHes of 60 KiB on `topic`, each numbered in its first two bytes.
+async fn flood(publisher: &mut RawClient, topic: &str, count: u16) {
+    for n in 0..count {
+        let mut payload = n.to_be_bytes().to_vec();
+        payload.resize(60 * 1024, 0);
         publisher
             .send(Packet::Publish(herald_protocol::Publish {
                 dup: false,
                 qos: WireQoS::AtMostOnce,
                 retain: false,
-                topic: herald_protocol::Topic::new("flood".to_string(), 128).expect("topic"),
+                topic: herald_protocol::Topic::new(topic.to_string(), 128).expect("topic"),
                 packet_id: None,
-                payload: payload.clone(),
+                payload: payload.into(),
             }))
             .await;
     }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_when_a_write_stalls() {
+    // Two connections at most: the one that stops reading and the publisher. Only when the
+    // first is closed can a third one connect.
+    let broker = TestBroker::open("[limits]\nwrite_timeout_secs = 1\nmax_connections = 2\n").await;
+    let (mut sub, mut publisher) = subscriber_and_publisher(&broker, "flood").await;
+    // From here on the subscriber reads nothing. 400 x 60 KiB is more than the loopback
+    // socket buffers hold, so the broker's write to it waits.
+    flood(&mut publisher, "flood", 400).await;
     // The stalled write ends after 1 s without progress and frees the subscriber's slot.
     let started = std::time::Instant::now();
     loop {
@@ -204,5 +216,77 @@ async fn a_client_that_stops_reading_is_closed_when_a_write_stalls() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // It was the subscriber that was closed: what reached its socket, then the end. The
+    // publisher is still served.
+    while let Some(packet) = sub.recv().await {
+        assert!(matches!(packet, Packet::Publish(_)), "{packet:?}");
+    }
+    publisher.send(Packet::PingReq).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PingResp));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_not_closed_by_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::Encoder;
+    let broker =
+        TestBroker::open("[limits]\nwrite_timeout_secs = 1\nmax_packet_size = 4194304\n").await;
+    // A subscriber that reads 64 KiB every 10 ms (6.4 MB/s), on a plain socket.
+    let mut sub = tokio::net::TcpStream::connect(broker.addr)
+        .await
+        .expect("connect");
+    let mut codec = herald_protocol::Codec::new(8 * 1024 * 1024);
+    let mut out = bytes::BytesMut::new();
+    for packet in [
+        RawClient::connect_packet("slow-reader", None, None, true),
+        Packet::Subscribe {
+            packet_id: pid(1),
+            filters: vec![("slow".into(), WireQoS::AtMostOnce)],
+        },
+    ] {
+        codec.encode(packet, &mut out).expect("encode");
+    }
+    sub.write_all(&out).await.expect("write");
+    let mut acks = [0u8; 4 + 5];
+    sub.read_exact(&mut acks).await.expect("CONNACK and SUBACK");
+    let mut publisher = RawClient::connect(broker.addr).await;
+    publisher
+        .send(RawClient::connect_packet("big-publisher", None, None, true))
+        .await;
+    assert!(matches!(publisher.recv().await, Some(Packet::ConnAck(_))));
+    // 10 x 2 MiB, queued at once: one write of about 20 MiB, which at that pace takes about
+    // 3 s, three times the timeout, while the client never stops taking bytes.
+    let payload = bytes::Bytes::from(vec![1u8; 2 * 1024 * 1024]);
+    let publish = Packet::Publish(herald_protocol::Publish {
+        dup: false,
+        qos: WireQoS::AtMostOnce,
+        retain: false,
+        topic: herald_protocol::Topic::new("slow".to_string(), 128).expect("topic"),
+        packet_id: None,
+        payload,
+    });
+    let mut one = bytes::BytesMut::new();
+    codec.encode(publish.clone(), &mut one).expect("encode");
+    for _ in 0..10 {
+        publisher.send(publish.clone()).await;
+    }
+    let expected = 10 * one.len();
+    let mut received = 0;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while received < expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{received} of {expected} bytes in 20 s"
+        );
+        match tokio::time::timeout(Duration::from_secs(5), sub.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => panic!("closed after {received} of {expected} bytes"),
+            Ok(Ok(read)) => received += read,
+            Err(_) => panic!("nothing for 5 s after {received} of {expected} bytes"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(received, expected);
     broker.stop().await;
 }

@@ -50,6 +50,8 @@ pub(crate) struct Framed<S> {
 struct Buffers {
     read: BytesMut,
     write: BytesMut,
+    /// A write to the client stalled (`limits.write_timeout_secs`): nothing more is written.
+    stalled: bool,
 }
 
 impl<S> Framed<S> {
@@ -154,30 +156,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    /// Writes what is queued. Fails with `TimedOut` when the client takes no byte for `stall`
-    /// (`limits.write_timeout_secs`): a client that stops reading would otherwise hold the
-    /// write, and the connection, for as long as its TCP stack answers.
+    /// Writes what is queued. Fails with a [`Stalled`] error when the client takes no byte
+    /// for `stall` (`limits.write_timeout_secs`): a client that stops reading would otherwise
+    /// hold the write, and the connection, for as long as its TCP stack answers. The time
+    /// counts from the last byte the stream took; no timer is armed while it takes bytes at
+    /// once. (A TLS or WebSocket stream takes bytes into its own buffer, up to 64 KiB for TLS
+    /// and to the next 16 KiB frame for WebSocket, and drains it in its flush, which then
+    /// runs under one timer.)
     pub(crate) async fn flush(&mut self, stall: Duration) -> std::io::Result<()> {
-        if let Some(bufs) = &mut self.bufs
-            && !bufs.write.is_empty()
-        {
-            while !bufs.write.is_empty() {
-                let written = tokio::time::timeout(stall, self.stream.write(&bufs.write))
-                    .await
-                    .map_err(|_| stalled())??;
-                if written == 0 {
-                    return Err(std::io::ErrorKind::WriteZero.into());
+        let Framed { stream, bufs, .. } = self;
+        let burst = bufs
+            .as_ref()
+            .is_some_and(|b| b.write.capacity() > 64 * 1024);
+        let mut timer: Option<Pin<Box<Sleep>>> = None;
+        let flushed = poll_fn(|cx| {
+            loop {
+                let progress = match bufs.as_mut().filter(|b| !b.write.is_empty()) {
+                    Some(bufs) => match Pin::new(&mut *stream).poll_write(cx, &bufs.write) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                        }
+                        Poll::Ready(Ok(written)) => {
+                            bytes::Buf::advance(&mut bufs.write, written);
+                            true
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => false,
+                    },
+                    None => match Pin::new(&mut *stream).poll_flush(cx) {
+                        Poll::Ready(flushed) => return Poll::Ready(flushed),
+                        Poll::Pending => false,
+                    },
+                };
+                if progress {
+                    // The stream took bytes: the wait starts again at the next block.
+                    timer = None;
+                    continue;
                 }
-                bytes::Buf::advance(&mut bufs.write, written);
+                let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        Stalled,
+                    )));
+                }
+                return Poll::Pending;
             }
-            if bufs.write.capacity() > 64 * 1024 {
+        })
+        .await;
+        if let Some(bufs) = bufs {
+            if flushed.as_ref().is_err_and(is_stall) {
+                // Nothing more goes to this client: the close does not wait for it again.
+                bufs.stalled = true;
+                bufs.write = BytesMut::new();
+            } else if burst && bufs.write.is_empty() {
                 // Give back the memory of a burst.
                 bufs.write = BytesMut::new();
             }
         }
-        tokio::time::timeout(stall, self.stream.flush())
-            .await
-            .map_err(|_| stalled())?
+        flushed
     }
 
     pub(crate) async fn write(&mut self, packet: Packet, stall: Duration) -> std::io::Result<()> {
@@ -185,23 +222,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         self.flush(stall).await
     }
 
+    /// Writes what is left and closes the stream, each within `stall`; at once if a write to
+    /// this client has already stalled (for TLS and WebSocket the close itself writes).
     pub(crate) async fn close(mut self, stall: Duration) {
+        if self.bufs.as_ref().is_some_and(|b| b.stalled) {
+            return;
+        }
         let _ = self.flush(stall).await;
+        if self.bufs.as_ref().is_some_and(|b| b.stalled) {
+            return;
+        }
         let _ = tokio::time::timeout(stall, self.stream.shutdown()).await;
     }
 }
 
-/// The error of a write the client took no byte of within `limits.write_timeout_secs`.
-fn stalled() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "the client took no byte within limits.write_timeout_secs",
-    )
+/// What a write that the client took no byte of within `limits.write_timeout_secs` fails with.
+#[derive(Debug)]
+struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client took no byte within limits.write_timeout_secs")
+    }
 }
 
-/// Whether a write failed because the client stopped reading.
+impl std::error::Error for Stalled {}
+
+/// Whether a write failed because the client stopped reading (not an I/O timeout of the
+/// system's own).
 fn is_stall(error: &std::io::Error) -> bool {
-    error.kind() == std::io::ErrorKind::TimedOut
+    error.get_ref().is_some_and(|inner| inner.is::<Stalled>())
 }
 
 /// Runs a connection from accept to close.

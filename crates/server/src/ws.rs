@@ -110,6 +110,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     }
 }
 
+/// The largest binary frame a write sends.
+const FRAME_MAX: usize = 16 * 1024;
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -117,10 +120,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.inner.poll_ready_unpin(cx)).map_err(io_error)?;
+        // One frame of at most FRAME_MAX: a large write goes out as several frames (MQTT over
+        // WebSocket lets packets span frames), so a client that stops reading blocks the next
+        // one here, where `limits.write_timeout_secs` sees it, not all of it in the flush.
+        let frame = &buf[..buf.len().min(FRAME_MAX)];
         self.inner
-            .start_send_unpin(Message::Binary(Bytes::copy_from_slice(buf)))
+            .start_send_unpin(Message::Binary(Bytes::copy_from_slice(frame)))
             .map_err(io_error)?;
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(frame.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
