@@ -92,20 +92,27 @@ async fn a_parked_subscriber_gets_every_message_and_parks_again() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn the_parker_writes_to_a_parked_subscriber_without_resuming_it() {
-    let broker = TestBroker::demo(&config(100)).await;
-    let mut sub = raw_connected(&broker, DEV, 600).await;
+/// A raw QoS 0 subscriber of `topic` and a publisher, both parked; with the parker's write
+/// count at that point.
+async fn parked_subscriber(broker: &TestBroker, topic: &str) -> (RawClient, TestClient, u64) {
+    let mut sub = raw_connected(broker, DEV, 600).await;
     sub.send(Packet::Subscribe {
         packet_id: herald_protocol::PacketId::new(1).expect("id"),
-        filters: vec![("demo/quiet".to_string(), PQoS::AtMostOnce)],
+        filters: vec![(topic.to_string(), PQoS::AtMostOnce)],
     })
     .await;
     assert!(matches!(sub.recv().await, Some(Packet::SubAck { .. })));
-    let mut publisher =
+    let publisher =
         TestClient::connected(signed_options(broker.addr, "GID_demo@@@pub-1", true)).await;
-    parked(&broker, 2).await;
-    let before = metric(&broker, "herald_parked_writes_total").await;
+    parked(broker, 2).await;
+    let before = metric(broker, "herald_parked_writes_total").await;
+    (sub, publisher, before)
+}
+
+#[tokio::test]
+async fn the_parker_writes_to_a_parked_subscriber_without_resuming_it() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let (mut sub, mut publisher, before) = parked_subscriber(&broker, "demo/quiet").await;
     for round in 0..3u8 {
         publisher
             .publish("demo/quiet", QoS::AtMostOnce, false, &[round])
@@ -128,17 +135,7 @@ async fn the_parker_writes_to_a_parked_subscriber_without_resuming_it() {
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_gets_everything_in_order_when_it_reads_again() {
     let broker = TestBroker::demo(&config(100)).await;
-    let mut sub = raw_connected(&broker, DEV, 600).await;
-    sub.send(Packet::Subscribe {
-        packet_id: herald_protocol::PacketId::new(1).expect("id"),
-        filters: vec![("demo/bulk".to_string(), PQoS::AtMostOnce)],
-    })
-    .await;
-    assert!(matches!(sub.recv().await, Some(Packet::SubAck { .. })));
-    let mut publisher =
-        TestClient::connected(signed_options(broker.addr, "GID_demo@@@pub-1", true)).await;
-    parked(&broker, 2).await;
-    let before = metric(&broker, "herald_parked_writes_total").await;
+    let (mut sub, mut publisher, before) = parked_subscriber(&broker, "demo/bulk").await;
     // 200 x 60 KiB, one at a time, while the subscriber does not read: the parker writes the
     // first ones itself, until the loopback socket buffers (4 MiB to send, 6 to receive at
     // most) cannot take a whole message; then the connection resumes and its task writes
