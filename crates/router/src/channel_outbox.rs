@@ -208,6 +208,11 @@ impl OutboxReceiver {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
+    /// Whether the router has let go of the outbox (it ended the channel, or stopped).
+    pub fn is_ended(&self) -> bool {
+        self.shared.lock().senders == 0
+    }
+
     /// The next packet if one is queued.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
         pop(&mut self.shared.lock())
@@ -325,7 +330,9 @@ mod tests {
         assert_eq!((packets.len(), left), (1, false));
         // The router gone: that is left for the task to see, after the packets it sent.
         tx.try_send(ping()).expect("room");
+        assert!(!rx.is_ended());
         drop(tx);
+        assert!(rx.is_ended(), "ended even with a packet still queued");
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 2);
         let (packets, left) = rx.take_packets(8, &waker);
         assert_eq!((packets.len(), left), (1, true));

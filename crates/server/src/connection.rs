@@ -874,7 +874,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// Why a write ended the connection, logged: a client that took no byte for
     /// `limits.write_timeout_secs` is a slow consumer, anything else a closed socket.
     fn write_failed(&self, error: &std::io::Error) -> CloseReason {
-        if is_stall(error) {
+        if is_stall(error) && self.outbox_rx.is_ended() {
+            // The router ended the channel already (its outbox filled) and logged why.
+            debug!(channel = %self.channel, "a stalled write ended after its channel");
+            CloseReason::SlowConsumer
+        } else if is_stall(error) {
             let secs = self.context.settings.write_timeout.as_secs();
             warn!(client_id = %self.principal.client_id, channel = %self.channel, limit = "limits.write_timeout_secs", secs, "closing: the client read nothing while a write waited");
             CloseReason::SlowConsumer
