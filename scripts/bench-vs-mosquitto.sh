@@ -11,7 +11,8 @@
 # brokers alternate (H M H M ...) for ROUNDS rounds; the report takes medians, writes the
 # results section of docs/benchmarks.md and the chart crates/bench/charts/benchmarks.svg.
 #
-# Knobs (environment): ROUNDS (3), DURATION (5 s of load per run), CONNECTIONS (10000),
+# Knobs (environment): ROUNDS (3), CONN_PER_ROUND (3: conn-10k pairs per round; a run takes
+# 2 s and its spread is the widest), DURATION (5 s of load per run), CONNECTIONS (10000),
 # CURVES (1: also the 1k..18k connection and 1..1000 subscriber curves; 0: skip),
 # BENCH_THREADS (1), KEEP (1: keep the temp dir with every log and the raw JSON lines),
 # OUT (docs/benchmarks.md), RESULTS_ONLY (a results.jsonl to report again without running),
@@ -22,6 +23,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 ROUNDS=${ROUNDS:-3}
+CONN_PER_ROUND=${CONN_PER_ROUND:-3}
 DURATION=${DURATION:-5}
 CONNECTIONS=${CONNECTIONS:-10000}
 CURVES=${CURVES:-1}
@@ -256,7 +258,9 @@ for round in $(seq 1 "$ROUNDS"); do
     log "round $round of $ROUNDS"
     # 64 handshakes at once: Mosquitto 2.0 listens with a backlog of 100, and more make some
     # SYNs wait for a 1 s retransmission (docs/benchmarks.md).
-    compare conn-10k always -- --scenario conn --connections "$CONNECTIONS" --connect-concurrency 64
+    for _ in $(seq 1 "$CONN_PER_ROUND"); do
+        compare conn-10k always -- --scenario conn --connections "$CONNECTIONS" --connect-concurrency 64
+    done
     compare fanin-q0 always -- --scenario fanin --publishers 4 --qos 0 --payload 64 --duration "$DURATION"
     compare fanin-q1 always -- --scenario fanin --publishers 4 --qos 1 --payload 64 --duration "$DURATION"
     compare fanout-q0 always -- --scenario fanout --subscribers 100 --qos 0 --payload 64 --duration "$DURATION"

@@ -285,11 +285,21 @@ pub fn render(summaries: &[Summary], meta: &Meta) -> String {
     let m = Medians::new(summaries);
     let mut md = String::new();
     let _ = writeln!(md, "{BEGIN}\n");
+    // The short connect case may run more often than the others (CONN_PER_ROUND).
+    let conn_runs = summaries
+        .iter()
+        .filter(|s| s.case == "conn-10k" && s.label == "herald")
+        .count();
+    let conn_note = if conn_runs > meta.rounds {
+        format!(" (`conn-10k`: {conn_runs} times each)")
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         md,
         "Measured {date} on {machine}; Herald {hv}, Mosquitto {mv}; bench and brokers on the \
          same machine over loopback. Each case ran {rounds} rounds alternating Herald and \
-         Mosquitto (a fresh broker process per run); the numbers are medians.\n",
+         Mosquitto{conn_note} (a fresh broker process per run); the numbers are medians.\n",
         date = meta.date,
         machine = meta.machine,
         hv = meta.herald_version,
