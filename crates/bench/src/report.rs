@@ -291,7 +291,7 @@ pub fn render(summaries: &[Summary], meta: &Meta) -> String {
         .filter(|s| s.case == "conn-10k" && s.label == "herald")
         .count();
     let conn_note = if conn_runs > meta.rounds {
-        format!(" (`conn-10k`: {conn_runs} times each)")
+        format!(", `conn-10k` {conn_runs} times each")
     } else {
         String::new()
     };
