@@ -99,7 +99,6 @@ impl Framed<ParkedSocket> {
                 Err(_) => return false,
             }
         }
-        bufs.write.clear();
         true
     }
 }
@@ -874,18 +873,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// Why a write ended the connection, logged: a client that took no byte for
     /// `limits.write_timeout_secs` is a slow consumer, anything else a closed socket.
     fn write_failed(&self, error: &std::io::Error) -> CloseReason {
-        if is_stall(error) && self.outbox_rx.is_ended() {
+        if !is_stall(error) {
+            debug!(channel = %self.channel, %error, "write failed");
+            return CloseReason::SocketClosed;
+        }
+        if self.outbox_rx.is_ended() {
             // The router ended the channel already (its outbox filled) and logged why.
             debug!(channel = %self.channel, "a stalled write ended after its channel");
-            CloseReason::SlowConsumer
-        } else if is_stall(error) {
+        } else {
             let secs = self.context.settings.write_timeout.as_secs();
             warn!(client_id = %self.principal.client_id, channel = %self.channel, limit = "limits.write_timeout_secs", secs, "closing: the client read nothing while a write waited");
-            CloseReason::SlowConsumer
-        } else {
-            debug!(channel = %self.channel, %error, "write failed");
-            CloseReason::SocketClosed
         }
+        CloseReason::SlowConsumer
     }
 
     fn read_failed(&self, error: ReadError) -> CloseReason {

@@ -68,30 +68,22 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             warn!(%peer, packet = other.name(), "connection refused: first packet is not CONNECT");
             return None;
         }
-        Err(ReadError::Decode(DecodeError::UnsupportedProtocolLevel)) => {
-            let code = ConnectReturnCode::UnacceptableProtocolVersion;
-            refuse(
-                framed,
-                context,
-                peer,
-                "",
-                code,
-                "protocol level is not 3 or 4",
-            )
-            .await;
-            return None;
-        }
-        Err(ReadError::Decode(DecodeError::EmptyClientIdWithoutCleanSession)) => {
-            let code = ConnectReturnCode::IdentifierRejected;
-            refuse(
-                framed,
-                context,
-                peer,
-                "",
-                code,
-                "empty client id needs clean session",
-            )
-            .await;
+        // The two CONNECTs the protocol answers with a refusing CONNACK before they decode.
+        Err(ReadError::Decode(
+            e @ (DecodeError::UnsupportedProtocolLevel
+            | DecodeError::EmptyClientIdWithoutCleanSession),
+        )) => {
+            let (code, why) = match e {
+                DecodeError::UnsupportedProtocolLevel => (
+                    ConnectReturnCode::UnacceptableProtocolVersion,
+                    "protocol level is not 3 or 4",
+                ),
+                _ => (
+                    ConnectReturnCode::IdentifierRejected,
+                    "empty client id needs clean session",
+                ),
+            };
+            refuse(framed, context, peer, "", code, why).await;
             return None;
         }
         Err(ReadError::Decode(e)) => {
