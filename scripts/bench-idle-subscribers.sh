@@ -21,7 +21,7 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 WORK=$(mktemp -d /tmp/herald-idle.XXXXXX)
 BROKER_PID=""
 cleanup() {
-    if [[ -n "$BROKER_PID" ]]; then kill "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; fi
+    if [[ -n "$BROKER_PID" ]]; then stop_broker; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
