@@ -15,6 +15,12 @@ use herald_store::SyncMode;
 use crate::file::{self, ConfigFile};
 use crate::{Config, ConfigError, ConfigErrors, StorageSettings, TcpListenerSettings};
 
+/// With `storage.sync = "always"`, how often the router's timer flushes the store: every batch
+/// is durable when it is applied, and the flush only hands the ops still waiting in the
+/// write-ahead log (fewer than one checkpoint's worth) to the database, so that a quiet broker
+/// holds none for long.
+const ALWAYS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The secrets shipped in `config/herald.toml`, which must never guard a real deployment.
 pub const DEMO_SECRETS: [&str; 3] = ["demo-secret", "backend-secret", "admin-secret"];
 
@@ -178,7 +184,7 @@ pub fn validate(
     let router = RouterSettings {
         flush_interval: match sync {
             SyncMode::Interval { millis } => Some(Duration::from_millis(millis)),
-            SyncMode::Always => None,
+            SyncMode::Always => Some(ALWAYS_FLUSH_INTERVAL),
         },
         ..router
     };

@@ -124,7 +124,7 @@ pub fn start(
                 }
                 commit(store.as_mut(), requests, &report_tx);
             }
-            if let Err(e) = store.flush() {
+            if let Err(e) = store.close() {
                 error!(error = %e, "storage flush at shutdown failed");
             }
         })?;

@@ -462,7 +462,10 @@ pub struct RouterSettings {
     pub max_queue_age: Duration,
     /// Incoming QoS 2 messages awaiting PUBREL, per client.
     pub max_incoming_qos2: usize,
-    /// With `storage.sync = "interval"`: how often the store is made durable.
+    /// How often the store is flushed: with `storage.sync = "interval"`, made durable; with
+    /// `"always"`, its write-ahead log emptied into the database when idle ([`Store::flush`]).
+    ///
+    /// [`Store::flush`]: herald_store::Store::flush
     pub flush_interval: Option<Duration>,
     pub presence: PresenceSettings,
 }

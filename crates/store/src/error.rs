@@ -37,9 +37,10 @@ pub enum StoreError {
     #[error("storage engine error: {0}")]
     Engine(String),
 
-    /// An earlier write failed half-way and could not be undone, so the store refuses further
-    /// writes rather than risk applying a batch the caller was told had failed. Restarting
-    /// recovers from what is on disk.
+    /// An earlier write failed half-way and could not be undone, or the checkpoint thread
+    /// ended in the middle of a checkpoint, so the store refuses further writes rather than
+    /// risk applying a batch the caller was told had failed, or emptying a log that holds the
+    /// only copy of some. Restarting recovers from what is on disk.
     #[error(
         "storage at {} refuses writes after an earlier failure that could not be rolled back; \
          restart to recover from disk",

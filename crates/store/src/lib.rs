@@ -11,9 +11,10 @@
 //! outbox belongs to a configured sink; bounding the outboxes and the history (by pruning) is
 //! the caller's job too.
 //!
-//! Writes arrive as batches of [`Op`]s. A batch is applied in one transaction, so the router's
-//! group commit (one batch per round of its storage thread) is atomic. Every op is idempotent,
-//! which is what lets [`RedbStore`] replay its write-ahead log after a crash.
+//! Writes arrive as batches of [`Op`]s. A batch is applied all or nothing (in [`RedbStore`], one
+//! record of its write-ahead log, later part of one database transaction), so the router's group
+//! commit (one batch per round of its storage thread) is atomic. Every op is idempotent, which
+//! is what lets [`RedbStore`] replay its write-ahead log after a crash.
 
 mod codec;
 mod debug;
@@ -232,9 +233,16 @@ pub trait Store: Send + 'static {
     /// survives a crash of the process ([`SyncMode::Always`]: also a power loss, i.e. fsynced).
     fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError>;
 
-    /// Makes everything applied so far durable against power loss (called on the interval timer
-    /// and at shutdown). No-op for [`SyncMode::Always`].
+    /// Makes everything applied so far durable against power loss (called on the router's
+    /// timer and at shutdown; already so with [`SyncMode::Always`]). [`RedbStore`] also starts
+    /// writing the operations its log holds into the database.
     fn flush(&mut self) -> Result<(), StoreError>;
+
+    /// At shutdown: makes everything applied durable and leaves the store quick to open
+    /// ([`RedbStore`]: every logged operation in the database, and an empty log).
+    fn close(&mut self) -> Result<(), StoreError> {
+        self.flush()
+    }
 
     /// Presence history of one client: payloads of entries with
     /// `from_ms <= time_ms <= to_ms`, oldest first, at most `limit`.

@@ -19,8 +19,9 @@ use crate::conformance::{
     put_history, put_outbox, session,
 };
 use crate::redb_store::{
-    CHANNELS, CLIENT_SEQS, CREDENTIALS, DB_FILE, HISTORY, INCOMING_QOS2, KEY_FORMAT_VERSION,
-    KEY_NEXT_SEQ, META, OUTBOX, QUEUE, RELEASED, RETAINED, SESSIONS, TOKENS,
+    CHANNELS, CHECKPOINT_OPS, CLIENT_SEQS, CREDENTIALS, DB_FILE, DURABLE_EVERY, HISTORY,
+    INCOMING_QOS2, KEY_FORMAT_VERSION, KEY_NEXT_SEQ, META, OUTBOX, QUEUE, RELEASED, RETAINED,
+    SESSIONS, TOKENS, WAL_RESET_BYTES,
 };
 use crate::wal::{HEADER_LEN, WAL_FILE};
 use crate::{FORMAT_VERSION, MemoryStore, Op, RedbStore, Snapshot, Store, StoreError, SyncMode};
@@ -28,6 +29,7 @@ use crate::{FORMAT_VERSION, MemoryStore, Op, RedbStore, Snapshot, Store, StoreEr
 const INTERVAL: SyncMode = SyncMode::Interval { millis: 1000 };
 const CRASH_DIR_ENV: &str = "HERALD_STORE_CRASH_CHILD_DIR";
 const CRASH_BATCHES_ENV: &str = "HERALD_STORE_CRASH_CHILD_BATCHES";
+const CRASH_ALWAYS_ENV: &str = "HERALD_STORE_CRASH_CHILD_ALWAYS";
 const CRASH_EXIT_CODE: i32 = 42;
 
 pub(crate) fn fresh_redb(sync: SyncMode) -> (RedbStore, TempDir) {
@@ -125,7 +127,12 @@ fn crash_child() {
         .expect("batch count")
         .parse()
         .expect("a number");
-    let mut store = RedbStore::open(Path::new(&dir), INTERVAL).expect("open");
+    let sync = if std::env::var_os(CRASH_ALWAYS_ENV).is_some() {
+        SyncMode::Always
+    } else {
+        INTERVAL
+    };
+    let mut store = RedbStore::open(Path::new(&dir), sync).expect("open");
     for i in 0..batches {
         store.apply(&crash_batch(i)).expect("apply");
     }
@@ -136,16 +143,24 @@ fn crash_child() {
 /// Runs a child process that applies `batches` crash batches in interval mode to `dir`, then
 /// dies without flushing.
 fn crash_after(dir: &Path, batches: u64) {
+    crash_after_in(dir, INTERVAL, batches);
+}
+
+/// [`crash_after`] with the child's store in `sync` mode.
+fn crash_after_in(dir: &Path, sync: SyncMode, batches: u64) {
     let test_name = format!(
         "{}::crash_child",
         module_path!().split_once("::").map_or("", |(_, rest)| rest)
     );
-    let status = Command::new(std::env::current_exe().expect("test binary"))
+    let mut child = Command::new(std::env::current_exe().expect("test binary"));
+    child
         .args([test_name.as_str(), "--exact", "--test-threads=1", "--quiet"])
         .env(CRASH_DIR_ENV, dir)
-        .env(CRASH_BATCHES_ENV, batches.to_string())
-        .status()
-        .expect("run the crash child");
+        .env(CRASH_BATCHES_ENV, batches.to_string());
+    if sync == SyncMode::Always {
+        child.env(CRASH_ALWAYS_ENV, "1");
+    }
+    let status = child.status().expect("run the crash child");
     assert_eq!(status.code(), Some(CRASH_EXIT_CODE), "child: {status}");
 }
 
@@ -224,29 +239,91 @@ fn log_in(dir: &Path) -> std::path::PathBuf {
 }
 
 #[test]
-fn always_mode_replays_a_log_left_by_interval_mode_and_removes_it() {
+fn always_mode_replays_a_log_left_by_interval_mode_and_starts_an_empty_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     crash_after(dir.path(), 2);
     assert_crash_state(dir.path(), SyncMode::Always, 2);
-    assert!(!log_in(dir.path()).exists());
+    assert_eq!(log_len(dir.path()), HEADER_LEN);
+}
+
+/// Batches of more ops than several checkpoints take, durable and not: the process ends with
+/// ops in the log only, and maybe with a checkpoint half written by the checkpoint thread.
+const PAST_CHECKPOINTS: u64 = (DURABLE_EVERY as u64 + 2) * CHECKPOINT_OPS as u64 / 8;
+
+#[test]
+fn a_crash_in_always_mode_loses_no_applied_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    crash_after_in(dir.path(), SyncMode::Always, PAST_CHECKPOINTS);
+    assert!(log_len(dir.path()) > HEADER_LEN, "the child left its log");
+    assert_crash_state(dir.path(), SyncMode::Always, PAST_CHECKPOINTS);
+    // The same in interval mode, with its log unsynced (a process crash, not a power loss).
+    let dir = tempfile::tempdir().expect("tempdir");
+    crash_after_in(dir.path(), INTERVAL, PAST_CHECKPOINTS);
+    assert_crash_state(dir.path(), INTERVAL, PAST_CHECKPOINTS);
 }
 
 #[test]
-fn flush_makes_the_log_empty() {
-    let (mut store, dir) = fresh_redb(INTERVAL);
-    store.apply(&mixed_batch()).expect("apply");
-    assert!(fs::metadata(log_in(dir.path())).expect("log").len() > HEADER_LEN);
-    store.flush().expect("flush");
-    assert_eq!(
-        fs::metadata(log_in(dir.path())).expect("log").len(),
-        HEADER_LEN
+fn reads_see_batches_the_checkpoint_thread_has_or_has_not_written() {
+    for sync in [SyncMode::Always, INTERVAL] {
+        let (mut store, dir) = fresh_redb(sync);
+        let (snapshot, history) = crash_state(PAST_CHECKPOINTS);
+        for i in 0..PAST_CHECKPOINTS {
+            store.apply(&crash_batch(i)).expect("apply");
+            if i % 50 == 0 {
+                // A read in the middle waits for the checkpoint thread and writes the rest.
+                let read = full_history(&mut store, "c");
+                assert_eq!(read.last().map(|(seq, _, _)| *seq), Some(i), "{sync:?}");
+            }
+        }
+        assert_eq!(store.load().expect("load"), snapshot, "{sync:?}");
+        assert_eq!(full_history(&mut store, "c"), history, "{sync:?}");
+        store.close().expect("close");
+        assert_eq!(log_len(dir.path()), HEADER_LEN, "{sync:?}");
+        drop(store);
+        assert_crash_state(dir.path(), sync, PAST_CHECKPOINTS);
+    }
+}
+
+#[test]
+fn a_log_past_its_reset_size_is_emptied_as_batches_come() {
+    let (mut store, dir) = fresh_redb(SyncMode::Always);
+    let big = "x".repeat(1024 * 1024);
+    let batches = WAL_RESET_BYTES / (1024 * 1024) + 2;
+    for seq in 0..batches {
+        store.apply(&[enqueue("c", seq, &big)]).expect("apply");
+    }
+    assert!(
+        log_len(dir.path()) < WAL_RESET_BYTES,
+        "{} bytes",
+        log_len(dir.path())
     );
     drop(store);
-    assert_eq!(reopen(dir.path(), INTERVAL), mixed_snapshot());
-    assert_mixed_history(&mut RedbStore::open(dir.path(), INTERVAL).expect("reopen"));
+    let snapshot = reopen(dir.path(), SyncMode::Always);
+    let queued: Vec<u64> = snapshot
+        .queues
+        .iter()
+        .flat_map(|(_, queue)| queue.iter().map(|(seq, _)| *seq))
+        .collect();
+    assert_eq!(queued, (0..batches).collect::<Vec<_>>());
+}
 
-    let (_store, dir) = fresh_redb(SyncMode::Always);
-    assert!(!log_in(dir.path()).exists(), "always mode keeps no log");
+#[test]
+fn close_makes_the_log_empty() {
+    for sync in [SyncMode::Always, INTERVAL] {
+        let (mut store, dir) = fresh_redb(sync);
+        store.apply(&mixed_batch()).expect("apply");
+        assert!(log_len(dir.path()) > HEADER_LEN, "{sync:?}");
+        store.flush().expect("flush");
+        store.close().expect("close");
+        assert_eq!(log_len(dir.path()), HEADER_LEN, "{sync:?}");
+        drop(store);
+        assert_eq!(reopen(dir.path(), sync), mixed_snapshot());
+        assert_mixed_history(&mut RedbStore::open(dir.path(), sync).expect("reopen"));
+    }
+}
+
+fn log_len(dir: &Path) -> u64 {
+    fs::metadata(log_in(dir)).expect("log").len()
 }
 
 #[test]
@@ -370,11 +447,14 @@ fn open_compacts_the_file() {
     let payload = "x".repeat(16 * 1024);
     let ops: Vec<Op> = (0..128).map(|seq| enqueue("c", seq, &payload)).collect();
     store.apply(&ops).expect("apply");
+    // A read writes what waits in the log into the database: 2 MiB, then their deletion.
+    store.load().expect("load");
     store
         .apply(&[Op::DeleteSession {
             client_id: "c".into(),
         }])
         .expect("delete");
+    store.close().expect("close");
     drop(store);
     let db_path = dir.path().join(DB_FILE);
     let before = fs::metadata(&db_path).expect("stat").len();

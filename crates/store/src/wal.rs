@@ -1,14 +1,15 @@
-//! The write-ahead log of [`crate::SyncMode::Interval`]: the file `herald.wal`.
+//! The write-ahead log: the file `herald.wal`.
 //!
 //! Owns the log's layout, its checksum, appending and undoing a record, reading the records back
 //! after a crash, and replacing the log with an empty one. It does not know what a record means
 //! (that is `codec`) nor apply it (that is `redb_store`).
 //!
-//! Why it exists: in interval mode redb commits with `Durability::None`, and such a commit is
-//! lost if the *process* dies before the next durable commit. DESIGN.md allows losing the last
-//! interval on power loss, never on a process crash. So each batch is first appended here with
-//! one `write` (no fsync): once `write` returns, the bytes are in the kernel and survive the
-//! process. At the next flush redb commits durably and the log is replaced by an empty one.
+//! Why it exists: a batch is durable once its record is here (with `fdatasync` in always mode;
+//! in interval mode once `write` returns, the bytes are in the kernel and survive the process,
+//! and the log is synced every interval, as DESIGN.md allows losing the last interval on power
+//! loss, never on a process crash). Its ops reach redb later, many batches in one transaction
+//! (`redb_store`'s checkpoints), which is much cheaper than a redb commit per batch. Once every
+//! op of the log is in redb, durably, the log can be replaced by an empty one.
 //!
 //! Layout: a 17-byte header, `b"HRLDWAL\n"`, a version byte, and a big-endian `u64` generation;
 //! then records of `len: u32`, `crc: u32` (both big-endian) and `len` bytes of payload. The CRC-32
@@ -94,19 +95,6 @@ impl Wal {
         Ok((wal, sync_dir(dir)))
     }
 
-    /// Removes the log of `dir` (and a leftover temporary one), durably.
-    pub(crate) fn remove(dir: &Path) -> Result<(), StoreError> {
-        for name in [WAL_FILE, TMP_FILE] {
-            let path = dir.join(name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io(&path, e)),
-            }
-        }
-        sync_dir(dir)
-    }
-
     /// Reads the log of `dir`, if there is one.
     pub(crate) fn read(dir: &Path) -> Result<Option<Recovered>, StoreError> {
         let path = dir.join(WAL_FILE);
@@ -178,6 +166,13 @@ impl Wal {
         Ok(())
     }
 
+    /// Makes the records appended so far survive a power loss (`fdatasync`).
+    pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
+        self.file
+            .sync_data()
+            .map_err(|e| StoreError::io(&self.path, e))
+    }
+
     /// Cuts the log back to `len` bytes, dropping the records appended since.
     pub(crate) fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
         self.file
@@ -242,35 +237,11 @@ fn sync_dir(_dir: &Path) -> Result<(), StoreError> {
 
 /// CRC-32 (IEEE 802.3, the one of zlib and Ethernet) of the concatenation of `parts`.
 fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut crc = !0_u32;
+    let mut hasher = crc32fast::Hasher::new();
     for part in parts {
-        for &byte in *part {
-            crc = CRC_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
-        }
+        hasher.update(part);
     }
-    !crc
-}
-
-const CRC_TABLE: [u32; 256] = crc_table();
-
-const fn crc_table() -> [u32; 256] {
-    let mut table = [0_u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 == 1 {
-                0xEDB8_8320 ^ (crc >> 1)
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
+    hasher.finalize()
 }
 
 #[cfg(test)]
