@@ -462,8 +462,9 @@ pub struct RouterSettings {
     pub max_queue_age: Duration,
     /// Incoming QoS 2 messages awaiting PUBREL, per client.
     pub max_incoming_qos2: usize,
-    /// How often the store is flushed: with `storage.sync = "interval"`, made durable; with
-    /// `"always"`, its write-ahead log emptied into the database when idle ([`Store::flush`]).
+    /// How often the store is flushed ([`Store::flush`]): with `storage.sync = "interval"`,
+    /// made durable; in both modes, the operations waiting in its write-ahead log handed to a
+    /// checkpoint, so that a quiet broker does not hold them for long.
     ///
     /// [`Store::flush`]: herald_store::Store::flush
     pub flush_interval: Option<Duration>,

@@ -36,10 +36,10 @@
 //! the record is `fdatasync`ed before `apply` returns, in [`SyncMode::Interval`] the log is
 //! synced by [`Store::flush`] (the caller's timer). The ops then wait in memory for a
 //! checkpoint: when `CHECKPOINT_OPS` of them (or `CHECKPOINT_BYTES`) wait, or at a flush,
-//! they go to a checkpoint thread (at a lower priority), which commits them to redb in one
-//! transaction while the store's own thread goes on logging; one checkpoint in
-//! `DURABLE_EVERY` is fsynced, the others are not (the log still holds their ops). The
-//! database thus always holds a prefix of the log's ops. Before a read, at [`Store::close`], and when the log
+//! they go to a checkpoint thread, which commits them to redb in one
+//! durable transaction while the store's own thread goes on logging. The database thus holds a
+//! prefix of the log's ops; in interval mode the log is synced before each checkpoint, so that after a power loss the database is never ahead of the
+//! log (replaying an older log over it would give a state the broker was never in). Before a read, at [`Store::close`], and when the log
 //! passes `WAL_RESET_BYTES`, the store's thread waits for that checkpoint and commits the rest
 //! itself; the latter two then replace the log by an empty one. A failed checkpoint keeps its
 //! ops (and the log) for the next one. [`RedbStore::open`] replays the log, so a crash loses
@@ -113,21 +113,14 @@ pub(crate) const CHECKPOINT_OPS: usize = 1024;
 /// ... or when their batches take this many bytes in the log (the ops are held in memory too).
 const CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
 
-/// One checkpoint in this many is committed with `Durability::Immediate` (fsync), the others
-/// with `Durability::None`: the log holds every batch until it is replaced, which happens only
-/// after a durable commit, so a crash loses nothing; and an fsync of the database file on every
-/// checkpoint, beside the log's `fdatasync` of each group commit, made acknowledgements wait
-/// behind it (presence p99 2 -> 3-7 ms). redb reuses the pages a commit frees only after a
-/// durable one, so this also bounds how much the file grows in between.
-pub(crate) const DURABLE_EVERY: u32 = 8;
-
 /// Past this, the ops waiting for a checkpoint that keeps failing, new batches are refused
 /// (the caller withholds their acknowledgements) instead of growing the log and memory further.
 const PENDING_MAX_BYTES: usize = 8 * CHECKPOINT_BYTES;
 
-/// A log that grows past this is replaced by an empty one at the next flush, after the ops it
-/// holds are all in the database: it bounds the log's size and the replay at start.
-pub(crate) const WAL_RESET_BYTES: u64 = 16 * 1024 * 1024;
+/// A log that grows past this is replaced by an empty one, after the ops it holds are all in
+/// /// the database: it bounds the log's size and the replay at start. Doing so waits for the
+/// checkpoint in progress and fsyncs three times, so it should be rare.
+const WAL_RESET_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A [`Store`] in a redb database.
 pub struct RedbStore {
@@ -144,8 +137,8 @@ pub struct RedbStore {
     pending: Pending,
     /// The thread that writes checkpoints into the database, and what it is writing.
     checkpoints: Checkpoints,
-    /// Checkpoints committed without fsync since the last durable one.
-    since_durable: u32,
+    /// [`WAL_RESET_BYTES`] (smaller in tests).
+    wal_reset_bytes: u64,
     /// Set when a failed write could not be undone; see [`StoreError::Unusable`].
     unusable: bool,
 }
@@ -190,8 +183,7 @@ impl RedbStore {
     /// Start-up work, in order: check every page's checksum (a file redb did not write is
     /// refused rather than trusted), check the format version, create the tables a file from an
     /// earlier Herald lacks, replay the write-ahead log and commit it durably, compact the file
-    /// (redb otherwise keeps it at its high-water mark), then start an empty log in interval
-    /// mode or remove it in always mode.
+    /// (redb otherwise keeps it at its high-water mark), then start an empty log.
     pub fn open(data_dir: &Path, sync: SyncMode) -> Result<RedbStore, StoreError> {
         RedbStore::open_with_cache(data_dir, sync, DEFAULT_CACHE_BYTES)
     }
@@ -250,7 +242,7 @@ impl RedbStore {
             wal,
             pending: Pending::default(),
             checkpoints,
-            since_durable: 0,
+            wal_reset_bytes: WAL_RESET_BYTES,
             unusable: false,
         })
     }
@@ -266,7 +258,7 @@ impl RedbStore {
         if self.pending.bytes >= PENDING_MAX_BYTES {
             // Checkpoints have been failing: one more try, in this thread, before the batch
             // is refused.
-            self.checkpoint_now(false)?;
+            self.checkpoint_now()?;
         }
         let mark = self.wal.len();
         let written = self.wal.append(&payload).and_then(|()| match self.sync {
@@ -290,7 +282,7 @@ impl RedbStore {
         if self.pending.ops >= CHECKPOINT_OPS || self.pending.bytes >= CHECKPOINT_BYTES {
             self.start_checkpoint();
         }
-        if self.wal.len() > WAL_RESET_BYTES {
+        if self.wal.len() > self.wal_reset_bytes {
             // The batch is in the log: a failure here is retried at the next batch.
             if let Err(error) = self.checkpoint_and_reset() {
                 warn!(%error, "emptying a full write-ahead log failed");
@@ -304,9 +296,12 @@ impl RedbStore {
         if self.pending.batches.is_empty() || self.checkpoints.busy() {
             return;
         }
+        if let Err(error) = self.sync_log_for_checkpoint() {
+            warn!(%error, "syncing the write-ahead log before a checkpoint failed; the ops wait for the next one");
+            return;
+        }
         let batches = std::mem::take(&mut self.pending);
-        let durability = self.next_durability();
-        if let Err(batches) = self.checkpoints.hand_over(batches, durability) {
+        if let Err(batches) = self.checkpoints.hand_over(batches) {
             self.pending = batches;
         }
     }
@@ -330,42 +325,35 @@ impl RedbStore {
         self.pending = batches;
     }
 
-    /// Whether the next checkpoint is the durable one of [`DURABLE_EVERY`].
-    fn next_durability(&mut self) -> Durability {
-        self.since_durable += 1;
-        if self.since_durable >= DURABLE_EVERY {
-            self.since_durable = 0;
-            Durability::Immediate
-        } else {
-            Durability::None
+    /// In interval mode, syncs the log ahead of a (durable) checkpoint: the database must never
+    /// hold ops that a power loss could take from the log, since replaying an older log over a
+    /// newer database would give a state the broker was never in.
+    fn sync_log_for_checkpoint(&mut self) -> Result<(), StoreError> {
+        match self.sync {
+            SyncMode::Always => Ok(()),
+            SyncMode::Interval { .. } => self.wal.sync(),
         }
     }
 
     /// Writes every op of the log into the database, in this thread, after the checkpoint
-    /// thread's current one; with `durable`, also makes the database durable. On error the
-    /// ops stay waiting.
-    fn checkpoint_now(&mut self, durable: bool) -> Result<(), StoreError> {
+    /// thread's current one. On error the ops stay waiting.
+    fn checkpoint_now(&mut self) -> Result<(), StoreError> {
         self.collect_checkpoint(true);
         if self.unusable {
             return Err(self.unusable_error());
         }
-        if self.pending.batches.is_empty() && (!durable || self.since_durable == 0) {
+        if self.pending.batches.is_empty() {
             return Ok(());
         }
-        let durability = if durable {
-            self.since_durable = 0;
-            Durability::Immediate
-        } else {
-            self.next_durability()
-        };
-        self.pending.commit(&self.db, &self.db_path, durability)?;
+        self.sync_log_for_checkpoint()?;
+        self.pending.commit(&self.db, &self.db_path)?;
         self.pending = Pending::default();
         Ok(())
     }
 
     /// Every op in the database, durably, then an empty log.
     fn checkpoint_and_reset(&mut self) -> Result<(), StoreError> {
-        self.checkpoint_now(true)?;
+        self.checkpoint_now()?;
         if self.wal.len() > HEADER_LEN {
             self.wal.reset()?;
         }
@@ -377,7 +365,12 @@ impl RedbStore {
         if self.unusable {
             return Err(self.unusable_error());
         }
-        self.checkpoint_now(false)
+        self.checkpoint_now()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_wal_reset_bytes(&mut self, bytes: u64) {
+        self.wal_reset_bytes = bytes;
     }
 
     fn unusable_error(&self) -> StoreError {
@@ -415,6 +408,9 @@ impl Store for RedbStore {
         // Ops that wait for a checkpoint go to the checkpoint thread now, when it is free:
         // a quiet broker holds none in memory for long.
         self.collect_checkpoint(false);
+        if self.unusable {
+            return Err(self.unusable_error());
+        }
         self.start_checkpoint();
         Ok(())
     }
@@ -878,9 +874,8 @@ impl Pending {
         self.bytes += later.bytes;
     }
 
-    /// Decodes the batches and commits their ops in one transaction (an empty one makes the
-    /// commits before it durable, with `Durability::Immediate`).
-    fn commit(&self, db: &Database, path: &Path, durability: Durability) -> Result<(), StoreError> {
+    /// Decodes the batches and commits their ops in one durable transaction.
+    fn commit(&self, db: &Database, path: &Path) -> Result<(), StoreError> {
         let mut ops = Vec::with_capacity(self.ops);
         for batch in &self.batches {
             ops.extend(codec::decode_batch(batch).map_err(|e| {
@@ -890,7 +885,7 @@ impl Pending {
                 ))
             })?);
         }
-        commit(db, path, &ops, durability)
+        commit(db, path, &ops, Durability::Immediate)
     }
 }
 
@@ -924,7 +919,7 @@ impl Checkpoints {
     }
 
     /// Starts a checkpoint of `batches`, or gives them back if no thread can be started.
-    fn hand_over(&mut self, batches: Pending, durability: Durability) -> Result<(), Pending> {
+    fn hand_over(&mut self, batches: Pending) -> Result<(), Pending> {
         let db = self.db.clone();
         let db_path = self.db_path.clone();
         // The batches move into the thread only once it runs: a failed spawn drops its closure,
@@ -933,10 +928,9 @@ impl Checkpoints {
         let spawned = std::thread::Builder::new()
             .name("herald-checkpoint".into())
             .spawn(move || {
-                lower_priority();
                 let batches = take.recv().unwrap_or_default();
                 batches
-                    .commit(&db, &db_path, durability)
+                    .commit(&db, &db_path)
                     .map_err(|error| (error, batches))
             });
         match spawned {
@@ -947,7 +941,7 @@ impl Checkpoints {
                 Ok(())
             }
             Err(error) => {
-                warn!(%error, "could not start a checkpoint thread; this thread writes the ops");
+                warn!(%error, "could not start a checkpoint thread; the ops wait for the next checkpoint");
                 Err(batches)
             }
         }
@@ -961,22 +955,6 @@ impl Checkpoints {
         }
         let thread = self.running.take()?;
         Some(thread.join().map_err(|_| ()))
-    }
-}
-
-/// The checkpoint thread's nice value. A checkpoint is background work of a few milliseconds of
-/// CPU, and on a small machine it took those from the connection tasks and the store's own
-/// thread, whose latency acknowledgements and presence events wait on (presence p99 +1-1.5 ms
-/// at normal priority); under sustained load the waiting ops grow until the store's thread
-/// writes them itself (`PENDING_MAX_BYTES`), so a starved checkpoint cannot lose anything.
-#[cfg(target_os = "linux")]
-const CHECKPOINT_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority (on Linux, `setpriority` with pid 0 is per thread).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(error) = rustix::process::setpriority_process(None, CHECKPOINT_NICE) {
-        debug!(%error, "could not lower the checkpoint thread's priority");
     }
 }
 

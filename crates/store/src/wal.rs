@@ -20,6 +20,12 @@
 //! a crash tore off in the middle of a `write`, or, after a power loss, blocks that never reached
 //! the disk. Either way it was never flushed, so DESIGN.md allows losing it.
 //!
+//! The file grows ahead of its records, by [`PREALLOCATE`] bytes of zeros at a time (on Unix),
+//! so that syncing a record (`fdatasync`) writes data only: a file whose size changes at every
+//! record makes each sync commit the file system's journal, and waits behind whatever else that
+//! commit carries (the database's own fsync of a checkpoint, say, several milliseconds). The
+//! zeros after the last record are not a torn tail: a record's length is never 0.
+//!
 //! The log is replaced atomically: an empty log is written to `herald.wal.tmp`, fsynced, and
 //! renamed over `herald.wal`, and the directory is fsynced. A crash at any point leaves either
 //! the old log (replaying it again is harmless: ops are idempotent) or the new empty one.
@@ -36,6 +42,8 @@ const MAGIC: [u8; 8] = *b"HRLDWAL\n";
 const WAL_VERSION: u8 = 1;
 pub(crate) const HEADER_LEN: u64 = 17;
 const RECORD_HEADER_LEN: usize = 8;
+/// How far the file is extended with zeros when a record does not fit in what is there.
+const PREALLOCATE: u64 = 1024 * 1024;
 
 /// An open log, positioned at its end.
 pub(crate) struct Wal {
@@ -45,6 +53,11 @@ pub(crate) struct Wal {
     generation: u64,
     /// Bytes of complete records plus the header: where the next record goes.
     len: u64,
+    /// The file's size: `len` and the zeros written ahead of the records.
+    allocated: u64,
+    /// The rename that made this the log is not known to be on disk (the directory's fsync
+    /// failed): [`Wal::sync`] retries it, so no record is taken as durable before it is.
+    dir_unsynced: bool,
 }
 
 /// What [`Wal::read`] found.
@@ -91,6 +104,8 @@ impl Wal {
             file,
             generation,
             len: HEADER_LEN,
+            allocated: HEADER_LEN,
+            dir_unsynced: false,
         };
         Ok((wal, sync_dir(dir)))
     }
@@ -126,11 +141,17 @@ impl Wal {
             )));
         }
         let (records, valid_len) = parse_records(&data, generation);
+        let tail = data.get(valid_len..).unwrap_or_default();
+        let ignored_bytes = if tail.iter().all(|&byte| byte == 0) {
+            0
+        } else {
+            tail.len() as u64
+        };
         Ok(Some(Recovered {
             path,
             generation,
             records,
-            ignored_bytes: (data.len() - valid_len) as u64,
+            ignored_bytes,
         }))
     }
 
@@ -159,15 +180,42 @@ impl Wal {
         record.extend_from_slice(&len_bytes);
         record.extend_from_slice(&crc.to_be_bytes());
         record.extend_from_slice(payload);
+        let end = self.len + record.len() as u64;
+        if end > self.allocated {
+            self.preallocate(end)?;
+        }
         self.file
             .write_all(&record)
             .map_err(|e| StoreError::io(&self.path, e))?;
-        self.len += record.len() as u64;
+        self.len = end;
+        Ok(())
+    }
+
+    /// Extends the file with zeros to past `end`, without moving the write position.
+    #[cfg(unix)]
+    fn preallocate(&mut self, end: u64) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let target = end.div_ceil(PREALLOCATE) * PREALLOCATE;
+        let zeros = vec![0_u8; usize::try_from(target - self.allocated).unwrap_or(0)];
+        self.file
+            .write_all_at(&zeros, self.allocated)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.allocated = target;
+        Ok(())
+    }
+
+    #[cfg(not(unix))]
+    fn preallocate(&mut self, end: u64) -> Result<(), StoreError> {
+        self.allocated = end;
         Ok(())
     }
 
     /// Makes the records appended so far survive a power loss (`fdatasync`).
     pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
+        if self.dir_unsynced {
+            sync_dir(&self.dir)?;
+            self.dir_unsynced = false;
+        }
         self.file
             .sync_data()
             .map_err(|e| StoreError::io(&self.path, e))
@@ -180,13 +228,19 @@ impl Wal {
             .and_then(|()| self.file.seek(SeekFrom::Start(len)))
             .map_err(|e| StoreError::io(&self.path, e))?;
         self.len = len;
+        self.allocated = len;
         Ok(())
     }
 
     /// Replaces the log with an empty one of the next generation (see the module docs).
+    /// If only the directory's fsync fails, the new log is in use and the next
+    /// [`Wal::sync`] tries that fsync again before anything else.
     pub(crate) fn reset(&mut self) -> Result<(), StoreError> {
         let (fresh, dir_synced) = Wal::replace(&self.dir, self.generation.wrapping_add(1))?;
         *self = fresh;
+        if dir_synced.is_err() {
+            self.dir_unsynced = true;
+        }
         dir_synced
     }
 }
@@ -209,6 +263,10 @@ fn parse_records(data: &[u8], generation: u64) -> (Vec<Vec<u8>>, usize) {
         let (len_bytes, crc_bytes) = record_header.split_at(4);
         let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
         let crc = u32::from_be_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
+        if len == 0 {
+            // The zeros the file was extended with: no record is empty.
+            break;
+        }
         let start = offset + RECORD_HEADER_LEN;
         let Some(payload) = data.get(start..start + len as usize) else {
             break;
@@ -261,7 +319,12 @@ mod tests {
         let mut wal = Wal::create(dir.path(), 7).expect("create");
         wal.append(b"first").expect("append");
         wal.append(b"second").expect("append");
-        let full = fs::read(wal.path()).expect("read");
+        let file = fs::read(wal.path()).expect("read");
+        // The file goes on with zeros (its preallocation), which are not a torn tail.
+        let records_end = usize::try_from(wal.len()).expect("small");
+        assert!(file.len() > records_end);
+        assert!(file[records_end..].iter().all(|&byte| byte == 0));
+        let full = file[..records_end].to_vec();
 
         let read = Wal::read(dir.path()).expect("read").expect("present");
         assert_eq!(read.generation, 7);
@@ -274,7 +337,15 @@ mod tests {
             fs::write(dir.path().join(WAL_FILE), &full[..cut]).expect("write");
             let read = Wal::read(dir.path()).expect("read").expect("present");
             assert_eq!(read.records, vec![b"first".to_vec()], "cut at {cut}");
-            assert_eq!(read.ignored_bytes, (cut - second_start) as u64);
+            // A torn part that is all zeros (the top bytes of its length) reads as the
+            // preallocation's zeros: nothing to warn about, and nothing lost either way.
+            let torn = &full[second_start..cut];
+            let expected = if torn.iter().all(|&byte| byte == 0) {
+                0
+            } else {
+                torn.len() as u64
+            };
+            assert_eq!(read.ignored_bytes, expected, "cut at {cut}");
         }
         // So does a flipped bit in its payload.
         let mut flipped = full.clone();
@@ -282,6 +353,36 @@ mod tests {
         fs::write(dir.path().join(WAL_FILE), &flipped).expect("write");
         let read = Wal::read(dir.path()).expect("read").expect("present");
         assert_eq!(read.records, vec![b"first".to_vec()]);
+
+        // A torn second record followed by the preallocated zeros: the torn bytes count.
+        let mut torn = full[..full.len() - 2].to_vec();
+        torn.resize(torn.len() + 4096, 0);
+        fs::write(dir.path().join(WAL_FILE), &torn).expect("write");
+        let read = Wal::read(dir.path()).expect("read").expect("present");
+        assert_eq!(read.records, vec![b"first".to_vec()]);
+        assert!(read.ignored_bytes > 0);
+    }
+
+    #[test]
+    fn the_file_grows_ahead_of_its_records_and_a_truncate_gives_that_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::create(dir.path(), 1).expect("create");
+        let size = |wal: &Wal| fs::metadata(wal.path()).expect("stat").len();
+        assert_eq!(size(&wal), HEADER_LEN);
+        wal.append(b"one").expect("append");
+        let grown = size(&wal);
+        assert!(grown >= PREALLOCATE, "{grown}");
+        let mark = wal.len();
+        for _ in 0..10 {
+            wal.append(&[7; 100]).expect("append");
+        }
+        assert_eq!(size(&wal), grown, "records fill the zeros");
+        wal.truncate(mark).expect("truncate");
+        assert_eq!(size(&wal), mark);
+        wal.append(b"two").expect("append");
+        let read = Wal::read(dir.path()).expect("read").expect("present");
+        assert_eq!(read.records, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(read.ignored_bytes, 0);
     }
 
     #[test]
