@@ -16,9 +16,8 @@ use crate::file::{self, ConfigFile};
 use crate::{Config, ConfigError, ConfigErrors, StorageSettings, TcpListenerSettings};
 
 /// With `storage.sync = "always"`, how often the router's timer flushes the store: every batch
-/// is durable when it is applied, and the flush only hands the ops still waiting in the
-/// write-ahead log (fewer than one checkpoint's worth) to the database, so that a quiet broker
-/// holds none for long.
+/// is durable when it is applied, and the flush only hands the ops waiting in the write-ahead
+/// log to a checkpoint (if none is running), so that a quiet broker holds none for long.
 const ALWAYS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The secrets shipped in `config/herald.toml`, which must never guard a real deployment.

@@ -1,5 +1,5 @@
-//! Group commit: one thread owns the [`Store`] and writes every batch that queued up while it
-//! was busy in one transaction. The router stages ops under a ticket, sends the batch without
+//! Group commit: one thread owns the [`Store`] and applies every batch that queued up while it
+//! was busy as one (with `RedbStore`, one record of its write-ahead log). The router stages ops under a ticket, sends the batch without
 //! blocking on the disk, and learns through a [`Report`] when tickets are durable; only then
 //! does it send the acknowledgements that depend on them.
 
@@ -103,8 +103,8 @@ pub struct Persister {
     next_ticket: u64,
 }
 
-/// Starts the writer thread. Reports arrive on the returned receiver; the thread ends, after a
-/// final flush, when the `Persister` is dropped.
+/// Starts the writer thread. Reports arrive on the returned receiver; the thread ends, after
+/// closing the store ([`Store::close`]), when the `Persister` is dropped.
 #[allow(clippy::type_complexity)]
 pub fn start(
     mut store: Box<dyn Store>,

@@ -223,7 +223,7 @@ impl Router {
         let (tx, rx) = mpsc::channel(4096);
         let task = tokio::spawn(async move {
             router.run(rx, reports).await;
-            // Dropping the router drops the persister; the thread flushes and ends.
+            // Dropping the router drops the persister; the thread closes the store and ends.
             drop(router);
             if tokio::task::spawn_blocking(move || thread.join())
                 .await

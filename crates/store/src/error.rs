@@ -38,12 +38,12 @@ pub enum StoreError {
     Engine(String),
 
     /// An earlier write failed half-way and could not be undone, or the checkpoint thread
-    /// ended in the middle of a checkpoint, so the store refuses further writes rather than
-    /// risk applying a batch the caller was told had failed, or emptying a log that holds the
-    /// only copy of some. Restarting recovers from what is on disk.
+    /// ended in the middle of a checkpoint, so the store refuses further writes and reads
+    /// rather than risk applying a batch the caller was told had failed, or emptying a log
+    /// that holds the only copy of some. Restarting recovers from what is on disk.
     #[error(
-        "storage at {} refuses writes after an earlier failure that could not be rolled back; \
-         restart to recover from disk",
+        "storage at {} refuses writes and reads after an earlier failure it could not recover \
+         from; restart to recover from disk",
         path.display()
     )]
     Unusable { path: PathBuf },

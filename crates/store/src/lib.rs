@@ -229,8 +229,9 @@ pub trait Store: Send + 'static {
     /// Reads everything at start-up.
     fn load(&mut self) -> Result<Snapshot, StoreError>;
 
-    /// Applies a batch in ONE transaction: all or nothing. When it returns Ok, the batch
-    /// survives a crash of the process ([`SyncMode::Always`]: also a power loss, i.e. fsynced).
+    /// Applies a batch, all or nothing ([`RedbStore`]: one record of its write-ahead log, later
+    /// within one database transaction). When it returns Ok, the batch survives a crash of the
+    /// process ([`SyncMode::Always`]: also a power loss, i.e. fsynced).
     fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError>;
 
     /// Makes everything applied so far durable against power loss (called on the router's

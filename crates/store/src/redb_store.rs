@@ -113,13 +113,15 @@ pub(crate) const CHECKPOINT_OPS: usize = 1024;
 /// ... or when their batches take this many bytes in the log (the ops are held in memory too).
 const CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
 
-/// Past this, the ops waiting for a checkpoint that keeps failing, new batches are refused
-/// (the caller withholds their acknowledgements) instead of growing the log and memory further.
+/// Past this much waiting for a checkpoint (checkpoints failing, or too slow), the store's own
+/// thread waits for the running one and writes the rest itself; if that fails, the batch is
+/// refused (the caller withholds its acknowledgements) instead of growing the log and memory
+/// further.
 const PENDING_MAX_BYTES: usize = 8 * CHECKPOINT_BYTES;
 
 /// A log that grows past this is replaced by an empty one, after the ops it holds are all in
-/// /// the database: it bounds the log's size and the replay at start. Doing so waits for the
-/// checkpoint in progress and fsyncs three times, so it should be rare.
+/// the database: it bounds the log's size and the replay at start. Doing so waits for the
+/// checkpoint in progress and fsyncs a few times, so it should be rare.
 const WAL_RESET_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A [`Store`] in a redb database.
@@ -593,8 +595,8 @@ fn replay_log(db: &Database, db_path: &Path, log: Recovered) -> Result<u64, Stor
         })?;
         ops.extend(batch);
     }
-    // Ops are idempotent, so replaying batches redb already has (say, after a crash between
-    // a flush's commit and its log reset) is harmless.
+    // Ops are idempotent, so replaying batches redb already has (every one checkpointed since
+    // the log was last emptied) is harmless.
     commit(db, db_path, &ops, Durability::Immediate)?;
     info!(
         path = %log.path.display(),
