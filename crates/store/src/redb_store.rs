@@ -32,18 +32,18 @@
 //! from before ignores them, and this one creates them when it opens a file that lacks them.
 //! Format 2 stopped writing `client_seqs` (see [`FORMAT_VERSION`]).
 //!
-//! Durability: every batch is appended to the log first, as one record; in [`SyncMode::Always`]
-//! the record is `fdatasync`ed before `apply` returns, in [`SyncMode::Interval`] the log is
-//! synced by [`Store::flush`] (the caller's timer). The ops then wait in memory for a
-//! checkpoint: when `CHECKPOINT_OPS` of them (or `CHECKPOINT_BYTES`) wait, or at a flush,
-//! they go to a checkpoint thread, which commits them to redb in one
-//! durable transaction while the store's own thread goes on logging. The database thus holds a
-//! prefix of the log's ops; in interval mode the log is synced before each checkpoint, so that after a power loss the database is never ahead of the
-//! log (replaying an older log over it would give a state the broker was never in). Before a read, at [`Store::close`], and when the log
-//! passes `WAL_RESET_BYTES`, the store's thread waits for that checkpoint and commits the rest
-//! itself; the latter two then replace the log by an empty one. A failed checkpoint keeps its
-//! ops (and the log) for the next one. [`RedbStore::open`] replays the log, so a crash loses
-//! nothing applied, and a directory can switch modes between runs.
+//! Durability: every batch is appended to the log first, as one record; in [`SyncMode::Always`] the
+//! record is `fdatasync`ed before `apply` returns, in [`SyncMode::Interval`] the log is synced by
+//! [`Store::flush`] (the caller's timer). The ops then wait in memory for a checkpoint: when
+//! `CHECKPOINT_OPS` of them (or `CHECKPOINT_BYTES`) wait, or at a flush, they go to a checkpoint
+//! thread, which commits them to redb in one durable transaction while the store's own thread goes
+//! on logging. The database thus holds a prefix of the log's ops; in interval mode the log is
+//! synced before each checkpoint, so that after a power loss the database is never ahead of the log
+//! (replaying an older log over it would give a state the broker was never in). Before a read, at
+//! [`Store::close`], and when the log passes `WAL_RESET_BYTES`, the store's thread waits for that
+//! checkpoint and commits the rest itself; the latter two then replace the log by an empty one. A
+//! failed checkpoint keeps its ops (and the log) for the next one. [`RedbStore::open`] replays the
+//! log, so a crash loses nothing applied, and a directory can switch modes between runs.
 
 use std::fmt;
 use std::fs;
@@ -132,10 +132,8 @@ pub struct RedbStore {
     /// The open log: every batch is appended here first.
     wal: Wal,
     /// Logged batches that are neither in the database nor with the checkpoint thread, in
-    /// order, as encoded for the log: the ops themselves (and the payloads they share with
-    /// the router) are dropped as soon as they are logged, as they were when each batch was
-    /// committed at once, rather than held, among the connections' long-lived allocations,
-    /// until a checkpoint.
+    /// order, as encoded for the log (they are encoded for it anyway; the ops themselves are
+    /// dropped once logged).
     pending: Pending,
     /// The thread that writes checkpoints into the database, and what it is writing.
     checkpoints: Checkpoints,
@@ -312,9 +310,9 @@ impl RedbStore {
     /// failed checkpoint's ops go back in front of the waiting ones, to be written again.
     fn collect_checkpoint(&mut self, wait: bool) {
         let (error, mut batches) = match self.checkpoints.collect(wait) {
-            None | Some(Ok(Ok(()))) => return,
-            Some(Ok(Err(failed))) => failed,
-            Some(Err(())) => {
+            Collected::Nothing | Collected::Done => return,
+            Collected::Failed(error, batches) => (error, batches),
+            Collected::Died => {
                 // Its ops are in the log only: the log must not be emptied before a restart
                 // replays it, so nothing more is written.
                 error!(path = %self.db_path.display(), "the checkpoint thread ended without finishing its checkpoint; the store stops taking writes until a restart replays its log");
@@ -338,7 +336,8 @@ impl RedbStore {
     }
 
     /// Writes every op of the log into the database, in this thread, after the checkpoint
-    /// thread's current one. On error the ops stay waiting.
+    /// thread's current one. On error the ops stay waiting; a store made unusable refuses.
+    /// Every read runs it first, so that it reads everything applied.
     fn checkpoint_now(&mut self) -> Result<(), StoreError> {
         self.collect_checkpoint(true);
         if self.unusable {
@@ -362,14 +361,6 @@ impl RedbStore {
         Ok(())
     }
 
-    /// Before a read: the database holds everything applied.
-    fn checkpoint_for_read(&mut self) -> Result<(), StoreError> {
-        if self.unusable {
-            return Err(self.unusable_error());
-        }
-        self.checkpoint_now()
-    }
-
     #[cfg(test)]
     pub(crate) fn set_wal_reset_bytes(&mut self, bytes: u64) {
         self.wal_reset_bytes = bytes;
@@ -384,7 +375,7 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        self.checkpoint_for_read()?;
+        self.checkpoint_now()?;
         redb_read::load(&self.db, &self.db_path)
     }
 
@@ -418,9 +409,6 @@ impl Store for RedbStore {
     }
 
     fn close(&mut self) -> Result<(), StoreError> {
-        if self.unusable {
-            return Err(self.unusable_error());
-        }
         self.checkpoint_and_reset()
     }
 
@@ -431,7 +419,7 @@ impl Store for RedbStore {
         to_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64, bytes::Bytes)>, StoreError> {
-        self.checkpoint_for_read()?;
+        self.checkpoint_now()?;
         redb_read::history(&self.db, &self.db_path, client_id, from_ms..=to_ms, limit)
     }
 
@@ -439,12 +427,12 @@ impl Store for RedbStore {
         &mut self,
         wanted: &[(String, u64)],
     ) -> Result<Vec<Option<bytes::Bytes>>, StoreError> {
-        self.checkpoint_for_read()?;
+        self.checkpoint_now()?;
         redb_read::history_entries(&self.db, &self.db_path, wanted)
     }
 
     fn last_events(&mut self, each: &mut crate::OnLastEvent<'_>) -> Result<(), StoreError> {
-        self.checkpoint_for_read()?;
+        self.checkpoint_now()?;
         redb_read::last_events(&self.db, &self.db_path, each)
     }
 }
@@ -585,16 +573,7 @@ fn replay_log(db: &Database, db_path: &Path, log: Recovered) -> Result<u64, Stor
     if log.records.is_empty() {
         return Ok(log.generation);
     }
-    let mut ops = Vec::new();
-    for (index, record) in log.records.iter().enumerate() {
-        let batch = codec::decode_batch(record).map_err(|e| {
-            StoreError::Corrupt(format!(
-                "{}: record {index} passed its checksum but does not decode: {e}",
-                log.path.display()
-            ))
-        })?;
-        ops.extend(batch);
-    }
+    let ops = decode_records(&log.records, &log.path)?;
     // Ops are idempotent, so replaying batches redb already has (every one checkpointed since
     // the log was last emptied) is harmless.
     commit(db, db_path, &ops, Durability::Immediate)?;
@@ -605,6 +584,21 @@ fn replay_log(db: &Database, db_path: &Path, log: Recovered) -> Result<u64, Stor
         "replayed the write-ahead log"
     );
     Ok(log.generation)
+}
+
+/// The ops of logged records (batches as `codec` encodes them), in order. A record that does
+/// not decode passed the log's checksum, so the file (or this Herald) is broken.
+fn decode_records(records: &[Vec<u8>], log_path: &Path) -> Result<Vec<Op>, StoreError> {
+    let mut ops = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        ops.extend(codec::decode_batch(record).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "{}: record {index} passed its checksum but does not decode: {e}",
+                log_path.display()
+            ))
+        })?);
+    }
+    Ok(ops)
 }
 
 /// The error for a log with batches next to a database that is missing, empty or new.
@@ -878,21 +872,29 @@ impl Pending {
 
     /// Decodes the batches and commits their ops in one durable transaction.
     fn commit(&self, db: &Database, path: &Path) -> Result<(), StoreError> {
-        let mut ops = Vec::with_capacity(self.ops);
-        for batch in &self.batches {
-            ops.extend(codec::decode_batch(batch).map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "{}: a logged batch does not decode: {e}",
-                    path.display()
-                ))
-            })?);
-        }
-        commit(db, path, &ops, Durability::Immediate)
+        commit(
+            db,
+            path,
+            &decode_records(&self.batches, path)?,
+            Durability::Immediate,
+        )
     }
 }
 
 /// What the checkpoint thread answers: done, or the error with the batches it was given.
 type CheckpointResult = Result<(), (StoreError, Pending)>;
+
+/// What [`Checkpoints::collect`] found.
+enum Collected {
+    /// No checkpoint running, or it is still running (and was not waited for).
+    Nothing,
+    /// The checkpoint is in the database.
+    Done,
+    /// It failed: its batches, to be written again.
+    Failed(StoreError, Pending),
+    /// Its thread ended without an answer (it panicked).
+    Died,
+}
 
 /// The checkpoint thread: it writes the ops of logged batches into the database in one durable
 /// transaction, while the store's own thread goes on logging new batches. One checkpoint at a
@@ -949,14 +951,16 @@ impl Checkpoints {
         }
     }
 
-    /// The answer of the running checkpoint, if it is done (or once it is, with `wait`);
-    /// `Err` if its thread ended without one (it panicked).
-    fn collect(&mut self, wait: bool) -> Option<Result<CheckpointResult, ()>> {
-        if !wait && !self.running.as_ref()?.is_finished() {
-            return None;
+    /// The answer of the running checkpoint, if it is done (or once it is, with `wait`).
+    fn collect(&mut self, wait: bool) -> Collected {
+        let Some(thread) = self.running.take_if(|thread| wait || thread.is_finished()) else {
+            return Collected::Nothing;
+        };
+        match thread.join() {
+            Ok(Ok(())) => Collected::Done,
+            Ok(Err((error, batches))) => Collected::Failed(error, batches),
+            Err(_) => Collected::Died,
         }
-        let thread = self.running.take()?;
-        Some(thread.join().map_err(|_| ()))
     }
 }
 
