@@ -290,19 +290,10 @@ mod tests {
         assert_eq!(tx.try_send(ping()), Ok(()));
     }
 
-    /// Counts its wake-ups.
-    struct Count(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
     #[test]
     fn packets_are_taken_up_to_a_close_which_stays_for_the_task() {
         let (tx, mut rx) = channel_outbox(8);
-        let count = Arc::new(Count(Default::default()));
+        let count = Arc::new(Counter(Default::default()));
         let waker = Waker::from(count.clone());
         for _ in 0..3 {
             tx.try_send(ping()).expect("room");
