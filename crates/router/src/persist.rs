@@ -1,7 +1,8 @@
 //! Group commit: one thread owns the [`Store`] and applies every batch that queued up while it
-//! was busy as one (with `RedbStore`, one record of its write-ahead log). The router stages ops under a ticket, sends the batch without
-//! blocking on the disk, and learns through a [`Report`] when tickets are durable; only then
-//! does it send the acknowledgements that depend on them.
+//! was busy as one (with `RedbStore`, one record of its write-ahead log). The router stages ops
+//! under a ticket, sends the batch without blocking on the disk, and learns through a
+//! [`Report`] when tickets are durable; only then does it send the acknowledgements that depend
+//! on them.
 
 use std::thread::JoinHandle;
 
@@ -125,7 +126,7 @@ pub fn start(
                 commit(store.as_mut(), requests, &report_tx);
             }
             if let Err(e) = store.close() {
-                error!(error = %e, "storage flush at shutdown failed");
+                error!(error = %e, "closing the storage at shutdown failed");
             }
         })?;
     let persister = Persister {
