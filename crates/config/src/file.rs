@@ -269,14 +269,17 @@ impl Default for Limits {
     }
 }
 
+/// Bytes in a MiB, for `storage.cache_mb`.
+pub(crate) const MIB: f64 = (1u64 << 20) as f64;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
     /// "always" or "interval".
     pub sync: String,
     pub interval_ms: u64,
-    /// redb's page cache, MiB.
-    pub cache_mb: u64,
+    /// redb's page cache, MiB: an integer or a decimal (0.5 is 512 KiB).
+    pub cache_mb: f64,
 }
 
 impl Default for Storage {
@@ -284,7 +287,7 @@ impl Default for Storage {
         Storage {
             sync: "always".into(),
             interval_ms: 100,
-            cache_mb: (herald_store::DEFAULT_CACHE_BYTES >> 20) as u64,
+            cache_mb: herald_store::DEFAULT_CACHE_BYTES as f64 / MIB,
         }
     }
 }

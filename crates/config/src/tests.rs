@@ -34,7 +34,7 @@ fn the_shipped_config_parses_to_the_demo() {
     );
     assert_eq!(config.storage.data_dir, std::path::PathBuf::from("data"));
     assert_eq!(config.storage.sync, herald_store::SyncMode::Always);
-    assert_eq!(config.storage.cache_bytes, 1 << 20);
+    assert_eq!(config.storage.cache_bytes, 512 * 1024);
     assert_eq!(
         config.demo_keys,
         vec![
@@ -72,6 +72,26 @@ fn park_idle_ms_zero_never_parks_and_is_bounded() {
         errs.iter().any(|e| e.starts_with("limits.park_idle_ms")),
         "{errs:?}"
     );
+}
+
+#[test]
+fn cache_mb_takes_integers_and_decimals_and_is_bounded() {
+    assert_eq!(
+        Config::builtin().storage.cache_bytes,
+        herald_store::DEFAULT_CACHE_BYTES
+    );
+    for (value, bytes) in [("4", 4 << 20), ("0.25", 256 << 10), ("0.0625", 64 << 10)] {
+        let config = Config::parse(&format!("[storage]\ncache_mb = {value}\n"), &no_env)
+            .unwrap_or_else(|e| panic!("{value}: {e:?}"));
+        assert_eq!(config.storage.cache_bytes, bytes, "{value}");
+    }
+    for bad in ["0", "0.01", "-1", "nan", "inf", "1048577", "\"big\""] {
+        let errs = errors(&format!("[storage]\ncache_mb = {bad}\n"));
+        assert!(
+            errs.iter().any(|e| e.starts_with("storage.cache_mb")),
+            "{bad}: {errs:?}"
+        );
+    }
 }
 
 #[test]

@@ -46,6 +46,22 @@ impl Errors {
     }
 }
 
+/// `storage.cache_mb` in bytes: from 64 KiB (a cache much smaller costs the store's thread a
+/// read of every page a commit touches) to 1 TiB.
+fn cache_bytes(errors: &mut Errors, mb: f64) -> usize {
+    const MIN_MB: f64 = 0.0625;
+    const MAX_MB: f64 = (1u64 << 20) as f64;
+    if (MIN_MB..=MAX_MB).contains(&mb) {
+        (mb * crate::file::MIB).round() as usize
+    } else {
+        errors.add(
+            "storage.cache_mb",
+            format!("must be between {MIN_MB} and {MAX_MB} (MiB), got {mb}"),
+        );
+        herald_store::DEFAULT_CACHE_BYTES
+    }
+}
+
 fn is_id(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
@@ -219,7 +235,7 @@ pub fn validate(
         1,
         60,
     );
-    let cache_bytes = errors.range("storage.cache_mb", file.storage.cache_mb, 1, 1 << 20) << 20;
+    let cache_bytes = cache_bytes(&mut errors, file.storage.cache_mb);
     if !errors.0.is_empty() {
         return Err(ConfigErrors(errors.0));
     }

@@ -99,10 +99,12 @@ pub(crate) const KEY_NEXT_OUTBOX_ID: &str = "next_outbox_id";
 /// redb's page cache unless the caller sets one (`storage.cache_mb`). redb's default (1 GiB) is
 /// sized for a database server. The broker reads its tables once, at start-up, and then mostly
 /// writes (its only reads are the admin API's history queries): the cache holds the B-tree
-/// pages commits touch, and pages that fall out of it are read back from the OS page cache. Every
-/// byte of it counts in the broker's resident memory; 1 MiB and 4 MiB measured the same CPU per
-/// connect and the same durable-queue rates (docs/benchmarks.md), so the smaller is the default.
-pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024;
+/// pages checkpoints touch, and pages that fall out of it are read back from the OS page cache.
+/// Every byte of it counts in the broker's resident memory (a cached 4 KiB page takes 5 KiB of
+/// the allocator's), and the same CPU per connect and durable-queue rates were measured with
+/// 4 MiB, 1 MiB and 512 KiB (docs/benchmarks.md), so the smallest is the default; 256 KiB cost
+/// the checkpoints more reads.
+pub const DEFAULT_CACHE_BYTES: usize = 512 * 1024;
 
 /// A checkpoint is handed to the checkpoint thread when this many ops wait for the database.
 /// One transaction for many small batches is where the saving is: a commit costs about as much
