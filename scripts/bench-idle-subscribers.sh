@@ -19,9 +19,10 @@ DURATION=${DURATION:-6}
 ROUNDS=${ROUNDS:-2}
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 WORK=$(mktemp -d /tmp/herald-idle.XXXXXX)
-BROKER_PID=""
+# free_port, stop_broker, run_herald, run_mosquitto, mosquitto_user_line
+source "$ROOT/scripts/lib/brokers.sh"
 cleanup() {
-    if [[ -n "$BROKER_PID" ]]; then stop_broker; fi
+    stop_broker
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -109,40 +110,21 @@ client_id_format = "any"
 [limits]
 max_connections = 100000
 EOT
-    RUST_LOG=warn "$BIN/herald" serve --config "$WORK/herald/herald.toml" >"$WORK/herald/stdout" 2>>"$WORK/herald.log" &
-    BROKER_PID=$!
-    for _ in $(seq 1 200); do
-        PORT=$(sed -n 's/^herald: listening tcp .*:\([0-9]*\)$/\1/p' "$WORK/herald/stdout" 2>/dev/null | head -1)
-        [[ -n "$PORT" ]] && return
-        sleep 0.05
-    done
-    echo "herald did not start; see $WORK/herald.log" >&2
-    exit 1
+    run_herald "$WORK/herald/herald.toml" "$WORK/herald"
 }
 
 start_mosquitto() {
-    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    PORT=$(free_port)
     {
         echo "listener $PORT 127.0.0.1"
         echo "allow_anonymous true"
         echo "persistence false"
-        echo "log_dest none"
-        if [[ $(id -u) == 0 ]]; then echo "user root"; fi
+        echo "log_dest stderr"
+        echo "log_type error"
+        echo "log_type warning"
+        mosquitto_user_line
     } >"$WORK/mosquitto.conf"
-    mosquitto -c "$WORK/mosquitto.conf" >/dev/null 2>&1 &
-    BROKER_PID=$!
-    for _ in $(seq 1 200); do
-        [[ -n "$(ss -Htln "sport = :$PORT" 2>/dev/null)" ]] && return
-        sleep 0.05
-    done
-    echo "mosquitto did not start" >&2
-    exit 1
-}
-
-stop_broker() {
-    kill "$BROKER_PID" 2>/dev/null || true
-    wait "$BROKER_PID" 2>/dev/null || true
-    BROKER_PID=""
+    run_mosquitto "$WORK/mosquitto.conf"
 }
 
 cargo build --release -q -p herald

@@ -34,8 +34,8 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 
 WORK=$(mktemp -d /tmp/herald-bench.XXXXXX)
 RESULTS=$WORK/results.jsonl
-BROKER_PID=""
-PORT=""
+# free_port, stop_broker, run_herald, run_mosquitto, mosquitto_user_line
+source "$ROOT/scripts/lib/brokers.sh"
 
 cleanup() {
     stop_broker
@@ -48,33 +48,6 @@ cleanup() {
 trap cleanup EXIT
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
-
-# A TCP port on 127.0.0.1 that nothing listens on, below the ephemeral range.
-free_port() {
-    local port
-    for _ in $(seq 1 100); do
-        port=$((20000 + RANDOM % 12000))
-        if [[ -z "$(ss -Htln "sport = :$port" 2>/dev/null)" ]]; then
-            echo "$port"
-            return
-        fi
-    done
-    echo "no free port" >&2
-    return 1
-}
-
-stop_broker() {
-    if [[ -n "$BROKER_PID" ]]; then
-        kill -TERM "$BROKER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$BROKER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$BROKER_PID" 2>/dev/null || true
-        wait "$BROKER_PID" 2>/dev/null || true
-        BROKER_PID=""
-    fi
-}
 
 # start_herald SYNC WITH_PRESENCE_RULE
 start_herald() {
@@ -132,19 +105,7 @@ source = { groups = ["GID_bench"], events = ["connect", "tcpclean"] }
 sinks = ["notices"]
 EOF
     fi
-    RUST_LOG=warn "$BIN/herald" serve --config "$dir/herald.toml" >"$dir/stdout" 2>>"$WORK/herald.log" &
-    BROKER_PID=$!
-    for _ in $(seq 1 200); do
-        if grep -q '^herald: listening tcp ' "$dir/stdout" 2>/dev/null; then
-            PORT=$(sed -n 's/^herald: listening tcp .*:\([0-9]*\)$/\1/p' "$dir/stdout" | head -1)
-            return
-        fi
-        kill -0 "$BROKER_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    echo "herald did not start; see $WORK/herald.log" >&2
-    tail -20 "$WORK/herald.log" >&2
-    return 1
+    run_herald "$dir/herald.toml" "$dir"
 }
 
 # start_mosquitto PERSISTENCE(true|false)
@@ -165,21 +126,9 @@ start_mosquitto() {
         echo "log_type warning"
         echo "connection_messages false"
         echo "set_tcp_nodelay true"
-        # As root, Mosquitto would switch to the 'mosquitto' user, who cannot write here.
-        if [[ $(id -u) == 0 ]]; then echo "user root"; fi
+        mosquitto_user_line
     } >"$dir/mosquitto.conf"
-    mosquitto -c "$dir/mosquitto.conf" >>"$WORK/mosquitto.log" 2>&1 &
-    BROKER_PID=$!
-    for _ in $(seq 1 200); do
-        if [[ -n "$(ss -Htln "sport = :$PORT" 2>/dev/null)" ]]; then
-            return
-        fi
-        kill -0 "$BROKER_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    echo "mosquitto did not start; see $WORK/mosquitto.log" >&2
-    tail -20 "$WORK/mosquitto.log" >&2
-    return 1
+    run_mosquitto "$dir/mosquitto.conf"
 }
 
 # run_case CASE BROKER SYNC PRESENCE -- herald-bench arguments...
