@@ -277,6 +277,19 @@ impl RedbStore {
                     "could not remove a failed batch from the write-ahead log"
                 );
                 self.unusable = true;
+            } else if self.sync == SyncMode::Always
+                && let Err(unsynced) = self.wal.sync()
+            {
+                // The record may have reached the disk before the error: until the cut is on
+                // disk too, a power loss could bring the refused batch back at the next start
+                // (a copy of what its client sends again, not a loss). Tried again with the
+                // next batch's sync.
+                warn!(
+                    path = %self.wal.path().display(),
+                    %error,
+                    %unsynced,
+                    "the removal of a failed batch from the write-ahead log is not on disk yet"
+                );
             }
             return Err(error);
         }

@@ -163,6 +163,113 @@ fn crash_after_in(dir: &Path, sync: SyncMode, batches: u64) {
     assert_eq!(status.code(), Some(CRASH_EXIT_CODE), "child: {status}");
 }
 
+const FULL_DISK_DIR_ENV: &str = "HERALD_STORE_FULL_DISK_CHILD_DIR";
+/// The child's file size limit: the log's first 3 MiB (it grows 1 MiB at a time).
+const FULL_DISK_LIMIT: u64 = 3 * 1024 * 1024;
+const FULL_DISK_EXIT_CODE: i32 = 43;
+
+/// The child half of [`a_full_disk_refuses_the_batch_and_keeps_every_acknowledged_one`], run
+/// with a file size limit: a no-op in a normal test run. Applies 256 KiB batches until the log
+/// cannot grow, then a small one that fits, and says which were acknowledged.
+#[test]
+fn full_disk_child() {
+    let Some(dir) = std::env::var_os(FULL_DISK_DIR_ENV) else {
+        return;
+    };
+    let mut store = RedbStore::open(Path::new(&dir), SyncMode::Always).expect("open");
+    let big = "x".repeat(256 * 1024);
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for seq in 0..40 {
+        match store.apply(&[enqueue("c", seq, &big)]) {
+            Ok(()) => acked.push(seq),
+            Err(error) => {
+                println!("ERROR {error}");
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+        }
+    }
+    if store.apply(&[enqueue("c", 1000, "small")]).is_ok() {
+        acked.push(1000);
+    }
+    println!("ACKED {acked:?}");
+    // No flush, no Drop: the process ends as a crash would end it.
+    std::process::exit(FULL_DISK_EXIT_CODE);
+}
+
+/// A disk that fills up (here: a file size limit on the process, `prlimit --fsize`, with
+/// SIGXFSZ ignored so that the write fails with EFBIG instead of killing it): the batch that
+/// does not fit is refused with an error naming the log, later batches that fit are taken, and
+/// after a crash and a restart with room again the store holds exactly the acknowledged batches,
+/// none of the refused ones.
+#[test]
+fn a_full_disk_refuses_the_batch_and_keeps_every_acknowledged_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let test_name = format!(
+        "{}::full_disk_child",
+        module_path!().split_once("::").map_or("", |(_, rest)| rest)
+    );
+    let exe = std::env::current_exe().expect("test binary");
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; exec prlimit --fsize={FULL_DISK_LIMIT} -- \"$@\""
+        ))
+        .arg("sh")
+        .arg(&exe)
+        .args([
+            test_name.as_str(),
+            "--exact",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(FULL_DISK_DIR_ENV, dir.path())
+        .output()
+        .expect("run the full-disk child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(FULL_DISK_EXIT_CODE),
+        "child: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // (The test harness's own output may share a line with the child's.)
+    let errors: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.find("ERROR ").map(|at| &l[at..]))
+        .collect();
+    assert_eq!(errors.len(), 3, "{stdout}");
+    let log = dir.path().join(WAL_FILE).display().to_string();
+    assert!(errors.iter().all(|e| e.contains(&log)), "{errors:?}");
+    let acked: Vec<u64> = stdout
+        .lines()
+        .find_map(|l| l.find("ACKED ").map(|at| &l[at + "ACKED ".len()..]))
+        .expect("the child's acknowledged batches")
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(", ")
+        .map(|n| n.parse().expect("a seq"))
+        .collect();
+    // Most of the 3 MiB took batches; the small one fitted after the refusals.
+    assert!(acked.len() >= 8, "{acked:?}");
+    assert_eq!(acked.last(), Some(&1000), "{acked:?}");
+    let snapshot = reopen(dir.path(), SyncMode::Always);
+    let queued: Vec<u64> = snapshot
+        .queues
+        .iter()
+        .flat_map(|(_, queue)| queue.iter().map(|(seq, _)| *seq))
+        .collect();
+    assert_eq!(queued, acked);
+    // With room again, the store takes batches as before.
+    let mut store = RedbStore::open(dir.path(), SyncMode::Always).expect("reopen");
+    store
+        .apply(&[enqueue("c", 2000, "after")])
+        .expect("apply with room");
+}
+
 #[test]
 fn restart_keeps_data_in_both_modes() {
     for sync in [SyncMode::Always, INTERVAL] {
