@@ -46,6 +46,11 @@ pub(crate) struct Framed<S> {
     codec: Codec,
 }
 
+/// The room a read makes when the buffer has none: a whole CONNECT with a Signature user name
+/// and password is 120-200 bytes. (The buffer grows by doubling past it; after the handshake
+/// an empty one is given back.)
+const READ_CHUNK: usize = 256;
+
 #[derive(Default)]
 struct Buffers {
     read: BytesMut,
@@ -132,6 +137,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 Ok(Some(packet)) => return Poll::Ready(Ok(packet)),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Err(ReadError::Decode(e))),
+            }
+            if bufs.read.capacity() == bufs.read.len() {
+                // Left to itself, a read into a full (or unallocated) buffer makes room for 64
+                // bytes: a CONNECT with credentials would then take two reads.
+                bufs.read.reserve(READ_CHUNK);
             }
             match ready!(poll_read_buf(
                 Pin::new(&mut self.stream),
