@@ -94,6 +94,7 @@ asyncio.run(main())
 PY
 
 start_herald() {
+    rm -rf "$WORK/herald"
     mkdir -p "$WORK/herald"
     cat >"$WORK/herald/herald.toml" <<EOT
 [node]

@@ -37,12 +37,15 @@ stop_broker() {
 # $WORK/herald.log; waits for the port it prints (its TCP listener binds port 0).
 run_herald() {
     local config=$1 dir=$2
+    # Emptied here, not by the redirection below (which runs in the background): a line from
+    # an earlier run must not be taken for this one's.
+    : >"$dir/stdout"
     RUST_LOG=warn "$BIN/herald" serve --config "$config" >"$dir/stdout" 2>>"$WORK/herald.log" &
     BROKER_PID=$!
     for _ in $(seq 1 200); do
         if grep -q '^herald: listening tcp ' "$dir/stdout" 2>/dev/null; then
             PORT=$(sed -n 's/^herald: listening tcp .*:\([0-9]*\)$/\1/p' "$dir/stdout" | head -1)
-            return
+            if [[ -n "$PORT" ]]; then return; fi
         fi
         kill -0 "$BROKER_PID" 2>/dev/null || break
         sleep 0.05

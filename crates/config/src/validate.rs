@@ -46,8 +46,8 @@ impl Errors {
     }
 }
 
-/// `storage.cache_mb` in bytes: from 64 KiB (a cache much smaller costs the store's thread a
-/// read of every page a commit touches) to 1 TiB.
+/// `storage.cache_mb` in bytes: from 64 KiB (with a cache much smaller, checkpoints read back
+/// most of the pages they touch) to 1 TiB.
 fn cache_bytes(errors: &mut Errors, mb: f64) -> usize {
     const MIN_MB: f64 = 0.0625;
     const MAX_MB: f64 = (1u64 << 20) as f64;

@@ -46,10 +46,11 @@ pub(crate) struct Framed<S> {
     codec: Codec,
 }
 
-/// The room a read makes when the buffer has none: a whole CONNECT with a Signature user name
-/// and password is 120-200 bytes. (The buffer grows by doubling past it; after the handshake
-/// an empty one is given back.)
-const READ_CHUNK: usize = 256;
+/// The room the handshake's first read makes: a whole CONNECT with a Signature user name and
+/// password is 120-200 bytes (a bigger one takes more reads; the codec reserves what a packet
+/// still lacks). After the handshake the empty buffer is given back, and later reads make the
+/// default 64 bytes of room, which is all an unparked idle connection's PINGREQ needs.
+const CONNECT_READ: usize = 256;
 
 #[derive(Default)]
 struct Buffers {
@@ -124,8 +125,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    /// Reads the next packet. Cancel-safe: bytes read stay in the buffer.
+    /// Reads the next packet (the handshake's CONNECT). Cancel-safe: bytes read stay in the
+    /// buffer.
     pub(crate) async fn read_packet(&mut self) -> Result<Packet, ReadError> {
+        let bufs = self.bufs.get_or_insert_with(Box::default);
+        if bufs.read.capacity() == 0 {
+            // Left to itself, the first read makes room for 64 bytes, and a CONNECT with
+            // credentials would take two.
+            bufs.read.reserve(CONNECT_READ);
+        }
         poll_fn(|cx| self.poll_read_packet(cx)).await
     }
 
@@ -137,11 +145,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 Ok(Some(packet)) => return Poll::Ready(Ok(packet)),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Err(ReadError::Decode(e))),
-            }
-            if bufs.read.capacity() == bufs.read.len() {
-                // Left to itself, a read into a full (or unallocated) buffer makes room for 64
-                // bytes: a CONNECT with credentials would then take two reads.
-                bufs.read.reserve(READ_CHUNK);
             }
             match ready!(poll_read_buf(
                 Pin::new(&mut self.stream),
