@@ -58,6 +58,11 @@ pub(crate) struct Wal {
     /// The rename that made this the log is not known to be on disk (the directory's fsync
     /// failed): [`Wal::sync`] retries it, so no record is taken as durable before it is.
     dir_unsynced: bool,
+    /// Written (appended, extended or cut) since the last successful [`Wal::sync`], which
+    /// does nothing otherwise: a flush in interval mode syncs the log and then hands the waiting
+    /// ops to a checkpoint, which syncs it first too, and every read syncs it before it
+    /// checkpoints.
+    unsynced: bool,
 }
 
 /// What [`Wal::read`] found.
@@ -106,6 +111,7 @@ impl Wal {
             len: HEADER_LEN,
             allocated: HEADER_LEN,
             dir_unsynced: false,
+            unsynced: false,
         };
         Ok((wal, sync_dir(dir)))
     }
@@ -181,6 +187,7 @@ impl Wal {
         record.extend_from_slice(&crc.to_be_bytes());
         record.extend_from_slice(payload);
         let end = self.len + record.len() as u64;
+        self.unsynced = true;
         if end > self.allocated {
             self.preallocate(end)?;
         }
@@ -210,19 +217,26 @@ impl Wal {
         Ok(())
     }
 
-    /// Makes the records appended so far survive a power loss (`fdatasync`).
+    /// Makes the records appended so far survive a power loss (`fdatasync`; nothing to do if
+    /// nothing was written since the last sync).
     pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
         if self.dir_unsynced {
             sync_dir(&self.dir)?;
             self.dir_unsynced = false;
         }
+        if !self.unsynced {
+            return Ok(());
+        }
         self.file
             .sync_data()
-            .map_err(|e| StoreError::io(&self.path, e))
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// Cuts the log back to `len` bytes, dropping the records appended since.
     pub(crate) fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
+        self.unsynced = true;
         self.file
             .set_len(len)
             .and_then(|()| self.file.seek(SeekFrom::Start(len)))
@@ -400,6 +414,26 @@ mod tests {
         let read = Wal::read(dir.path()).expect("read").expect("present");
         assert_eq!(read.generation, 2);
         assert!(read.records.is_empty());
+    }
+
+    #[test]
+    fn a_sync_follows_every_write_and_only_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::create(dir.path(), 1).expect("create");
+        assert!(!wal.unsynced, "a new log is on disk");
+        wal.append(b"one").expect("append");
+        assert!(wal.unsynced);
+        wal.sync().expect("sync");
+        assert!(!wal.unsynced);
+        let mark = wal.len();
+        wal.append(b"two").expect("append");
+        wal.sync().expect("sync");
+        wal.truncate(mark).expect("truncate");
+        assert!(wal.unsynced, "a cut is a write too");
+        wal.sync().expect("sync");
+        assert!(!wal.unsynced);
+        wal.reset().expect("reset");
+        assert!(!wal.unsynced, "a fresh log is on disk");
     }
 
     #[test]
