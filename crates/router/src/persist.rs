@@ -145,7 +145,12 @@ fn commit(store: &mut dyn Store, requests: Vec<Request>, reports: &mpsc::Unbound
     for request in requests {
         match request {
             Request::Apply { ticket, ops: batch } => {
-                ops.extend(batch);
+                // The first batch's list becomes the group's, instead of a copy of it.
+                if ops.is_empty() {
+                    ops = batch;
+                } else {
+                    ops.extend(batch);
+                }
                 tickets = Some(tickets.map_or((ticket, ticket), |(from, _)| (from, ticket)));
             }
             Request::Flush { done } => flushes.push(done),
