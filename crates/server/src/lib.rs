@@ -142,6 +142,7 @@ pub async fn serve(
 ) {
     let local = listener.local_addr().ok();
     let transport = endpoint.transport().as_str();
+    let nodelay_inherited = set_listener_nodelay(&listener);
     info!(addr = ?local, transport, "MQTT listener accepting");
     loop {
         let accepted = tokio::select! {
@@ -157,9 +158,23 @@ pub async fn serve(
                 continue;
             }
         };
+        if !nodelay_inherited {
+            let _ = stream.set_nodelay(true);
+        }
         spawn_connection(stream, peer, &endpoint, &context);
     }
     info!(addr = ?local, transport, "MQTT listener stopped");
+}
+
+/// Sets `TCP_NODELAY` on the listening socket. `true` where the sockets it accepts inherit it
+/// (Linux: an accepted socket starts as a copy of the listener's), which saves one
+/// `setsockopt` per connection; elsewhere each accepted socket is set on its own.
+fn set_listener_nodelay(listener: &TcpListener) -> bool {
+    let set = socket2::SockRef::from(listener).set_tcp_nodelay(true);
+    if let Err(e) = &set {
+        warn!(error = %e, "TCP_NODELAY on the listening socket failed; set per connection");
+    }
+    set.is_ok() && cfg!(any(target_os = "linux", target_os = "android"))
 }
 
 fn spawn_connection(
@@ -185,7 +200,6 @@ fn spawn_connection(
         warn!(%peer, limit = "limits.max_connections", max = context.settings.max_connections, "connection refused: too many connections");
         return;
     };
-    let _ = stream.set_nodelay(true);
     let context = context.clone();
     if let Endpoint::Tcp = endpoint {
         // The most common case gets a task of exactly its own size: an idle connection costs
@@ -259,4 +273,28 @@ fn spawn_connection(
             warn!(%peer, transport = transport.as_str(), why, "connection refused");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_without_a_call_each() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let inherited = set_listener_nodelay(&listener);
+        assert_eq!(
+            inherited,
+            cfg!(any(target_os = "linux", target_os = "android"))
+        );
+        let addr = listener.local_addr().expect("addr");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        if inherited {
+            assert!(
+                accepted.nodelay().expect("getsockopt"),
+                "inherited from the listener"
+            );
+        }
+    }
 }
