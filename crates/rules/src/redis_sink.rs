@@ -1,13 +1,25 @@
 //! The `redis` sink: `XADD <stream> [MAXLEN ~ n] * event <json> eventId <id>` per event.
 
+use std::time::Duration;
+
 use herald_router::OutboxEntry;
-use redis::aio::ConnectionManager;
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
 
 use crate::{Delivery, Sink, SinkError};
 
+/// How long one attempt to connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long Redis may take to answer one batch's pipeline (up to `batch` entries). The client's
+/// default, 500 ms, failed batches that a busy Redis was still writing, and each retry wrote the
+/// batch again.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct RedisSink {
     client: redis::Client,
-    connection: Option<ConnectionManager>,
+    /// Made at the first delivery; dropped after a failed one, so the next makes a new one.
+    /// One attempt per delivery: the sink runner's backoff paces the retries (and logs each).
+    connection: Option<MultiplexedConnection>,
     stream: String,
     maxlen: Option<usize>,
 }
@@ -24,16 +36,20 @@ impl RedisSink {
         })
     }
 
-    async fn connection(&mut self) -> Result<&mut ConnectionManager, SinkError> {
-        if self.connection.is_none() {
-            let manager = ConnectionManager::new(self.client.clone())
-                .await
-                .map_err(|e| SinkError::Failed(format!("redis connect: {e}")))?;
-            self.connection = Some(manager);
+    async fn connection(&mut self) -> Result<MultiplexedConnection, SinkError> {
+        if let Some(connection) = &self.connection {
+            return Ok(connection.clone());
         }
-        self.connection
-            .as_mut()
-            .ok_or_else(|| SinkError::Failed("redis connection missing".into()))
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| SinkError::Failed(format!("redis connect: {e}")))?;
+        self.connection = Some(connection.clone());
+        Ok(connection)
     }
 }
 
@@ -66,9 +82,14 @@ impl Sink for RedisSink {
                     .arg(event_id(&entry.payload))
                     .ignore();
             }
-            let connection = self.connection().await?;
-            let result: redis::RedisResult<()> = pipe.query_async(connection).await;
-            result.map_err(|e| SinkError::Failed(format!("redis XADD {stream}: {e}")))
+            let mut connection = self.connection().await?;
+            let result: redis::RedisResult<()> = pipe.query_async(&mut connection).await;
+            result.map_err(|e| {
+                // Whatever failed (the connection, a timeout, an error reply), the next
+                // delivery starts on a new connection.
+                self.connection = None;
+                SinkError::Failed(format!("redis XADD {stream}: {e}"))
+            })
         })
     }
 }
