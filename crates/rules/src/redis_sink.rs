@@ -10,9 +10,9 @@ use crate::{Delivery, Sink, SinkError};
 
 /// How long one attempt to connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long Redis may take to answer one batch's pipeline (up to `batch` entries). The client's
-/// default, 500 ms, failed batches that a busy Redis was still writing, and each retry wrote the
-/// batch again.
+/// How long Redis may take to answer one batch's pipeline (up to `batch` entries). Under the
+/// client's default, 500 ms, a large batch to a busy Redis could fail although written, and
+/// each retry would write it again.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct RedisSink {
