@@ -246,6 +246,181 @@ async fn takeover_reports_the_old_channel_before_the_new_one() {
     broker.stop().await;
 }
 
+/// DISCONNECT and a new CONNECT with the same id right after it, many times over: every
+/// channel reports its `disconnect`, even when the broker takes the new CONNECT in before it
+/// has read the old connection's DISCONNECT (the takeover waits for the old channel to read
+/// what its client sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_just_before_a_reconnect_is_reported() {
+    let broker = TestBroker::demo(PRESENCE).await;
+    let mut b = backend(broker.addr).await;
+    const CYCLES: usize = 20;
+    for _ in 0..CYCLES {
+        let c = TestClient::connected(signed_options(broker.addr, DEV, true)).await;
+        c.disconnect().await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 * CYCLES {
+        got.push(kind_reason(&notice(&mut b, DEV).await));
+    }
+    let cycle = [
+        ("connect".to_string(), None),
+        (
+            "disconnect".to_string(),
+            Some("client_disconnect".to_string()),
+        ),
+        (
+            "tcpclean".to_string(),
+            Some("client_disconnect".to_string()),
+        ),
+    ];
+    let expected: Vec<(String, Option<String>)> =
+        cycle.iter().cloned().cycle().take(3 * CYCLES).collect();
+    assert_eq!(got, expected);
+    broker.stop().await;
+}
+
+/// A CONNECT for `DEV` sent straight to the router, with its own outbox.
+fn connect_request(outbox: herald_router::Outbox) -> herald_router::ConnectRequest {
+    herald_router::ConnectRequest {
+        channel: herald_router::ChannelId::random(),
+        client_id: herald_protocol::ClientId::parse_alibaba(DEV, 64).expect("client id"),
+        clean_session: true,
+        will: None,
+        username: Some("Signature|demo|herald-demo".into()),
+        protocol: herald_protocol::Protocol::V311,
+        peer: "127.0.0.1:40000".parse().expect("addr"),
+        transport: herald_router::Transport::Tcp,
+        outbox,
+    }
+}
+
+fn is_connack(out: Option<herald_router::Outgoing>) -> bool {
+    matches!(
+        out,
+        Some(herald_router::Outgoing::Packet(
+            herald_protocol::Packet::ConnAck(_)
+        ))
+    )
+}
+
+/// An old channel that does not end when a takeover asks (here: a channel with no task, whose
+/// outbox nobody reads) holds the new CONNECT up for at most `TAKEOVER_WAIT` (500 ms), then
+/// ends as `taken_over`. What the new connection sent meanwhile (a SUBSCRIBE before its
+/// CONNACK) is handled after its CONNECT.
+#[tokio::test]
+async fn a_takeover_of_a_channel_that_does_not_answer_goes_on_after_half_a_second() {
+    use herald_router::{ChannelRef, CloseReason, Input, Outgoing, channel_outbox};
+    let broker = TestBroker::demo(PRESENCE).await;
+    let mut b = backend(broker.addr).await;
+    let router = broker.broker().router().clone();
+    let (old_outbox, mut old_rx) = channel_outbox(16);
+    let old = connect_request(old_outbox);
+    let old_id = old.channel;
+    assert!(
+        router
+            .inputs
+            .send(Input::Connect(Box::new(old)))
+            .await
+            .is_ok()
+    );
+    assert!(is_connack(old_rx.recv().await));
+    expect(&notice(&mut b, DEV).await, "connect", None);
+    let (new_outbox, mut new_rx) = channel_outbox(16);
+    let new = connect_request(new_outbox);
+    let new_channel = ChannelRef::new(new.client_id.clone(), new.channel);
+    let started = std::time::Instant::now();
+    assert!(
+        router
+            .inputs
+            .send(Input::Connect(Box::new(new)))
+            .await
+            .is_ok()
+    );
+    let subscribe = Input::Subscribe {
+        channel: new_channel,
+        packet_id: herald_protocol::PacketId::new(7).expect("id"),
+        filters: vec![(
+            "demo/dev-1/#".into(),
+            Some(herald_protocol::QoS::AtLeastOnce),
+        )],
+    };
+    assert!(router.inputs.send(subscribe).await.is_ok());
+    // The old channel is asked to end; nothing answers for it.
+    assert!(matches!(
+        old_rx.recv().await,
+        Some(Outgoing::Close(CloseReason::TakenOver))
+    ));
+    assert!(is_connack(new_rx.recv().await));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the CONNACK came after {waited:?}, before the old channel's time was up"
+    );
+    assert!(
+        matches!(
+            new_rx.recv().await,
+            Some(Outgoing::Packet(herald_protocol::Packet::SubAck { .. }))
+        ),
+        "the SUBSCRIBE sent before the CONNACK is answered after it"
+    );
+    let t = notice(&mut b, DEV).await;
+    expect(&t, "tcpclean", Some("taken_over"));
+    assert_eq!(t["channelId"], old_id.to_string());
+    expect(&notice(&mut b, DEV).await, "connect", None);
+    broker.stop().await;
+}
+
+/// The old connection read the DISCONNECT itself and has gone (its outbox closed, its close on
+/// the way) when the router takes the new CONNECT: the takeover waits for that close, and the
+/// old channel ends as `client_disconnect`, at once.
+#[tokio::test]
+async fn a_takeover_of_a_channel_whose_task_has_just_ended_waits_for_its_close() {
+    use herald_router::{ChannelRef, CloseReason, Input, channel_outbox};
+    let broker = TestBroker::demo(PRESENCE).await;
+    let mut b = backend(broker.addr).await;
+    let router = broker.broker().router().clone();
+    let (old_outbox, mut old_rx) = channel_outbox(16);
+    let old = connect_request(old_outbox);
+    let old_channel = ChannelRef::new(old.client_id.clone(), old.channel);
+    assert!(
+        router
+            .inputs
+            .send(Input::Connect(Box::new(old)))
+            .await
+            .is_ok()
+    );
+    assert!(is_connack(old_rx.recv().await));
+    expect(&notice(&mut b, DEV).await, "connect", None);
+    drop(old_rx);
+    let (new_outbox, mut new_rx) = channel_outbox(16);
+    let started = std::time::Instant::now();
+    let new = Input::Connect(Box::new(connect_request(new_outbox)));
+    assert!(router.inputs.send(new).await.is_ok());
+    let closed = Input::Closed {
+        channel: old_channel,
+        reason: CloseReason::ClientDisconnect,
+    };
+    assert!(router.inputs.send(closed).await.is_ok());
+    assert!(is_connack(new_rx.recv().await));
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "no timeout waited"
+    );
+    expect(
+        &notice(&mut b, DEV).await,
+        "disconnect",
+        Some("client_disconnect"),
+    );
+    expect(
+        &notice(&mut b, DEV).await,
+        "tcpclean",
+        Some("client_disconnect"),
+    );
+    expect(&notice(&mut b, DEV).await, "connect", None);
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn seq_survives_restarts_and_shutdown_reports_server_shutdown() {
     let dir = tempfile::TempDir::new().expect("temp dir");

@@ -53,6 +53,22 @@ async fn takeover_publishes_the_old_channels_will() {
     broker.stop().await;
 }
 
+/// A client that sends DISCONNECT and connects again at once, many times: the broker may take
+/// the new CONNECT in before it has read the old connection's DISCONNECT; the takeover then
+/// reads it first, and the will stays unsent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_just_before_a_reconnect_discards_the_will() {
+    let broker = TestBroker::open("").await;
+    let mut watcher = TestClient::connected(options(broker.addr, "watcher", true)).await;
+    watcher.subscribe("wills", QoS::AtLeastOnce).await;
+    for _ in 0..30 {
+        let client = TestClient::connected(with_will(&broker, "hasty", 30)).await;
+        client.disconnect().await;
+    }
+    watcher.expect_no_publish(QUIET * 2).await;
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn a_protocol_error_publishes_the_will() {
     let broker = TestBroker::open("").await;

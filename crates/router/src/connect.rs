@@ -8,20 +8,83 @@ use herald_protocol::{ConnAck, ConnectReturnCode, Packet};
 use herald_store::Op;
 use tracing::{info, warn};
 
+use crate::channel_outbox::SendError;
 use crate::router::{Router, RouterStats};
 use crate::session::{Attached, Session};
-use crate::types::{ChannelRef, CloseReason, ConnectRequest, EventKind, Message, now_ms};
+use crate::types::{
+    ChannelId, ChannelRef, CloseReason, ConnectRequest, EventKind, Input, Message, Outgoing, now_ms,
+};
 
 /// How many distinct recent user names [`shared_username`] remembers: a deployment
 /// has a few access keys, each giving one Signature user name to all its devices.
 const RECENT_USERNAMES: usize = 8;
 
+/// How long a CONNECT that takes over a client id waits for the old channel to end by itself
+/// (normally well under a millisecond: its task reads what its socket holds and reports). An
+/// old channel that does not answer (its task stuck in a write to a client that reads nothing)
+/// is ended as `taken_over` then.
+pub(crate) const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A CONNECT waiting for the channel it takes over to end.
+#[derive(Debug)]
+pub(crate) struct Takeover {
+    /// The open channel of the client id.
+    old: ChannelId,
+    request: Box<ConnectRequest>,
+    due: tokio::time::Instant,
+    /// What the new connection sent after its CONNECT (a client need not wait for the
+    /// CONNACK), handled once the CONNECT is.
+    held: Vec<Input>,
+}
+
 impl Router {
+    /// A CONNECT. If the client id has an open channel, that channel is asked to end first
+    /// (an `Outgoing::Close` with `taken_over`), and the CONNECT waits for it: its task reads
+    /// what its client sent before (a DISCONNECT the broker had not read yet when the new
+    /// CONNECT came ends it as `client_disconnect`, with its `disconnect` event and without its
+    /// will) and reports how it ended; the CONNECT is taken then, or after [`TAKEOVER_WAIT`].
     pub(crate) fn handle_connect(&mut self, request: ConnectRequest) {
         let client = request.client_id.clone();
         if let Some(old) = self.sessions.get(&client).and_then(Session::channel_ref) {
-            info!(client_id = %client, old_channel = %old, new_channel = %request.channel, "client id taken over by a new connection");
-            self.end_channel(&old, CloseReason::TakenOver);
+            let request = Box::new(request);
+            let due = match self.takeovers.remove(&client) {
+                // A newer CONNECT for the same id: the one that waited never became a channel.
+                // The old channel's time is not extended.
+                Some(waiting) => {
+                    info!(client_id = %client, old_channel = %old, new_channel = %request.channel, replaced = %waiting.request.channel, "client id taken over again while the old channel ends");
+                    let _ = waiting
+                        .request
+                        .outbox
+                        .try_send(Outgoing::Close(CloseReason::TakenOver));
+                    waiting.due
+                }
+                None => {
+                    info!(client_id = %client, old_channel = %old, new_channel = %request.channel, "client id taken over by a new connection");
+                    let asked = self
+                        .sessions
+                        .get(&client)
+                        .and_then(|s| s.attached.as_ref())
+                        .map(|a| a.outbox.try_send(Outgoing::Close(CloseReason::TakenOver)));
+                    // A closed outbox: its task has ended, and its `Input::Closed` is on the
+                    // way (it keeps the outbox until that is sent). A full one: it does not
+                    // read, and would not see the request soon.
+                    if matches!(asked, Some(Err(SendError::Full)) | None) {
+                        self.end_channel(&old, CloseReason::TakenOver);
+                        return self.handle_connect(*request);
+                    }
+                    tokio::time::Instant::now() + TAKEOVER_WAIT
+                }
+            };
+            self.takeovers.insert(
+                client,
+                Takeover {
+                    old: old.id,
+                    request,
+                    due,
+                    held: Vec::new(),
+                },
+            );
+            return;
         }
         let mut session_present = false;
         if request.clean_session {
@@ -94,8 +157,89 @@ impl Router {
         }
     }
 
-    /// The one exit path of every channel: ends it once, whoever noticed first.
+    /// When the first waiting takeover is due.
+    pub(crate) fn next_takeover_due(&self) -> Option<tokio::time::Instant> {
+        self.takeovers.values().map(|t| t.due).min()
+    }
+
+    /// Ends the old channels of the takeovers that waited [`TAKEOVER_WAIT`] (each then takes
+    /// its CONNECT in).
+    pub(crate) fn end_overdue_takeovers(&mut self) {
+        let now = tokio::time::Instant::now();
+        let overdue: Vec<ChannelRef> = self
+            .takeovers
+            .iter()
+            .filter(|(_, t)| t.due <= now)
+            .map(|(client, t)| ChannelRef::new(client.clone(), t.old))
+            .collect();
+        for old in overdue {
+            warn!(client_id = %old.client, channel = %old, "the channel taken over did not end by itself in time; ended as taken_over");
+            self.end_channel(&old, CloseReason::TakenOver);
+        }
+    }
+
+    /// Keeps `input` for later if it comes from a connection whose CONNECT waits for a
+    /// takeover; gives it back otherwise.
+    pub(crate) fn hold_for_takeover(&mut self, input: Input) -> Option<Input> {
+        if self.takeovers.is_empty() {
+            return Some(input);
+        }
+        let Some(channel) = input.packet_channel() else {
+            return Some(input);
+        };
+        match self.takeovers.get_mut(&channel.client) {
+            Some(waiting) if waiting.request.channel == channel.id => {
+                waiting.held.push(input);
+                None
+            }
+            _ => Some(input),
+        }
+    }
+
+    /// Closes the connections whose CONNECTs wait for a takeover, without taking them in.
+    pub(crate) fn drop_takeovers(&mut self, reason: CloseReason) {
+        for (_, waiting) in self.takeovers.drain() {
+            let _ = waiting.request.outbox.try_send(Outgoing::Close(reason));
+        }
+    }
+
+    /// The one exit path of every channel: ends it once, whoever noticed first. A CONNECT that
+    /// waited for this channel to end is taken in after it.
     pub(crate) fn end_channel(&mut self, channel: &ChannelRef, reason: CloseReason) {
+        // A connection whose CONNECT waits for a takeover ended first: it never became a
+        // channel, and the old one (asked to end already) ends as it will.
+        if self.takeovers.is_empty() {
+            return self.end_attached(channel, reason);
+        }
+        if self
+            .takeovers
+            .get(&channel.client)
+            .is_some_and(|t| t.request.channel == channel.id)
+        {
+            self.takeovers.remove(&channel.client);
+            return;
+        }
+        self.end_attached(channel, reason);
+        if self
+            .takeovers
+            .get(&channel.client)
+            .is_some_and(|t| t.old == channel.id)
+            && let Some(waiting) = self.takeovers.remove(&channel.client)
+        {
+            if waiting.request.outbox.is_closed() {
+                // Its task ended while it waited; the `Input::Closed` it sent comes next and
+                // finds no channel: it never became one.
+                return;
+            }
+            self.handle_connect(*waiting.request);
+            for input in waiting.held {
+                // Packet inputs: never a shutdown request.
+                let _ = self.handle(input);
+            }
+        }
+    }
+
+    fn end_attached(&mut self, channel: &ChannelRef, reason: CloseReason) {
         let Some(session) = self.session_of(channel) else {
             return;
         };
@@ -126,9 +270,7 @@ impl Router {
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         // The connection task stops when it reads this, or when it finds the outbox closed.
-        let _ = attached
-            .outbox
-            .try_send(crate::types::Outgoing::Close(reason));
+        let _ = attached.outbox.try_send(Outgoing::Close(reason));
         info!(client_id = %client, %channel, reason = reason.as_str(), "channel closed");
         if !persistent && let Some(session) = self.sessions.remove(&client) {
             self.discard_session(&session);

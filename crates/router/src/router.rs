@@ -173,6 +173,9 @@ pub struct Router {
     pending_per_channel: HashMap<ChannelId, usize>,
     /// The highest ticket known durable.
     committed: u64,
+    /// CONNECTs that take over a client id whose channel is still open, each waiting until
+    /// that channel has read what its client sent before it ends (`connect.rs`).
+    pub(crate) takeovers: HashMap<ClientId, crate::connect::Takeover>,
 }
 
 impl Router {
@@ -218,6 +221,7 @@ impl Router {
             recent_usernames: VecDeque::new(),
             pending_per_channel: HashMap::new(),
             committed: 0,
+            takeovers: HashMap::new(),
         };
         router.restore(snapshot, read_back);
         let (tx, rx) = mpsc::channel(4096);
@@ -431,6 +435,7 @@ impl Router {
         let mut flush_timer = tokio::time::interval(period);
         self.persister.send_staged().await;
         loop {
+            let takeover_due = self.next_takeover_due();
             tokio::select! {
                 biased;
                 Some(report) = reports.recv() => self.on_report(report),
@@ -443,6 +448,14 @@ impl Router {
                             Err(_) => break,
                         }
                     }
+                    // Inputs first in the select: a steady stream of them must not hold a
+                    // takeover past its time.
+                    if self
+                        .next_takeover_due()
+                        .is_some_and(|due| due <= tokio::time::Instant::now())
+                    {
+                        self.end_overdue_takeovers();
+                    }
                     self.persister.send_staged().await;
                     if let Some(done) = shutdown {
                         self.shutdown(&mut reports).await;
@@ -452,6 +465,15 @@ impl Router {
                 }
                 _ = flush_timer.tick(), if self.settings.flush_interval.is_some() => {
                     self.persister.flush_in_background().await;
+                }
+                _ = async {
+                    match takeover_due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if takeover_due.is_some() => {
+                    self.end_overdue_takeovers();
+                    self.persister.send_staged().await;
                 }
             }
         }
@@ -467,6 +489,7 @@ impl Router {
     }
 
     fn close_all(&mut self) {
+        self.drop_takeovers(CloseReason::ServerShutdown);
         let channels: Vec<ChannelRef> = self
             .sessions
             .iter()
@@ -484,7 +507,8 @@ impl Router {
     }
 
     /// The one dispatch of every input. Returns the reply of a shutdown request.
-    fn handle(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
+    pub(crate) fn handle(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
+        let input = self.hold_for_takeover(input)?;
         match input {
             Input::Connect(request) => self.handle_connect(*request),
             Input::Publish { channel, publish } => self.handle_publish(channel, publish),

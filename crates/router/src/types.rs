@@ -316,6 +316,24 @@ pub enum Input {
     },
 }
 
+impl Input {
+    /// The channel a packet input came from (`None` for a CONNECT, a close and the inputs
+    /// from inside the broker).
+    pub(crate) fn packet_channel(&self) -> Option<&ChannelRef> {
+        match self {
+            Input::Publish { channel, .. }
+            | Input::PubAck { channel, .. }
+            | Input::PubRec { channel, .. }
+            | Input::PubRel { channel, .. }
+            | Input::PubComp { channel, .. }
+            | Input::Subscribe { channel, .. }
+            | Input::Unsubscribe { channel, .. }
+            | Input::Acknowledge { channel, .. } => Some(channel),
+            _ => None,
+        }
+    }
+}
+
 /// One open channel of a client, as the query API reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

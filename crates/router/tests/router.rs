@@ -107,6 +107,13 @@ fn peer() -> SocketAddr {
 
 impl Harness {
     async fn connect(&self, id: &str, clean: bool, capacity: usize) -> Conn {
+        let mut conn = self.send_connect(id, clean, capacity).await;
+        conn.expect_connack().await;
+        conn
+    }
+
+    /// Sends a CONNECT without waiting for its CONNACK.
+    async fn send_connect(&self, id: &str, clean: bool, capacity: usize) -> Conn {
         let (outbox, rx) = channel_outbox(capacity);
         let channel = ChannelId::random();
         let client_id = ClientId::parse_any(id, 64).expect("id");
@@ -122,18 +129,10 @@ impl Harness {
             outbox,
         };
         self.send(Input::Connect(Box::new(request))).await;
-        let mut conn = Conn {
+        Conn {
             channel: ChannelRef::new(client_id, channel),
             outbox: rx,
-        };
-        match conn.next().await {
-            Outgoing::Packet(Packet::ConnAck(ConnAck {
-                code: ConnectReturnCode::Accepted,
-                ..
-            })) => {}
-            other => panic!("expected CONNACK, got {other:?}"),
         }
-        conn
     }
 
     /// `channel` subscribes to `filter` (packet id 1).
@@ -172,6 +171,16 @@ impl Harness {
 }
 
 impl Conn {
+    async fn expect_connack(&mut self) {
+        match self.next().await {
+            Outgoing::Packet(Packet::ConnAck(ConnAck {
+                code: ConnectReturnCode::Accepted,
+                ..
+            })) => {}
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
     async fn next(&mut self) -> Outgoing {
         tokio::time::timeout(Duration::from_secs(5), self.outbox.recv())
             .await
@@ -270,11 +279,21 @@ async fn takeover_ends_the_old_channel_before_the_new_one_connects() {
         (first.kind, first.channel),
         (EventKind::Connect, old.channel.id)
     );
-    let new = h.connect("dev", true, 64).await;
+    let mut new = h.send_connect("dev", true, 64).await;
+    // The old channel is asked to end, and the new CONNECT waits until it has: its task
+    // reports how it ended (here: nothing came from its client before).
     assert!(matches!(
         old.next().await,
         Outgoing::Close(CloseReason::TakenOver)
     ));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), new.outbox.recv())
+            .await
+            .is_err(),
+        "no CONNACK before the old channel has ended"
+    );
+    h.close(&old.channel, CloseReason::TakenOver).await;
+    new.expect_connack().await;
     let clean = h.next_event().await;
     assert_eq!(
         (clean.kind, clean.channel, clean.reason),
@@ -289,7 +308,7 @@ async fn takeover_ends_the_old_channel_before_the_new_one_connects() {
         (connect.kind, connect.channel),
         (EventKind::Connect, new.channel.id)
     );
-    // The old connection task reports its end later: no second event for it.
+    // A second report of the old channel's end: no second event for it.
     h.close(&old.channel, CloseReason::SocketClosed).await;
     h.close(&new.channel, CloseReason::ClientDisconnect).await;
     let disconnect = h.next_event().await;

@@ -52,6 +52,10 @@ pub(crate) struct Framed<S> {
 /// default 64 bytes of room, which is all an unparked idle connection's PINGREQ needs.
 const CONNECT_READ: usize = 256;
 
+/// How much a channel that a takeover ends reads, at most, looking for a DISCONNECT its
+/// client sent before the new CONNECT.
+const DRAIN_MAX: usize = 64 * 1024;
+
 #[derive(Default)]
 struct Buffers {
     read: BytesMut,
@@ -114,6 +118,33 @@ pub(crate) enum ReadError {
     Closed,
     Io(std::io::Error),
     Decode(DecodeError),
+}
+
+impl<S: Stream> Framed<S> {
+    /// Whether the client sent DISCONNECT before this moment: decodes what is buffered and
+    /// what the socket holds now, without waiting, until a DISCONNECT, the end of what is
+    /// there, or something that does not decode. Other packets are dropped: the channel is
+    /// ending (asked by a takeover, which must know how its client left it).
+    pub(crate) fn sent_disconnect(&mut self) -> bool {
+        let bufs = self.bufs.get_or_insert_with(Box::default);
+        // Bounded: a client that keeps sending does not hold the takeover up.
+        let mut read = 0;
+        loop {
+            match self.codec.decode(&mut bufs.read) {
+                Ok(Some(Packet::Disconnect)) => return true,
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(_) => return false,
+            }
+            if read >= DRAIN_MAX {
+                return false;
+            }
+            match self.stream.read_now(&mut bufs.read) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => read += n,
+            }
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
@@ -297,6 +328,17 @@ pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static
     ) -> Result<Box<Channel<TcpStream>>, Box<Channel<Self>>> {
         Err(channel)
     }
+
+    /// Reads what can be read without waiting into `buf`: `Ok(0)` at the end of the stream,
+    /// `WouldBlock` when nothing is there. By default what the stream's own state says is
+    /// readable (a TLS or WebSocket stream keeps state a read outside it would break).
+    fn read_now(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match poll_read_buf(Pin::new(self), &mut cx, buf) {
+            Poll::Ready(read) => read,
+            Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
 }
 
 impl Stream for TcpStream {
@@ -304,6 +346,16 @@ impl Stream for TcpStream {
         channel: Box<Channel<Self>>,
     ) -> Result<Box<Channel<TcpStream>>, Box<Channel<Self>>> {
         Ok(channel)
+    }
+
+    /// From the socket itself, whether or not tokio has seen it readable yet: bytes that came
+    /// a moment ago may not have reached tokio's reactor.
+    fn read_now(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        use std::io::Read;
+        let mut chunk = [0u8; 512];
+        let read = (&*socket2::SockRef::from(&*self)).read(&mut chunk)?;
+        buf.extend_from_slice(&chunk[..read]);
+        Ok(read)
     }
 }
 
@@ -655,7 +707,7 @@ impl<S> Channel<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
+impl<S: Stream> Channel<S> {
     /// The connection's loop; returns why it ended.
     ///
     /// An idle connection waits here, so what this future holds is what an idle connection
@@ -924,6 +976,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         for written in 1..=WRITE_BATCH {
             match next {
                 Some(Outgoing::Packet(packet)) => self.framed.queue(packet),
+                // A takeover: whether the client sent DISCONNECT first decides how this channel
+                // ended, and whether its will is published (the router waits to hear).
+                Some(Outgoing::Close(CloseReason::TakenOver)) if self.framed.sent_disconnect() => {
+                    then_close = Some(CloseReason::ClientDisconnect);
+                    break;
+                }
                 Some(Outgoing::Close(reason)) => {
                     then_close = Some(reason);
                     break;
