@@ -295,6 +295,30 @@ fn connect_request(outbox: herald_router::Outbox) -> herald_router::ConnectReque
     }
 }
 
+/// A broker with [`PRESENCE`], its backend, and a channel of `DEV` connected straight through
+/// the router (its CONNACK and its `connect` notice taken): a channel without a task.
+async fn direct_channel() -> (
+    TestBroker,
+    TestClient,
+    herald_router::ChannelRef,
+    herald_router::OutboxReceiver,
+) {
+    let broker = TestBroker::demo(PRESENCE).await;
+    let mut b = backend(broker.addr).await;
+    let (outbox, mut rx) = herald_router::channel_outbox(16);
+    let request = connect_request(outbox);
+    let channel = herald_router::ChannelRef::new(request.client_id.clone(), request.channel);
+    let router = broker.broker().router().clone();
+    let sent = router
+        .inputs
+        .send(herald_router::Input::Connect(Box::new(request)))
+        .await;
+    assert!(sent.is_ok());
+    assert!(is_connack(rx.recv().await));
+    expect(&notice(&mut b, DEV).await, "connect", None);
+    (broker, b, channel, rx)
+}
+
 fn is_connack(out: Option<herald_router::Outgoing>) -> bool {
     matches!(
         out,
@@ -311,21 +335,9 @@ fn is_connack(out: Option<herald_router::Outgoing>) -> bool {
 #[tokio::test]
 async fn a_takeover_of_a_channel_that_does_not_answer_goes_on_after_half_a_second() {
     use herald_router::{ChannelRef, CloseReason, Input, Outgoing, channel_outbox};
-    let broker = TestBroker::demo(PRESENCE).await;
-    let mut b = backend(broker.addr).await;
+    let (broker, mut b, old, mut old_rx) = direct_channel().await;
     let router = broker.broker().router().clone();
-    let (old_outbox, mut old_rx) = channel_outbox(16);
-    let old = connect_request(old_outbox);
-    let old_id = old.channel;
-    assert!(
-        router
-            .inputs
-            .send(Input::Connect(Box::new(old)))
-            .await
-            .is_ok()
-    );
-    assert!(is_connack(old_rx.recv().await));
-    expect(&notice(&mut b, DEV).await, "connect", None);
+    let old_id = old.id;
     let (new_outbox, mut new_rx) = channel_outbox(16);
     let new = connect_request(new_outbox);
     let new_channel = ChannelRef::new(new.client_id.clone(), new.channel);
@@ -376,22 +388,9 @@ async fn a_takeover_of_a_channel_that_does_not_answer_goes_on_after_half_a_secon
 /// old channel ends as `client_disconnect`, at once.
 #[tokio::test]
 async fn a_takeover_of_a_channel_whose_task_has_just_ended_waits_for_its_close() {
-    use herald_router::{ChannelRef, CloseReason, Input, channel_outbox};
-    let broker = TestBroker::demo(PRESENCE).await;
-    let mut b = backend(broker.addr).await;
+    use herald_router::{CloseReason, Input, channel_outbox};
+    let (broker, mut b, old_channel, old_rx) = direct_channel().await;
     let router = broker.broker().router().clone();
-    let (old_outbox, mut old_rx) = channel_outbox(16);
-    let old = connect_request(old_outbox);
-    let old_channel = ChannelRef::new(old.client_id.clone(), old.channel);
-    assert!(
-        router
-            .inputs
-            .send(Input::Connect(Box::new(old)))
-            .await
-            .is_ok()
-    );
-    assert!(is_connack(old_rx.recv().await));
-    expect(&notice(&mut b, DEV).await, "connect", None);
     drop(old_rx);
     let (new_outbox, mut new_rx) = channel_outbox(16);
     let started = std::time::Instant::now();
