@@ -279,6 +279,38 @@ async fn a_parked_connection_is_taken_over_and_closed_at_shutdown() {
     new.expect_closed().await;
 }
 
+/// A parked client sends DISCONNECT and connects again at once: the takeover resumes the
+/// parked channel, which finds the DISCONNECT; no waiting for the takeover's time limit.
+#[tokio::test]
+async fn a_parked_connection_that_sent_disconnect_just_before_a_takeover_reports_it() {
+    let broker = TestBroker::demo(&config(100)).await;
+    let mut backend = backend(broker.addr).await;
+    let mut old = raw_connected(&broker, DEV, 60).await;
+    expect(&notice(&mut backend, DEV).await, "connect", None);
+    parked(&broker, 2).await;
+    old.send(Packet::Disconnect).await;
+    let started = std::time::Instant::now();
+    let _new = raw_connected(&broker, DEV, 60).await;
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "CONNACK after {waited:?}"
+    );
+    expect(
+        &notice(&mut backend, DEV).await,
+        "disconnect",
+        Some("client_disconnect"),
+    );
+    expect(
+        &notice(&mut backend, DEV).await,
+        "tcpclean",
+        Some("client_disconnect"),
+    );
+    expect(&notice(&mut backend, DEV).await, "connect", None);
+    old.expect_closed().await;
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn with_parking_off_idle_connections_keep_their_task() {
     let broker = TestBroker::demo(&config(0)).await;
