@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use herald_testkit::{TestBroker, TestClient, options};
+use herald_testkit::{RawClient, TestBroker, TestClient, options};
 use rumqttc::{LastWill, QoS};
 
 use crate::QUIET;
@@ -65,6 +65,76 @@ async fn a_disconnect_just_before_a_reconnect_discards_the_will() {
         let client = TestClient::connected(with_will(&broker, "hasty", 30)).await;
         client.disconnect().await;
     }
+    watcher.expect_no_publish(QUIET * 2).await;
+    broker.stop().await;
+}
+
+/// The same, with a QoS 0 PUBLISH before each DISCONNECT (as `mosquitto_pub -i` in a loop
+/// does), both in one write: a takeover that comes before the broker has read them still
+/// routes the message and discards the will. (One write: a client whose socket delays the
+/// DISCONNECT behind the unacknowledged PUBLISH, Nagle's algorithm, may not have sent it when
+/// its next connection arrives, and then the takeover rightly finds none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_and_disconnect_just_before_a_reconnect_are_both_taken() {
+    publish_disconnect_reconnect(30, None).await;
+}
+
+/// The same from parked connections: the parker resumes the old one, whose new task meets the
+/// takeover before it has read a byte, so the takeover finds the PUBLISH as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_client_s_publish_and_disconnect_just_before_a_reconnect_are_both_taken() {
+    publish_disconnect_reconnect(12, Some(Duration::from_millis(150))).await;
+}
+
+/// `cycles` times: connect with a will, wait `idle` (to park), then PUBLISH and DISCONNECT in
+/// one write and connect again at once; every message arrives, in order, and no will.
+async fn publish_disconnect_reconnect(cycles: usize, idle: Option<Duration>) {
+    use herald_protocol::{Codec, Packet, Publish, Topic, Will};
+    use tokio_util::codec::Encoder;
+    let broker = TestBroker::open("").await;
+    let mut watcher = TestClient::connected(options(broker.addr, "watcher", true)).await;
+    watcher.subscribe("wills", QoS::AtLeastOnce).await;
+    watcher.subscribe("news", QoS::AtMostOnce).await;
+    let mut codec = Codec::new(1024);
+    for i in 0..cycles {
+        let mut client = RawClient::connect(broker.addr).await;
+        let mut connect = RawClient::connect_packet("hasty", None, None, true);
+        if let Packet::Connect(c) = &mut connect {
+            c.will = Some(Will {
+                topic: Topic::from_trusted("wills"),
+                payload: bytes::Bytes::from_static(b"hasty gone"),
+                qos: herald_protocol::QoS::AtLeastOnce,
+                retain: false,
+            });
+        }
+        client.send(connect).await;
+        assert!(matches!(client.recv().await, Some(Packet::ConnAck(_))));
+        if let Some(idle) = idle {
+            tokio::time::sleep(idle).await;
+        }
+        let mut out = bytes::BytesMut::new();
+        let publish = Publish {
+            dup: false,
+            qos: herald_protocol::QoS::AtMostOnce,
+            retain: false,
+            topic: Topic::from_trusted("news"),
+            packet_id: None,
+            payload: bytes::Bytes::from(i.to_string()),
+        };
+        codec
+            .encode(Packet::Publish(publish), &mut out)
+            .expect("encode");
+        codec.encode(Packet::Disconnect, &mut out).expect("encode");
+        client.send_bytes(&out).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..cycles {
+        let p = watcher.next_publish().await;
+        assert_eq!(p.topic, "news", "a will was published");
+        got.push(String::from_utf8_lossy(&p.payload).to_string());
+    }
+    let expected: Vec<String> = (0..cycles).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected);
     watcher.expect_no_publish(QUIET * 2).await;
     broker.stop().await;
 }

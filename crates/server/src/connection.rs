@@ -56,6 +56,13 @@ const CONNECT_READ: usize = 256;
 /// client sent before the new CONNECT.
 const DRAIN_MAX: usize = 64 * 1024;
 
+/// What a channel that a takeover ends found from its client ([`Framed::drain_now`]).
+#[derive(Default)]
+pub(crate) struct Drained {
+    publishes: Vec<Publish>,
+    disconnect: bool,
+}
+
 #[derive(Default)]
 struct Buffers {
     read: BytesMut,
@@ -121,26 +128,35 @@ pub(crate) enum ReadError {
 }
 
 impl<S: Stream> Framed<S> {
-    /// Whether the client sent DISCONNECT before this moment: decodes what is buffered and
-    /// what the socket holds now, without waiting, until a DISCONNECT, the end of what is
-    /// there, or something that does not decode. Other packets are dropped: the channel is
-    /// ending (asked by a takeover, which must know how its client left it).
-    pub(crate) fn sent_disconnect(&mut self) -> bool {
+    /// What the client sent before this moment, for a channel a takeover ends: decodes what
+    /// is buffered and what the socket holds now, without waiting, until a DISCONNECT, the end
+    /// of what is there, or something that does not decode. Keeps the PUBLISHes (they are
+    /// routed before the channel ends) and whether a DISCONNECT came; other packets are
+    /// dropped, the channel is ending.
+    pub(crate) fn drain_now(&mut self) -> Drained {
         let bufs = self.bufs.get_or_insert_with(Box::default);
+        let mut drained = Drained::default();
         // Bounded: a client that keeps sending does not hold the takeover up.
         let mut read = 0;
         loop {
             match self.codec.decode(&mut bufs.read) {
-                Ok(Some(Packet::Disconnect)) => return true,
+                Ok(Some(Packet::Disconnect)) => {
+                    drained.disconnect = true;
+                    return drained;
+                }
+                Ok(Some(Packet::Publish(publish))) => {
+                    drained.publishes.push(publish);
+                    continue;
+                }
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
-                Err(_) => return false,
+                Err(_) => return drained,
             }
             if read >= DRAIN_MAX {
-                return false;
+                return drained;
             }
             match self.stream.read_now(&mut bufs.read) {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return drained,
                 Ok(n) => read += n,
             }
         }
@@ -482,6 +498,12 @@ enum Step {
     Flush {
         then_close: Option<CloseReason>,
     },
+    /// A takeover ends the channel: route the PUBLISHes its client sent before, write out
+    /// what was queued, then close.
+    Drained {
+        publishes: Vec<Publish>,
+        then_close: CloseReason,
+    },
     /// The router has the input unless its queue was full; then wait for room. Then pause
     /// for `throttle`, if the connection publishes faster than its limits.
     Route {
@@ -804,6 +826,14 @@ impl<S: Stream> Channel<S> {
                         Err(e) => Some(then_close.unwrap_or_else(|| self.write_failed(&e))),
                     }
                 }
+                Step::Drained {
+                    publishes,
+                    then_close,
+                } => {
+                    Box::pin(self.route_drained(publishes)).await;
+                    let _ = self.framed.flush(self.context.settings.write_timeout).await;
+                    Some(then_close)
+                }
                 Step::Route { route, throttle } => match (route.await, throttle) {
                     (false, _) => Some(CloseReason::ServerShutdown),
                     (true, None) => None,
@@ -977,10 +1007,22 @@ impl<S: Stream> Channel<S> {
             match next {
                 Some(Outgoing::Packet(packet)) => self.framed.queue(packet),
                 // A takeover: whether the client sent DISCONNECT first decides how this channel
-                // ended, and whether its will is published (the router waits to hear).
-                Some(Outgoing::Close(CloseReason::TakenOver)) if self.framed.sent_disconnect() => {
-                    then_close = Some(CloseReason::ClientDisconnect);
-                    break;
+                // ended, and whether its will is published (the router waits to hear); what it
+                // published before goes on.
+                Some(Outgoing::Close(CloseReason::TakenOver)) => {
+                    let Drained {
+                        publishes,
+                        disconnect,
+                    } = self.framed.drain_now();
+                    let then_close = if disconnect {
+                        CloseReason::ClientDisconnect
+                    } else {
+                        CloseReason::TakenOver
+                    };
+                    return Step::Drained {
+                        publishes,
+                        then_close,
+                    };
                 }
                 Some(Outgoing::Close(reason)) => {
                     then_close = Some(reason);
@@ -1001,6 +1043,22 @@ impl<S: Stream> Channel<S> {
             }
         }
         Step::Flush { then_close }
+    }
+
+    /// Routes the PUBLISHes a takeover found (checked as any other); stops at one that would
+    /// close the channel, which is ending anyway.
+    async fn route_drained(&mut self, publishes: Vec<Publish>) {
+        for publish in publishes {
+            match self.publish(publish) {
+                Step::Route { route, .. } => {
+                    if !route.await {
+                        return;
+                    }
+                }
+                Step::Close(_) => return,
+                Step::Continue | Step::Flush { .. } | Step::Drained { .. } => {}
+            }
+        }
     }
 
     /// Hands `input` to the router now; the step waits only if its queue is full.
