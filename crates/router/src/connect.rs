@@ -165,6 +165,9 @@ impl Router {
     /// Ends the old channels of the takeovers that waited [`TAKEOVER_WAIT`] (each then takes
     /// its CONNECT in).
     pub(crate) fn end_overdue_takeovers(&mut self) {
+        if self.takeovers.is_empty() {
+            return;
+        }
         let now = tokio::time::Instant::now();
         let overdue: Vec<ChannelRef> = self
             .takeovers
@@ -207,10 +210,8 @@ impl Router {
     /// waited for this channel to end is taken in after it.
     pub(crate) fn end_channel(&mut self, channel: &ChannelRef, reason: CloseReason) {
         // A connection whose CONNECT waits for a takeover ended first: it never became a
-        // channel, and the old one (asked to end already) ends as it will.
-        if self.takeovers.is_empty() {
-            return self.end_attached(channel, reason);
-        }
+        // channel, and the old one (asked to end already) ends as it will. (With no takeover
+        // waiting, the map answers without hashing.)
         if self
             .takeovers
             .get(&channel.client)

@@ -450,12 +450,7 @@ impl Router {
                     }
                     // Inputs first in the select: a steady stream of them must not hold a
                     // takeover past its time.
-                    if self
-                        .next_takeover_due()
-                        .is_some_and(|due| due <= tokio::time::Instant::now())
-                    {
-                        self.end_overdue_takeovers();
-                    }
+                    self.end_overdue_takeovers();
                     self.persister.send_staged().await;
                     if let Some(done) = shutdown {
                         self.shutdown(&mut reports).await;
