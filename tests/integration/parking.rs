@@ -12,7 +12,7 @@ use herald_testkit::{
 use rumqttc::QoS;
 
 use crate::QUIET;
-use crate::presence::{DEV, PRESENCE, backend, expect, notice};
+use crate::presence::{DEV, PRESENCE, backend, expect, expect_disconnected, notice};
 
 /// Park after 100 ms of silence; the admin API for the gauge; presence notices.
 fn config(park_idle_ms: u64) -> String {
@@ -46,6 +46,19 @@ async fn raw_connected(broker: &TestBroker, client: &str, keep_alive: u16) -> Ra
     }
     raw.send(connect).await;
     assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
+    raw
+}
+
+/// `DEV` connected raw with `keep_alive` seconds, its `connect` notice taken from `backend`,
+/// and parked (with the backend, two parked connections).
+async fn parked_device(
+    broker: &TestBroker,
+    backend: &mut TestClient,
+    keep_alive: u16,
+) -> RawClient {
+    let raw = raw_connected(broker, DEV, keep_alive).await;
+    expect(&notice(backend, DEV).await, "connect", None);
+    parked(broker, 2).await;
     raw
 }
 
@@ -230,9 +243,7 @@ async fn keepalive_expiry_and_a_closed_socket_end_parked_connections_with_their_
     let mut backend = backend(broker.addr).await;
 
     // Keepalive 1 s: parked after 100 ms, then silent until 1.5 s have passed.
-    let mut raw = raw_connected(&broker, DEV, 1).await;
-    expect(&notice(&mut backend, DEV).await, "connect", None);
-    parked(&broker, 2).await;
+    let mut raw = parked_device(&broker, &mut backend, 1).await;
     let started = std::time::Instant::now();
     expect(
         &notice(&mut backend, DEV).await,
@@ -247,9 +258,7 @@ async fn keepalive_expiry_and_a_closed_socket_end_parked_connections_with_their_
     );
 
     // The peer closes a parked connection: noticed at once, not at the keepalive.
-    let raw = raw_connected(&broker, DEV, 60).await;
-    expect(&notice(&mut backend, DEV).await, "connect", None);
-    parked(&broker, 2).await;
+    let raw = parked_device(&broker, &mut backend, 60).await;
     drop(raw);
     let closed = tokio::time::timeout(Duration::from_secs(5), notice(&mut backend, DEV))
         .await
@@ -263,9 +272,7 @@ async fn keepalive_expiry_and_a_closed_socket_end_parked_connections_with_their_
 async fn a_parked_connection_is_taken_over_and_closed_at_shutdown() {
     let broker = TestBroker::demo(&config(100)).await;
     let mut backend = backend(broker.addr).await;
-    let mut old = raw_connected(&broker, DEV, 60).await;
-    expect(&notice(&mut backend, DEV).await, "connect", None);
-    parked(&broker, 2).await;
+    let mut old = parked_device(&broker, &mut backend, 60).await;
     let mut new = raw_connected(&broker, DEV, 60).await;
     expect(
         &notice(&mut backend, DEV).await,
@@ -285,9 +292,7 @@ async fn a_parked_connection_is_taken_over_and_closed_at_shutdown() {
 async fn a_parked_connection_that_sent_disconnect_just_before_a_takeover_reports_it() {
     let broker = TestBroker::demo(&config(100)).await;
     let mut backend = backend(broker.addr).await;
-    let mut old = raw_connected(&broker, DEV, 60).await;
-    expect(&notice(&mut backend, DEV).await, "connect", None);
-    parked(&broker, 2).await;
+    let mut old = parked_device(&broker, &mut backend, 60).await;
     old.send(Packet::Disconnect).await;
     let started = std::time::Instant::now();
     let _new = raw_connected(&broker, DEV, 60).await;
@@ -296,16 +301,7 @@ async fn a_parked_connection_that_sent_disconnect_just_before_a_takeover_reports
         waited < Duration::from_millis(400),
         "CONNACK after {waited:?}"
     );
-    expect(
-        &notice(&mut backend, DEV).await,
-        "disconnect",
-        Some("client_disconnect"),
-    );
-    expect(
-        &notice(&mut backend, DEV).await,
-        "tcpclean",
-        Some("client_disconnect"),
-    );
+    expect_disconnected(&mut backend, DEV).await;
     expect(&notice(&mut backend, DEV).await, "connect", None);
     old.expect_closed().await;
     broker.stop().await;

@@ -95,6 +95,14 @@ fn kind_reason(e: &Value) -> (String, Option<String>) {
     )
 }
 
+/// The next two notices about `client`: its `disconnect` and a `tcpclean`, both with
+/// `client_disconnect`.
+pub(crate) async fn expect_disconnected(backend: &mut TestClient, client: &str) {
+    let reason = Some("client_disconnect");
+    expect(&notice(backend, client).await, "disconnect", reason);
+    expect(&notice(backend, client).await, "tcpclean", reason);
+}
+
 pub(crate) fn expect(e: &Value, kind: &str, reason: Option<&str>) {
     assert_eq!(
         kind_reason(e),
@@ -406,16 +414,7 @@ async fn a_takeover_of_a_channel_whose_task_has_just_ended_waits_for_its_close()
         started.elapsed() < Duration::from_millis(400),
         "no timeout waited"
     );
-    expect(
-        &notice(&mut b, DEV).await,
-        "disconnect",
-        Some("client_disconnect"),
-    );
-    expect(
-        &notice(&mut b, DEV).await,
-        "tcpclean",
-        Some("client_disconnect"),
-    );
+    expect_disconnected(&mut b, DEV).await;
     expect(&notice(&mut b, DEV).await, "connect", None);
     broker.stop().await;
 }
