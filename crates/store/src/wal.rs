@@ -182,17 +182,15 @@ impl Wal {
         })?;
         let len_bytes = len.to_be_bytes();
         let crc = crc32(&[&self.generation.to_be_bytes(), &len_bytes, payload]);
-        let mut record = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
-        record.extend_from_slice(&len_bytes);
-        record.extend_from_slice(&crc.to_be_bytes());
-        record.extend_from_slice(payload);
-        let end = self.len + record.len() as u64;
+        let mut header = [0_u8; RECORD_HEADER_LEN];
+        header[..4].copy_from_slice(&len_bytes);
+        header[4..].copy_from_slice(&crc.to_be_bytes());
+        let end = self.len + (RECORD_HEADER_LEN + payload.len()) as u64;
         self.unsynced = true;
         if end > self.allocated {
             self.preallocate(end)?;
         }
-        self.file
-            .write_all(&record)
+        write_all_vectored(&mut self.file, &header, payload)
             .map_err(|e| StoreError::io(&self.path, e))?;
         self.len = end;
         Ok(())
@@ -292,6 +290,22 @@ fn parse_records(data: &[u8], generation: u64) -> (Vec<Vec<u8>>, usize) {
         offset = start + payload.len();
     }
     (records, offset)
+}
+
+/// Writes `header` then `payload` at the file's position, in one `writev` when the kernel takes
+/// it all (as it does for a regular file), without copying the payload into a record buffer.
+fn write_all_vectored(file: &mut File, header: &[u8], payload: &[u8]) -> io::Result<()> {
+    let mut slices = [io::IoSlice::new(header), io::IoSlice::new(payload)];
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => io::IoSlice::advance_slices(&mut rest, written),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(unix)]
