@@ -288,6 +288,105 @@ async fn a_disconnect_just_before_a_reconnect_is_reported() {
     broker.stop().await;
 }
 
+/// A client that publishes at QoS 1, sends DISCONNECT in the same write and closes at once,
+/// without waiting for its PUBACKs, many times over (distinct clients, no takeover): each
+/// channel ends as the client asked (`disconnect`, then `tcpclean` with `client_disconnect`)
+/// and every message is delivered. The broker's PUBACKs go to a connection that has already
+/// gone: its task may have ended before the router acknowledges (which once read to the router
+/// as a slow consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_publishes_and_a_disconnect_sent_before_closing_are_all_taken() {
+    publishes_and_disconnect_then_gone("quick", 3).await;
+}
+
+/// 100 clients `GID_demo@@@<name>-<i>`, each: CONNECT, `per_cycle` QoS 1 PUBLISHes and a
+/// DISCONNECT in one write, then the socket closed without reading.
+async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16) {
+    use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
+    use tokio_util::codec::Encoder;
+    const CYCLES: usize = 100;
+    let broker = TestBroker::demo(PRESENCE).await;
+    let mut b = backend(broker.addr).await;
+    // A clean session: its copies are not stored, so each PUBACK is sent at once, and may
+    // find the publisher's task already gone.
+    let mut watcher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@watcher", true)).await;
+    watcher.subscribe("demo/quick", QoS::AtLeastOnce).await;
+    let mut codec = Codec::new(1024);
+    let clients: Vec<String> = (0..CYCLES)
+        .map(|i| format!("GID_demo@@@{name}-{i}"))
+        .collect();
+    for (i, id) in clients.iter().enumerate() {
+        let mut raw = RawClient::connect(broker.addr).await;
+        let signature = signature(id);
+        raw.send(RawClient::connect_packet(
+            id,
+            Some(herald_testkit::DEMO_USER),
+            Some(&signature),
+            true,
+        ))
+        .await;
+        assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
+        let mut out = bytes::BytesMut::new();
+        for k in 1..=per_cycle {
+            let publish = Publish {
+                dup: false,
+                qos: herald_protocol::QoS::AtLeastOnce,
+                retain: false,
+                topic: Topic::from_trusted("demo/quick"),
+                packet_id: PacketId::new(k),
+                payload: bytes::Bytes::from(format!("{i}-{k}")),
+            };
+            codec
+                .encode(Packet::Publish(publish), &mut out)
+                .expect("encode");
+        }
+        codec.encode(Packet::Disconnect, &mut out).expect("encode");
+        raw.send_bytes(&out).await;
+        drop(raw);
+    }
+    let wanted_messages = CYCLES * usize::from(per_cycle);
+    let mut messages = std::collections::BTreeSet::new();
+    // Until everything came, or nothing more comes for 3 s: the assertions below then say
+    // what is missing.
+    while messages.len() < wanted_messages {
+        match watcher.next_incoming(Duration::from_secs(3)).await {
+            Some(Ok(rumqttc::Packet::Publish(p))) => {
+                messages.insert(String::from_utf8_lossy(&p.payload).to_string());
+            }
+            Some(Ok(_)) => continue,
+            _ => break,
+        }
+    }
+    let mut events: std::collections::BTreeMap<String, Vec<(String, Option<String>)>> =
+        std::collections::BTreeMap::new();
+    let mut seen_events = 0;
+    while seen_events < 3 * CYCLES {
+        let p = match b.next_incoming(Duration::from_secs(3)).await {
+            Some(Ok(rumqttc::Packet::Publish(p))) => p,
+            Some(Ok(_)) => continue,
+            _ => break,
+        };
+        let event: Value = serde_json::from_slice(&p.payload).expect("JSON event");
+        let client = event["clientId"].as_str().unwrap_or_default().to_string();
+        if clients.contains(&client) {
+            events.entry(client).or_default().push(kind_reason(&event));
+            seen_events += 1;
+        }
+    }
+    let clean = Some("client_disconnect".to_string());
+    let cycle = vec![
+        ("connect".to_string(), None),
+        ("disconnect".to_string(), clean.clone()),
+        ("tcpclean".to_string(), clean),
+    ];
+    for id in &clients {
+        assert_eq!(events.get(id), Some(&cycle), "{id}");
+    }
+    assert_eq!(messages.len(), wanted_messages);
+    broker.stop().await;
+}
+
 /// A CONNECT for `DEV` sent straight to the router, with its own outbox.
 fn connect_request(outbox: herald_router::Outbox) -> herald_router::ConnectRequest {
     herald_router::ConnectRequest {

@@ -126,7 +126,9 @@ impl Router {
             return;
         };
         let channel = ChannelRef::new(client.clone(), request.channel);
-        if !session.send(connack) {
+        // A closed outbox here is a client that went at once: the channel is announced, and
+        // its task's `Input::Closed`, on the way, ends it with the reason.
+        if session.send(connack) == Err(SendError::Full) {
             self.slow_consumer(&channel);
             return;
         }

@@ -226,7 +226,7 @@ impl Router {
         copy.qos = granted.min(message.qos);
         copy.retain = retained;
         if copy.qos == QoS::AtMostOnce {
-            if session.send(publish_packet(&copy, None, false)) {
+            if session.send(publish_packet(&copy, None, false)).is_ok() {
                 RouterStats::add(&self.stats.messages_sent, 1);
                 RouterStats::add(&self.stats.sent_by_qos[0], 1);
             } else {

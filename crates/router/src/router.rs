@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::channel_outbox::SendError;
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::persist::{self, Persister, Report};
 use crate::presence::{Newest, ReadBack, SNAPSHOT_PREFIX, SnapshotState, read_newest};
@@ -666,9 +667,11 @@ impl Router {
         let Some(session) = self.session_of(&channel) else {
             return;
         };
-        if !session.send(packet) {
-            self.slow_consumer(&channel);
-            return;
+        match session.send(packet) {
+            Ok(()) => {}
+            Err(SendError::Full) => return self.slow_consumer(&channel),
+            // The task has ended; its `Input::Closed` is on the way with the reason.
+            Err(SendError::Closed) => return,
         }
         for (message, qos) in retained {
             self.deliver(&channel.client, &message, qos, true);

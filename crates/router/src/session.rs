@@ -9,6 +9,7 @@ use herald_store::Op;
 
 use crate::Outbox;
 use crate::QueueLimits;
+use crate::channel_outbox::SendError;
 use crate::types::{ChannelId, ChannelRef, Message, Outgoing, Peer, Transport, now_ms};
 
 /// The live channel a session is attached to.
@@ -138,8 +139,12 @@ impl Session {
             .map(|a| ChannelRef::new(self.client_id.clone(), a.id))
     }
 
-    /// Sends a packet on the attached channel. `false` when the outbox is full or closed.
-    pub fn send(&self, packet: Packet) -> bool {
+    /// Queues a packet on the attached channel's outbox. `Err(Full)`: the client does not read
+    /// fast enough, and the caller closes the channel as a slow consumer. `Err(Closed)`: no
+    /// channel is attached, or its connection task has ended; that task routed its
+    /// `Input::Closed`, with the real reason, before its outbox closed, so the router ends the
+    /// channel when it reads that input, and the packet is simply not sent.
+    pub fn send(&self, packet: Packet) -> Result<(), SendError> {
         send_on(&self.attached, packet)
     }
 
@@ -193,8 +198,8 @@ impl Session {
                 InflightState::Complete => Packet::PubRel(i.packet_id),
                 _ => publish_packet(&i.queued.message, Some(i.packet_id), true),
             };
-            if !send_on(&self.attached, packet) {
-                outcome.slow_consumer = true;
+            if let Err(error) = send_on(&self.attached, packet) {
+                outcome.slow_consumer = error == SendError::Full;
                 break;
             }
         }
@@ -245,8 +250,8 @@ impl Session {
                 queued,
                 state,
             });
-            if !send_on(&self.attached, packet) {
-                outcome.slow_consumer = true;
+            if let Err(error) = send_on(&self.attached, packet) {
+                outcome.slow_consumer = error == SendError::Full;
                 break;
             }
         }
@@ -263,10 +268,10 @@ impl Session {
     }
 }
 
-fn send_on(attached: &Option<Attached>, packet: Packet) -> bool {
+fn send_on(attached: &Option<Attached>, packet: Packet) -> Result<(), SendError> {
     match attached {
-        Some(a) => a.outbox.try_send(Outgoing::Packet(packet)).is_ok(),
-        None => false,
+        Some(a) => a.outbox.try_send(Outgoing::Packet(packet)),
+        None => Err(SendError::Closed),
     }
 }
 
