@@ -296,12 +296,20 @@ async fn a_disconnect_just_before_a_reconnect_is_reported() {
 /// as a slow consumer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_publishes_and_a_disconnect_sent_before_closing_are_all_taken() {
-    publishes_and_disconnect_then_gone("quick", 3).await;
+    publishes_and_disconnect_then_gone("quick", 3, false).await;
+}
+
+/// The same with an abortive close (a reset): a PUBACK written before the task has read the
+/// DISCONNECT fails, and what the client sent is still read (it once ended as `socket_closed`,
+/// with the will published and the PUBLISHes after the failed write dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_publishes_and_a_disconnect_sent_before_a_reset_are_all_taken() {
+    publishes_and_disconnect_then_gone("reset", 20, true).await;
 }
 
 /// 100 clients `GID_demo@@@<name>-<i>`, each: CONNECT, `per_cycle` QoS 1 PUBLISHes and a
-/// DISCONNECT in one write, then the socket closed without reading.
-async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16) {
+/// DISCONNECT in one write, then the socket closed (reset if `abort`) without reading.
+async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16, abort: bool) {
     use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
     use tokio_util::codec::Encoder;
     const CYCLES: usize = 100;
@@ -343,7 +351,9 @@ async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16) {
         }
         codec.encode(Packet::Disconnect, &mut out).expect("encode");
         raw.send_bytes(&out).await;
-        drop(raw);
+        if abort {
+            raw.abort();
+        }
     }
     let wanted_messages = CYCLES * usize::from(per_cycle);
     let mut messages = std::collections::BTreeSet::new();

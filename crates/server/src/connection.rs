@@ -746,7 +746,7 @@ impl<S: Stream> Channel<S> {
         if self.framed.has_unwritten()
             && let Err(e) = self.framed.flush(self.context.settings.write_timeout).await
         {
-            return Served::Ended(self.write_failed(&e));
+            return Served::Ended(Box::pin(self.end_on_write_failure(&e)).await);
         }
         self.framed.release_read_buffer();
         let idle_after = self.context.settings.park_idle.filter(|_| self.parkable);
@@ -821,9 +821,14 @@ impl<S: Stream> Channel<S> {
                 Step::Continue => None,
                 Step::Close(reason) => Some(reason),
                 Step::Flush { then_close } => {
-                    match self.framed.flush(self.context.settings.write_timeout).await {
-                        Ok(()) => then_close,
-                        Err(e) => Some(then_close.unwrap_or_else(|| self.write_failed(&e))),
+                    match (
+                        self.framed.flush(self.context.settings.write_timeout).await,
+                        then_close,
+                    ) {
+                        (Ok(()), then_close) | (Err(_), then_close @ Some(_)) => then_close,
+                        // Boxed: a failed write is rare, and the task should not carry its
+                        // state while it waits for anything else.
+                        (Err(e), None) => Some(Box::pin(self.end_on_write_failure(&e)).await),
                     }
                 }
                 Step::Drained {
@@ -980,6 +985,29 @@ impl<S: Stream> Channel<S> {
             warn!(client_id = %self.principal.client_id, channel = %self.channel, limit = "limits.write_timeout_secs", secs, "closing: the client read nothing while a write waited");
         }
         CloseReason::SlowConsumer
+    }
+
+    /// How a channel whose write failed ends. A client that sent its last packets and a
+    /// DISCONNECT, then closed, makes the next write fail (its kernel answers with a reset)
+    /// while those packets may still wait, unread, in this socket. They still count: what is
+    /// there is read without waiting (as for a takeover), its PUBLISHes are routed, and a
+    /// DISCONNECT makes this the clean end the client asked for (a `disconnect` event, no will)
+    /// instead of `socket_closed`.
+    async fn end_on_write_failure(&mut self, error: &std::io::Error) -> CloseReason {
+        let reason = self.write_failed(error);
+        if reason != CloseReason::SocketClosed {
+            return reason;
+        }
+        let Drained {
+            publishes,
+            disconnect,
+        } = self.framed.drain_now();
+        self.route_drained(publishes).await;
+        if disconnect {
+            CloseReason::ClientDisconnect
+        } else {
+            reason
+        }
     }
 
     fn read_failed(&self, error: ReadError) -> CloseReason {

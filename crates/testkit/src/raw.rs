@@ -27,6 +27,12 @@ impl RawClient {
         }
     }
 
+    /// Closes the connection abortively (`SO_LINGER` 0): the kernel sends a reset, not a FIN,
+    /// so the broker's next write to it fails, while what was sent before is still there to read.
+    pub fn abort(self) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+    }
+
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         // The broker may have closed already; later reads tell.
         let _ = self.stream.write_all(bytes).await;
