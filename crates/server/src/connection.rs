@@ -662,7 +662,8 @@ impl Channel<ParkedSocket> {
 pub(crate) struct Lost {
     channel: ChannelRef,
     context: Admitted,
-    /// Kept until the router has heard: a closed outbox would read to it as a slow reader.
+    /// Kept until the close is routed: the router takes a closed outbox for a task that has gone
+    /// and waits for its close, which must then be on the way.
     _outbox_rx: OutboxReceiver,
 }
 
