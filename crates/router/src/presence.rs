@@ -15,7 +15,7 @@ use herald_protocol::topic::matches;
 use herald_protocol::{ClientId, QoS, Topic};
 use herald_store::{ChannelRecord, Op, Store, StoreError};
 use serde::{Deserialize, Serialize};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::outbox::{OutboxEntry, SinkQueue};
 use crate::router::{Deferred, Router, RouterStats};
@@ -785,9 +785,12 @@ impl Router {
             }
         }
         left.sort_by_key(|(channel, _, _)| *channel);
+        let mut closed = 0_usize;
         for (channel, client_id, facts) in left {
             match (facts, self.known_client_id(&client_id)) {
                 (Ok(facts), Ok(client)) => {
+                    info!(client_id = %client, %channel, reason = CloseReason::BrokerRestart.as_str(), "channel closed");
+                    closed += 1;
                     let kind = EventKind::TcpClean;
                     let reason = Some(CloseReason::BrokerRestart);
                     let peer = facts.ip.parse().map_err(|_| facts.ip.as_str());
@@ -815,6 +818,12 @@ impl Router {
                     self.forget_channel_record(channel);
                 }
             }
+        }
+        if closed > 0 {
+            info!(
+                channels = closed,
+                "closed the channels the previous run left open (tcpclean broker_restart)"
+            );
         }
     }
 
