@@ -296,7 +296,7 @@ async fn a_disconnect_just_before_a_reconnect_is_reported() {
 /// as a slow consumer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_publishes_and_a_disconnect_sent_before_closing_are_all_taken() {
-    publishes_and_disconnect_then_gone("quick", 3, false).await;
+    publishes_and_disconnect_then_gone("quick", 100, 3, false).await;
 }
 
 /// The same with an abortive close (a reset): a PUBACK written before the task has read the
@@ -304,16 +304,61 @@ async fn qos1_publishes_and_a_disconnect_sent_before_closing_are_all_taken() {
 /// with the will published and the PUBLISHes after the failed write dropped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_publishes_and_a_disconnect_sent_before_a_reset_are_all_taken() {
-    publishes_and_disconnect_then_gone("reset", 20, true).await;
+    publishes_and_disconnect_then_gone("reset", 100, 20, true).await;
 }
 
-/// 100 clients `GID_demo@@@<name>-<i>`, each: CONNECT, `per_cycle` QoS 1 PUBLISHes and a
-/// DISCONNECT in one write, then the socket closed (reset if `abort`) without reading.
-async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16, abort: bool) {
+/// A channel whose task has gone (its outbox closed) while the router still has its last
+/// inputs: more QoS 1 PUBLISHes than an outbox holds, then its close with the reason. The
+/// router's PUBACKs find the outbox closed; that is not a slow reader, and the channel ends
+/// with the reason its task sent.
+#[tokio::test]
+async fn a_channel_whose_task_has_gone_ends_with_the_reason_the_task_sent() {
+    use herald_router::{CloseReason, Input};
+    let (broker, mut b, channel, rx) = direct_channel().await;
+    drop(rx);
+    let router = broker.broker().router().clone();
+    for k in 1..=1100_u16 {
+        let publish = herald_protocol::Publish {
+            dup: false,
+            qos: herald_protocol::QoS::AtLeastOnce,
+            retain: false,
+            topic: herald_protocol::Topic::from_trusted("demo/dev-1/gone"),
+            packet_id: herald_protocol::PacketId::new(k),
+            payload: bytes::Bytes::from(k.to_string()),
+        };
+        let input = Input::Publish {
+            channel: channel.clone(),
+            publish,
+        };
+        assert!(router.inputs.send(input).await.is_ok());
+    }
+    let reason = CloseReason::ClientDisconnect;
+    assert!(
+        router
+            .inputs
+            .send(Input::Closed { channel, reason })
+            .await
+            .is_ok()
+    );
+    expect_disconnected(&mut b, DEV).await;
+    broker.stop().await;
+}
+
+/// `cycles` clients `GID_demo@@@<name>-<i>`, each: CONNECT, `per_cycle` QoS 1 PUBLISHes and
+/// a DISCONNECT in one write, then the socket closed (reset if `abort`) without reading.
+async fn publishes_and_disconnect_then_gone(
+    name: &str,
+    cycles: usize,
+    per_cycle: u16,
+    abort: bool,
+) {
     use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
     use tokio_util::codec::Encoder;
-    const CYCLES: usize = 100;
-    let broker = TestBroker::demo(PRESENCE).await;
+    // The watcher's session holds what it has not acknowledged yet: all of it.
+    let broker = TestBroker::demo(&format!(
+        "{PRESENCE}\n[limits]\nmax_queued_messages = 100000\n"
+    ))
+    .await;
     let mut b = backend(broker.addr).await;
     // A clean session: its copies are not stored, so each PUBACK is sent at once, and may
     // find the publisher's task already gone.
@@ -321,7 +366,7 @@ async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16, abort: b
         TestClient::connected(signed_options(broker.addr, "GID_demo@@@watcher", true)).await;
     watcher.subscribe("demo/quick", QoS::AtLeastOnce).await;
     let mut codec = Codec::new(1024);
-    let clients: Vec<String> = (0..CYCLES)
+    let clients: Vec<String> = (0..cycles)
         .map(|i| format!("GID_demo@@@{name}-{i}"))
         .collect();
     for (i, id) in clients.iter().enumerate() {
@@ -355,7 +400,7 @@ async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16, abort: b
             raw.abort();
         }
     }
-    let wanted_messages = CYCLES * usize::from(per_cycle);
+    let wanted_messages = cycles * usize::from(per_cycle);
     let mut messages = std::collections::BTreeSet::new();
     // Until everything came, or nothing more comes for 3 s: the assertions below then say
     // what is missing.
@@ -371,7 +416,7 @@ async fn publishes_and_disconnect_then_gone(name: &str, per_cycle: u16, abort: b
     let mut events: std::collections::BTreeMap<String, Vec<(String, Option<String>)>> =
         std::collections::BTreeMap::new();
     let mut seen_events = 0;
-    while seen_events < 3 * CYCLES {
+    while seen_events < 3 * cycles {
         let p = match b.next_incoming(Duration::from_secs(3)).await {
             Some(Ok(rumqttc::Packet::Publish(p))) => p,
             Some(Ok(_)) => continue,

@@ -208,6 +208,21 @@ impl OutboxReceiver {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
+    /// Lets go of the outbox before the receiver is dropped, as a drop does: what is queued is
+    /// dropped, and the router's sends fail from now on as to a connection that has gone (not
+    /// one that does not read). For a task that is about to end and still routes a few last
+    /// inputs, whose answers it would not write: they must not fill the outbox.
+    pub fn close(&mut self) {
+        let items = {
+            let mut state = self.shared.lock();
+            state.receiver_alive = false;
+            state.waker = None;
+            std::mem::take(&mut state.items)
+        };
+        // Dropped outside the lock.
+        drop(items);
+    }
+
     /// Whether the router has let go of the outbox (it ended the channel, or stopped).
     pub fn is_ended(&self) -> bool {
         self.shared.lock().senders == 0
@@ -245,14 +260,7 @@ fn pop(state: &mut State) -> Option<Outgoing> {
 
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
-        let items = {
-            let mut state = self.shared.lock();
-            state.receiver_alive = false;
-            state.waker = None;
-            std::mem::take(&mut state.items)
-        };
-        // Dropped outside the lock.
-        drop(items);
+        self.close();
     }
 }
 
@@ -288,6 +296,18 @@ mod tests {
         ));
         assert!(rx.try_recv().is_none());
         assert_eq!(tx.try_send(ping()), Ok(()));
+    }
+
+    #[test]
+    fn a_closed_receiver_drops_what_is_queued_and_refuses_as_gone_not_full() {
+        let (tx, mut rx) = channel_outbox(1);
+        assert_eq!(tx.try_send(ping()), Ok(()));
+        assert!(!tx.is_closed());
+        rx.close();
+        assert!(tx.is_closed());
+        assert!(rx.try_recv().is_none(), "what was queued is dropped");
+        assert_eq!(tx.try_send(ping()), Err(SendError::Closed));
+        assert_eq!(tx.try_send(ping()), Err(SendError::Closed));
     }
 
     #[test]

@@ -209,9 +209,14 @@ impl Session {
     /// Moves queued messages into flight while the window allows.
     pub fn pump(&mut self, limits: QueueLimits, ops: &mut Vec<Op>) -> SendOutcome {
         let mut outcome = SendOutcome::default();
-        let (Some(_), Some(flow)) = (&self.attached, self.flow.as_deref_mut()) else {
+        let (Some(attached), Some(flow)) = (&self.attached, self.flow.as_deref_mut()) else {
             return outcome;
         };
+        // A connection that has gone takes nothing more into flight: what stays queued is sent
+        // (not resent as a duplicate) on the session's next channel.
+        if attached.outbox.is_closed() {
+            return outcome;
+        }
         let oldest_allowed = now_ms().saturating_sub(limits.max_queue_age.as_millis() as u64);
         while flow.inflight.len() < limits.max_inflight {
             let Some(queued) = flow.queue.pop_front() else {
