@@ -344,6 +344,74 @@ async fn a_channel_whose_task_has_gone_ends_with_the_reason_the_task_sent() {
     broker.stop().await;
 }
 
+/// A parked client sends more small QoS 1 PUBLISHes than a channel's outbox holds (1,024
+/// packets), then DISCONNECT, and connects again at once: whether its old channel reads them
+/// itself or a takeover finds them in its socket (and routes them with its outbox closed, so
+/// that the router's unwritten PUBACKs cannot fill it; the test does not force that order), the
+/// old channel ends as its client asked, before the new one's `connect`, and every message is
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_finds_more_publishes_than_the_outbox_holds_ends_cleanly() {
+    use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
+    use tokio_util::codec::Encoder;
+    const MESSAGES: u16 = 2000;
+    let id = "GID_demo@@@many";
+    let broker = TestBroker::demo(&format!(
+        "{PRESENCE}\n[limits]\nmax_queued_messages = 100000\n"
+    ))
+    .await;
+    let mut b = backend(broker.addr).await;
+    let mut watcher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@watcher", true)).await;
+    watcher.subscribe("demo/many", QoS::AtLeastOnce).await;
+    let signature = signature(id);
+    let signed =
+        || RawClient::connect_packet(id, Some(herald_testkit::DEMO_USER), Some(&signature), true);
+    let mut old = RawClient::connect(broker.addr).await;
+    old.send(signed()).await;
+    assert!(matches!(old.recv().await, Some(Packet::ConnAck(_))));
+    expect(&notice(&mut b, id).await, "connect", None);
+    // Idle past `limits.park_idle_ms`: parked.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut codec = Codec::new(1024);
+    let mut out = bytes::BytesMut::new();
+    for k in 1..=MESSAGES {
+        let publish = Publish {
+            dup: false,
+            qos: herald_protocol::QoS::AtLeastOnce,
+            retain: false,
+            topic: Topic::from_trusted("demo/many"),
+            packet_id: PacketId::new(k),
+            payload: bytes::Bytes::from(k.to_string()),
+        };
+        codec
+            .encode(Packet::Publish(publish), &mut out)
+            .expect("encode");
+    }
+    codec.encode(Packet::Disconnect, &mut out).expect("encode");
+    old.send_bytes(&out).await;
+    let mut new = RawClient::connect(broker.addr).await;
+    new.send(signed()).await;
+    assert!(matches!(new.recv().await, Some(Packet::ConnAck(_))));
+    let clean = Some("client_disconnect");
+    expect(&notice(&mut b, id).await, "disconnect", clean);
+    expect(&notice(&mut b, id).await, "tcpclean", clean);
+    expect(&notice(&mut b, id).await, "connect", None);
+    let mut messages = std::collections::BTreeSet::new();
+    while messages.len() < usize::from(MESSAGES) {
+        match watcher.next_incoming(Duration::from_secs(3)).await {
+            Some(Ok(rumqttc::Packet::Publish(p))) => {
+                messages.insert(String::from_utf8_lossy(&p.payload).to_string());
+            }
+            Some(Ok(_)) => continue,
+            _ => break,
+        }
+    }
+    assert_eq!(messages.len(), usize::from(MESSAGES));
+    drop(old);
+    broker.stop().await;
+}
+
 /// `cycles` clients `GID_demo@@@<name>-<i>`, each: CONNECT, `per_cycle` QoS 1 PUBLISHes and
 /// a DISCONNECT in one write, then the socket closed (reset if `abort`) without reading.
 async fn publishes_and_disconnect_then_gone(

@@ -836,9 +836,9 @@ impl<S: Stream> Channel<S> {
                     publishes,
                     then_close,
                 } => {
-                    Box::pin(self.route_drained(publishes)).await;
+                    let refused = Box::pin(self.route_drained(publishes)).await;
                     let _ = self.framed.flush(self.context.settings.write_timeout).await;
-                    Some(then_close)
+                    Some(refused.unwrap_or(then_close))
                 }
                 Step::Route { route, throttle } => match (route.await, throttle) {
                     (false, _) => Some(CloseReason::ServerShutdown),
@@ -999,15 +999,21 @@ impl<S: Stream> Channel<S> {
         if reason != CloseReason::SocketClosed {
             return reason;
         }
+        // A parked connection that resumes writes before its loop checks its credentials:
+        // what it sent is routed only if they still hold.
+        if self.registry_moved_on()
+            && let Step::Close(revoked) = self.recheck_credentials()
+        {
+            return revoked;
+        }
         let Drained {
             publishes,
             disconnect,
         } = self.framed.drain_now();
-        self.route_drained(publishes).await;
-        if disconnect {
-            CloseReason::ClientDisconnect
-        } else {
-            reason
+        match self.route_drained(publishes).await {
+            Some(refused) => refused,
+            None if disconnect => CloseReason::ClientDisconnect,
+            None => reason,
         }
     }
 
@@ -1074,20 +1080,29 @@ impl<S: Stream> Channel<S> {
         Step::Flush { then_close }
     }
 
-    /// Routes the PUBLISHes a takeover found (checked as any other); stops at one that would
-    /// close the channel, which is ending anyway.
-    async fn route_drained(&mut self, publishes: Vec<Publish>) {
+    /// Routes the PUBLISHes a channel that is ending found (checked as any other, without the
+    /// publish rate's pause: what is drained is bounded). Its outbox is closed first: the
+    /// router's answers to them would not be written, and must not fill the outbox, which the
+    /// router would take for a slow reader. Stops at one that closes the channel and returns
+    /// why: that reason, not a DISCONNECT behind it, is how the channel ends (its will is
+    /// published).
+    async fn route_drained(&mut self, publishes: Vec<Publish>) -> Option<CloseReason> {
+        if publishes.is_empty() {
+            return None;
+        }
+        self.outbox_rx.close();
         for publish in publishes {
             match self.publish(publish) {
                 Step::Route { route, .. } => {
                     if !route.await {
-                        return;
+                        return Some(CloseReason::ServerShutdown);
                     }
                 }
-                Step::Close(_) => return,
+                Step::Close(reason) => return Some(reason),
                 Step::Continue | Step::Flush { .. } | Step::Drained { .. } => {}
             }
         }
+        None
     }
 
     /// Hands `input` to the router now; the step waits only if its queue is full.
