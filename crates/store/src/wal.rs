@@ -170,7 +170,7 @@ impl Wal {
         self.len
     }
 
-    /// Appends one record with a single `write_all`, without fsync. On error the file may hold
+    /// Appends one record (header and payload in one `writev`), without fsync. On error the file may hold
     /// part of the record: call [`Wal::truncate`] with the length from before.
     pub(crate) fn append(&mut self, payload: &[u8]) -> Result<(), StoreError> {
         let len = u32::try_from(payload.len()).map_err(|_| {
