@@ -209,14 +209,9 @@ impl Session {
     /// Moves queued messages into flight while the window allows.
     pub fn pump(&mut self, limits: QueueLimits, ops: &mut Vec<Op>) -> SendOutcome {
         let mut outcome = SendOutcome::default();
-        let (Some(attached), Some(flow)) = (&self.attached, self.flow.as_deref_mut()) else {
+        let (Some(_), Some(flow)) = (&self.attached, self.flow.as_deref_mut()) else {
             return outcome;
         };
-        // A connection that has gone takes nothing more into flight: what stays queued is sent
-        // (not resent as a duplicate) on the session's next channel.
-        if attached.outbox.is_closed() {
-            return outcome;
-        }
         let oldest_allowed = now_ms().saturating_sub(limits.max_queue_age.as_millis() as u64);
         while flow.inflight.len() < limits.max_inflight {
             let Some(queued) = flow.queue.pop_front() else {
@@ -255,9 +250,24 @@ impl Session {
                 queued,
                 state,
             });
-            if let Err(error) = send_on(&self.attached, packet) {
-                outcome.slow_consumer = error == SendError::Full;
-                break;
+            match send_on(&self.attached, packet) {
+                Ok(()) => {}
+                Err(SendError::Full) => {
+                    outcome.slow_consumer = true;
+                    break;
+                }
+                // The connection has gone (its close is on the way): the message was not sent,
+                // and waits as it was for the session's next channel, which sends it once
+                // rather than resending it as a duplicate.
+                Err(SendError::Closed) => {
+                    if let Some(Inflight { queued, .. }) = flow.inflight.pop_back() {
+                        if !queued.released {
+                            outcome.sent_by_qos[queued.message.qos.as_u8() as usize] -= 1;
+                        }
+                        flow.queue.push_front(queued);
+                    }
+                    break;
+                }
             }
         }
         outcome
@@ -429,6 +439,24 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, [PacketId::new(7), PacketId::new(8)]);
+    }
+
+    #[test]
+    fn a_gone_connection_takes_nothing_into_flight() {
+        let (mut session, mut rx) = attached_session();
+        session.flow_mut().queue.push_back(queued(6, false));
+        session.flow_mut().queue.push_back(queued(7, false));
+        rx.close();
+        let mut ops = Vec::new();
+        let outcome = session.pump(LIMITS, &mut ops);
+        assert!(!outcome.slow_consumer, "gone is not slow");
+        assert_eq!(outcome.sent_by_qos, [0, 0, 0]);
+        assert_eq!(in_flight(&session), 0);
+        let waiting: Vec<Option<u64>> = session
+            .flow()
+            .map(|f| f.queue.iter().map(|q| q.seq).collect())
+            .unwrap_or_default();
+        assert_eq!(waiting, [Some(6), Some(7)], "both wait, in order");
     }
 
     #[test]
