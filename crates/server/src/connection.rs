@@ -25,7 +25,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::io::poll_read_buf;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::guard::{Bucket, ServerStats};
 use crate::park::Parked;
@@ -382,9 +382,17 @@ impl<S: Stream> Stream for crate::ws::WsIo<S> {}
 /// Serves the channel until it ends or parks. The channel is boxed so that it moves between
 /// tasks, and in and out of the parker, as a pointer; passed by value, it would also take its
 /// room twice in the future of `run` (rustc does not overlap a moved-from local).
-async fn drive<S: Stream>(mut channel: Box<Channel<S>>, mut deadline: Option<Instant>) {
+async fn drive<S: Stream>(channel: Box<Channel<S>>, mut deadline: Option<Instant>) {
+    let mut serving = Serving(Some(channel));
     loop {
-        match channel.serve(deadline).await {
+        let Some(channel) = serving.0.as_mut() else {
+            return;
+        };
+        let served = channel.serve(deadline).await;
+        let Some(channel) = serving.0.take() else {
+            return;
+        };
+        match served {
             Served::Ended(reason) => return Box::pin(channel.finish(reason)).await,
             Served::Idle(idle_deadline) => match S::into_tcp(channel) {
                 Ok(channel) => {
@@ -398,8 +406,30 @@ async fn drive<S: Stream>(mut channel: Box<Channel<S>>, mut deadline: Option<Ins
                     });
                 }
                 // Not parkable after all (`parkable` is set for plain TCP only): serve on.
-                Err(same) => (channel, deadline) = (same, idle_deadline),
+                Err(same) => (serving.0, deadline) = (Some(same), idle_deadline),
             },
+        }
+    }
+}
+
+/// The channel a task is serving. If the task unwinds (a panic: none is known, but tokio would
+/// catch one and drop the task), dropping this routes the channel's close, which the task
+/// would otherwise never send: the router ends a channel when its task says so (a closed outbox
+/// only tells it the close is on the way), and the client would stay online. No bigger than
+/// the box it holds.
+struct Serving<S>(Option<Box<Channel<S>>>);
+
+impl<S> Drop for Serving<S> {
+    fn drop(&mut self) {
+        if let Some(channel) = &self.0
+            && std::thread::panicking()
+        {
+            let channel_ref = channel.channel_ref();
+            error!(channel = %channel_ref, "a connection task panicked; its channel is closed as socket_closed");
+            let _ = channel.context.router.inputs.try_send(Input::Closed {
+                channel: channel_ref,
+                reason: CloseReason::SocketClosed,
+            });
         }
     }
 }
