@@ -344,6 +344,65 @@ async fn a_channel_whose_task_has_gone_ends_with_the_reason_the_task_sent() {
     broker.stop().await;
 }
 
+/// A broker with [`PRESENCE`] whose sessions may hold every message, its backend, and a
+/// clean-session watcher of `topic` at QoS 1 (its copies are not stored, so each PUBACK to a
+/// publisher is sent at once, and may find the publisher's task already gone).
+async fn broker_backend_watcher(topic: &str) -> (TestBroker, TestClient, TestClient) {
+    let broker = TestBroker::demo(&format!(
+        "{PRESENCE}\n[limits]\nmax_queued_messages = 100000\n"
+    ))
+    .await;
+    let b = backend(broker.addr).await;
+    let mut watcher =
+        TestClient::connected(signed_options(broker.addr, "GID_demo@@@watcher", true)).await;
+    watcher.subscribe(topic, QoS::AtLeastOnce).await;
+    (broker, b, watcher)
+}
+
+/// QoS 1 PUBLISHes to `topic` with ids 1..=`count` and payloads `payload(id)`, then a
+/// DISCONNECT, encoded for one write.
+fn publishes_then_disconnect(
+    topic: &str,
+    count: u16,
+    payload: impl Fn(u16) -> String,
+) -> bytes::BytesMut {
+    use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
+    use tokio_util::codec::Encoder;
+    let mut codec = Codec::new(1024);
+    let mut out = bytes::BytesMut::new();
+    for k in 1..=count {
+        let publish = Publish {
+            dup: false,
+            qos: herald_protocol::QoS::AtLeastOnce,
+            retain: false,
+            topic: Topic::from_trusted(topic),
+            packet_id: PacketId::new(k),
+            payload: bytes::Bytes::from(payload(k)),
+        };
+        codec
+            .encode(Packet::Publish(publish), &mut out)
+            .expect("encode");
+    }
+    codec.encode(Packet::Disconnect, &mut out).expect("encode");
+    out
+}
+
+/// The distinct payloads `watcher` receives until it has `wanted`, or nothing more comes for
+/// 3 s (the caller's assertions then say what is missing).
+async fn payloads(watcher: &mut TestClient, wanted: usize) -> std::collections::BTreeSet<String> {
+    let mut messages = std::collections::BTreeSet::new();
+    while messages.len() < wanted {
+        match watcher.next_incoming(Duration::from_secs(3)).await {
+            Some(Ok(rumqttc::Packet::Publish(p))) => {
+                messages.insert(String::from_utf8_lossy(&p.payload).to_string());
+            }
+            Some(Ok(_)) => continue,
+            _ => break,
+        }
+    }
+    messages
+}
+
 /// A parked client sends more small QoS 1 PUBLISHes than a channel's outbox holds (1,024
 /// packets), then DISCONNECT, and connects again at once: whether its old channel reads them
 /// itself or a takeover finds them in its socket (and routes them with its outbox closed, so
@@ -352,18 +411,10 @@ async fn a_channel_whose_task_has_gone_ends_with_the_reason_the_task_sent() {
 /// delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_that_finds_more_publishes_than_the_outbox_holds_ends_cleanly() {
-    use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
-    use tokio_util::codec::Encoder;
+    use herald_protocol::Packet;
     const MESSAGES: u16 = 2000;
     let id = "GID_demo@@@many";
-    let broker = TestBroker::demo(&format!(
-        "{PRESENCE}\n[limits]\nmax_queued_messages = 100000\n"
-    ))
-    .await;
-    let mut b = backend(broker.addr).await;
-    let mut watcher =
-        TestClient::connected(signed_options(broker.addr, "GID_demo@@@watcher", true)).await;
-    watcher.subscribe("demo/many", QoS::AtLeastOnce).await;
+    let (broker, mut b, mut watcher) = broker_backend_watcher("demo/many").await;
     let signature = signature(id);
     let signed =
         || RawClient::connect_packet(id, Some(herald_testkit::DEMO_USER), Some(&signature), true);
@@ -373,23 +424,10 @@ async fn a_takeover_that_finds_more_publishes_than_the_outbox_holds_ends_cleanly
     expect(&notice(&mut b, id).await, "connect", None);
     // Idle past `limits.park_idle_ms`: parked.
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let mut codec = Codec::new(1024);
-    let mut out = bytes::BytesMut::new();
-    for k in 1..=MESSAGES {
-        let publish = Publish {
-            dup: false,
-            qos: herald_protocol::QoS::AtLeastOnce,
-            retain: false,
-            topic: Topic::from_trusted("demo/many"),
-            packet_id: PacketId::new(k),
-            payload: bytes::Bytes::from(k.to_string()),
-        };
-        codec
-            .encode(Packet::Publish(publish), &mut out)
-            .expect("encode");
-    }
-    codec.encode(Packet::Disconnect, &mut out).expect("encode");
-    old.send_bytes(&out).await;
+    old.send_bytes(&publishes_then_disconnect("demo/many", MESSAGES, |k| {
+        k.to_string()
+    }))
+    .await;
     let mut new = RawClient::connect(broker.addr).await;
     new.send(signed()).await;
     assert!(matches!(new.recv().await, Some(Packet::ConnAck(_))));
@@ -397,16 +435,7 @@ async fn a_takeover_that_finds_more_publishes_than_the_outbox_holds_ends_cleanly
     expect(&notice(&mut b, id).await, "disconnect", clean);
     expect(&notice(&mut b, id).await, "tcpclean", clean);
     expect(&notice(&mut b, id).await, "connect", None);
-    let mut messages = std::collections::BTreeSet::new();
-    while messages.len() < usize::from(MESSAGES) {
-        match watcher.next_incoming(Duration::from_secs(3)).await {
-            Some(Ok(rumqttc::Packet::Publish(p))) => {
-                messages.insert(String::from_utf8_lossy(&p.payload).to_string());
-            }
-            Some(Ok(_)) => continue,
-            _ => break,
-        }
-    }
+    let messages = payloads(&mut watcher, usize::from(MESSAGES)).await;
     assert_eq!(messages.len(), usize::from(MESSAGES));
     drop(old);
     broker.stop().await;
@@ -420,20 +449,8 @@ async fn publishes_and_disconnect_then_gone(
     per_cycle: u16,
     abort: bool,
 ) {
-    use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
-    use tokio_util::codec::Encoder;
-    // The watcher's session holds what it has not acknowledged yet: all of it.
-    let broker = TestBroker::demo(&format!(
-        "{PRESENCE}\n[limits]\nmax_queued_messages = 100000\n"
-    ))
-    .await;
-    let mut b = backend(broker.addr).await;
-    // A clean session: its copies are not stored, so each PUBACK is sent at once, and may
-    // find the publisher's task already gone.
-    let mut watcher =
-        TestClient::connected(signed_options(broker.addr, "GID_demo@@@watcher", true)).await;
-    watcher.subscribe("demo/quick", QoS::AtLeastOnce).await;
-    let mut codec = Codec::new(1024);
+    use herald_protocol::Packet;
+    let (broker, mut b, mut watcher) = broker_backend_watcher("demo/quick").await;
     let clients: Vec<String> = (0..cycles)
         .map(|i| format!("GID_demo@@@{name}-{i}"))
         .collect();
@@ -448,39 +465,16 @@ async fn publishes_and_disconnect_then_gone(
         ))
         .await;
         assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
-        let mut out = bytes::BytesMut::new();
-        for k in 1..=per_cycle {
-            let publish = Publish {
-                dup: false,
-                qos: herald_protocol::QoS::AtLeastOnce,
-                retain: false,
-                topic: Topic::from_trusted("demo/quick"),
-                packet_id: PacketId::new(k),
-                payload: bytes::Bytes::from(format!("{i}-{k}")),
-            };
-            codec
-                .encode(Packet::Publish(publish), &mut out)
-                .expect("encode");
-        }
-        codec.encode(Packet::Disconnect, &mut out).expect("encode");
-        raw.send_bytes(&out).await;
+        raw.send_bytes(&publishes_then_disconnect("demo/quick", per_cycle, |k| {
+            format!("{i}-{k}")
+        }))
+        .await;
         if abort {
             raw.abort();
         }
     }
     let wanted_messages = cycles * usize::from(per_cycle);
-    let mut messages = std::collections::BTreeSet::new();
-    // Until everything came, or nothing more comes for 3 s: the assertions below then say
-    // what is missing.
-    while messages.len() < wanted_messages {
-        match watcher.next_incoming(Duration::from_secs(3)).await {
-            Some(Ok(rumqttc::Packet::Publish(p))) => {
-                messages.insert(String::from_utf8_lossy(&p.payload).to_string());
-            }
-            Some(Ok(_)) => continue,
-            _ => break,
-        }
-    }
+    let messages = payloads(&mut watcher, wanted_messages).await;
     let mut events: std::collections::BTreeMap<String, Vec<(String, Option<String>)>> =
         std::collections::BTreeMap::new();
     let mut seen_events = 0;
