@@ -8,14 +8,17 @@ SIGKILLs, over loopback, with the invariants a presence backend and a device fle
 Phase 1, churn (CHURN_SECS, 12 s): IDS client ids (20), WORKERS connections fighting over each
 (4), each connection one of: QoS 1 PUBLISHes waited for, then DISCONNECT or a dropped socket;
 QoS 1 PUBLISHes and DISCONNECT in one write, then closed at once without reading; or held open
-until a later connection with the same id takes it over. A watcher reads every message and
-every presence notice (a `status_notice` rule to an `mqtt` sink). Checked:
+until a later connection with the same id takes it over; and every 50 ms the admin API kicks a
+random client. A watcher reads every message and every presence notice (a `status_notice` rule
+to an `mqtt` sink). Checked:
   - every CONNECT is answered (CONNACK, or a close when a newer CONNECT replaced it) within 3 s;
   - every PUBLISH the broker acknowledged is delivered;
   - every PUBLISH sent before a DISCONNECT is delivered when its channel ended `client_disconnect`;
   - every channel has exactly one `connect` and one `tcpclean`, in that order, with a
     `disconnect` between them only when the reason is `client_disconnect`; every CONNACK has
     its `connect`; no `eventId` twice; each client's `seq` increases;
+  - a channel whose client sent DISCONNECT ends `client_disconnect` (or `taken_over`, `kicked`
+    when that came first), and none ends as a slow consumer (only the watcher subscribes);
   - afterwards the broker reports 0 connections.
 Phase 2, crash (CRASH_SECS, 16 s, a SIGKILL and restart every 4 s): IDS persistent sessions
 subscribed at QoS 1, WORKERS connections per id coming and going (DISCONNECT, dropped socket,
@@ -43,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,6 +309,24 @@ class Churn:
             except OSError:
                 pass
 
+    async def kicker(self, deadline):
+        """Closes a random client's connection through the admin API every 50 ms."""
+        token = base64.b64encode(f"admin:{ADMIN_SECRET}".encode()).decode()
+
+        def kick(client_id):
+            url = f"http://{HOST}:{self.broker.admin_port}/api/v1/clients/{client_id}/connection"
+            request = urllib.request.Request(url, method="DELETE")
+            request.add_header("Authorization", f"Basic {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+        while time.monotonic() < deadline:
+            status = await asyncio.to_thread(kick, f"churn-{random.randrange(IDS)}")
+            self.stats[f"kick answered {status}"] += 1
+            await asyncio.sleep(0.05)
+
     async def watcher(self, ready, stop):
         client_id = "churn-watcher"
         password = base64.b64encode(
@@ -346,7 +368,8 @@ class Churn:
         watcher = asyncio.create_task(self.watcher(ready, stop))
         await ready.wait()
         deadline = time.monotonic() + CHURN_SECS
-        await asyncio.gather(*[self.worker(f"churn-{i}", k, deadline)
+        await asyncio.gather(self.kicker(deadline),
+                             *[self.worker(f"churn-{i}", k, deadline)
                                for i in range(IDS) for k in range(WORKERS)])
         await asyncio.sleep(3)
         stop.set()
@@ -391,7 +414,7 @@ class Churn:
         wrong_end = collections.Counter()
         for client_id, port, sent_ms in self.disconnected:
             end = reason.get(channel_of(client_id, port, sent_ms))
-            if end not in ("client_disconnect", "taken_over"):
+            if end not in ("client_disconnect", "taken_over", "kicked"):
                 wrong_end[end] += 1
         if wrong_end:
             self.problems.append(f"channels whose client sent DISCONNECT ended otherwise: "
