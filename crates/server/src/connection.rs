@@ -52,11 +52,11 @@ pub(crate) struct Framed<S> {
 /// default 64 bytes of room, which is all an unparked idle connection's PINGREQ needs.
 const CONNECT_READ: usize = 256;
 
-/// How much a channel that a takeover ends reads, at most, looking for a DISCONNECT its
-/// client sent before the new CONNECT.
+/// How much a channel that is ending (taken over, or its write failed) reads, at most,
+/// looking for a DISCONNECT its client sent before.
 const DRAIN_MAX: usize = 64 * 1024;
 
-/// What a channel that a takeover ends found from its client ([`Framed::drain_now`]).
+/// What a channel that is ending found from its client ([`Framed::drain_now`]).
 #[derive(Default)]
 pub(crate) struct Drained {
     publishes: Vec<Publish>,
@@ -128,7 +128,7 @@ pub(crate) enum ReadError {
 }
 
 impl<S: Stream> Framed<S> {
-    /// What the client sent before this moment, for a channel a takeover ends: decodes what
+    /// What the client sent before this moment, for a channel that is ending: decodes what
     /// is buffered and what the socket holds now, without waiting, until a DISCONNECT, the end
     /// of what is there, or something that does not decode. Keeps the PUBLISHes (they are
     /// routed before the channel ends) and whether a DISCONNECT came; other packets are
@@ -528,12 +528,10 @@ enum Step {
     Flush {
         then_close: Option<CloseReason>,
     },
-    /// A takeover ends the channel: route the PUBLISHes its client sent before, write out
-    /// what was queued, then close.
-    Drained {
-        publishes: Vec<Publish>,
-        then_close: CloseReason,
-    },
+    /// A takeover ends the channel: read what its client sent before (routing its PUBLISHes;
+    /// a DISCONNECT among them makes the end `client_disconnect`), write out what was queued,
+    /// then close.
+    TakenOver,
     /// The router has the input unless its queue was full; then wait for room. Then pause
     /// for `throttle`, if the connection publishes faster than its limits.
     Route {
@@ -773,6 +771,15 @@ impl<S: Stream> Channel<S> {
     /// starts its keepalive now. Returns [`Served::Idle`] when a parkable connection has had
     /// nothing to do for `limits.park_idle_ms`.
     async fn serve(&mut self, deadline: Option<Instant>) -> Served {
+        // Token and device-credential connections end with `auth_revoked` when the registry
+        // takes their right away (revocation, refresh, unregistration: it wakes them) or a
+        // token expires (a deadline). Checked first here too: the registry may have changed
+        // while the connection was parked, and nothing it sent is routed before the check.
+        if self.registry_moved_on()
+            && let Step::Close(reason) = self.recheck_credentials()
+        {
+            return Served::Ended(reason);
+        }
         // What the parker could not write (the socket was full) goes out first.
         if self.framed.has_unwritten()
             && let Err(e) = self.framed.flush(self.context.settings.write_timeout).await
@@ -784,20 +791,11 @@ impl<S: Stream> Channel<S> {
         let keep_alive = self.keep_alive();
         let mut deadline = deadline.or_else(|| keep_alive.map(|k| Instant::now() + k));
         let mut idle_at = idle_after.map(|after| Instant::now() + after);
-        // Token and device-credential connections end with `auth_revoked` when the registry
-        // takes their right away (revocation, refresh, unregistration: it wakes them) or a
-        // token expires (a deadline). Checked now too: the registry may have changed while
-        // the connection was parked.
         let registry = self.context.auth.registry().clone();
         let mut registry_watch = self
             .principal
             .relies_on_registry()
             .then(|| registry.watch());
-        if self.registry_moved_on()
-            && let Step::Close(reason) = self.recheck_credentials()
-        {
-            return Served::Ended(reason);
-        }
         let mut expires_ms = self.principal.expires_at_ms();
         let mut expiry = self.token_expiry();
         // One timer for all three: re-armed only when it fires, at whichever is next.
@@ -862,13 +860,10 @@ impl<S: Stream> Channel<S> {
                         (Err(e), None) => Some(Box::pin(self.end_on_write_failure(&e)).await),
                     }
                 }
-                Step::Drained {
-                    publishes,
-                    then_close,
-                } => {
-                    let refused = Box::pin(self.route_drained(publishes)).await;
+                Step::TakenOver => {
+                    let reason = Box::pin(self.end_with_what_is_left(CloseReason::TakenOver)).await;
                     let _ = self.framed.flush(self.context.settings.write_timeout).await;
-                    Some(refused.unwrap_or(then_close))
+                    Some(reason)
                 }
                 Step::Route { route, throttle } => match (route.await, throttle) {
                     (false, _) => Some(CloseReason::ServerShutdown),
@@ -1025,17 +1020,19 @@ impl<S: Stream> Channel<S> {
     /// DISCONNECT makes this the clean end the client asked for (a `disconnect` event, no will)
     /// instead of `socket_closed`.
     async fn end_on_write_failure(&mut self, error: &std::io::Error) -> CloseReason {
-        let reason = self.write_failed(error);
-        if reason != CloseReason::SocketClosed {
-            return reason;
+        match self.write_failed(error) {
+            CloseReason::SocketClosed => {
+                self.end_with_what_is_left(CloseReason::SocketClosed).await
+            }
+            stalled => stalled,
         }
-        // A parked connection that resumes writes before its loop checks its credentials:
-        // what it sent is routed only if they still hold.
-        if self.registry_moved_on()
-            && let Step::Close(revoked) = self.recheck_credentials()
-        {
-            return revoked;
-        }
+    }
+
+    /// How a channel that is ending (taken over, or its socket closed) ends, by what its client
+    /// sent before: what is buffered and what the socket holds is read without waiting
+    /// ([`Framed::drain_now`]) and its PUBLISHes routed; a PUBLISH that closes the channel
+    /// decides the reason, else a DISCONNECT makes it `client_disconnect`, else `otherwise`.
+    async fn end_with_what_is_left(&mut self, otherwise: CloseReason) -> CloseReason {
         let Drained {
             publishes,
             disconnect,
@@ -1043,7 +1040,7 @@ impl<S: Stream> Channel<S> {
         match self.route_drained(publishes).await {
             Some(refused) => refused,
             None if disconnect => CloseReason::ClientDisconnect,
-            None => reason,
+            None => otherwise,
         }
     }
 
@@ -1074,21 +1071,7 @@ impl<S: Stream> Channel<S> {
                 // A takeover: whether the client sent DISCONNECT first decides how this channel
                 // ended, and whether its will is published (the router waits to hear); what it
                 // published before goes on.
-                Some(Outgoing::Close(CloseReason::TakenOver)) => {
-                    let Drained {
-                        publishes,
-                        disconnect,
-                    } = self.framed.drain_now();
-                    let then_close = if disconnect {
-                        CloseReason::ClientDisconnect
-                    } else {
-                        CloseReason::TakenOver
-                    };
-                    return Step::Drained {
-                        publishes,
-                        then_close,
-                    };
-                }
+                Some(Outgoing::Close(CloseReason::TakenOver)) => return Step::TakenOver,
                 Some(Outgoing::Close(reason)) => {
                     then_close = Some(reason);
                     break;
@@ -1129,7 +1112,7 @@ impl<S: Stream> Channel<S> {
                     }
                 }
                 Step::Close(reason) => return Some(reason),
-                Step::Continue | Step::Flush { .. } | Step::Drained { .. } => {}
+                Step::Continue | Step::Flush { .. } | Step::TakenOver => {}
             }
         }
         None
