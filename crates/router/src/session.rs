@@ -236,7 +236,6 @@ impl Session {
             let (packet, state) = match (queued.released, queued.message.qos) {
                 (true, _) => (Packet::PubRel(packet_id), InflightState::Complete),
                 (false, qos) => {
-                    outcome.sent_by_qos[qos.as_u8() as usize] += 1;
                     let packet = publish_packet(&queued.message, Some(packet_id), queued.dup);
                     let state = match qos {
                         QoS::ExactlyOnce => InflightState::Received,
@@ -245,29 +244,25 @@ impl Session {
                     (packet, state)
                 }
             };
+            let sent = send_on(&self.attached, packet);
+            if sent == Err(SendError::Closed) {
+                // The connection has gone (its close is on the way): the message was not sent,
+                // and waits as it was for the session's next channel, which sends it once
+                // rather than resending it as a duplicate.
+                flow.queue.push_front(queued);
+                break;
+            }
+            if !queued.released {
+                outcome.sent_by_qos[queued.message.qos.as_u8() as usize] += 1;
+            }
             flow.inflight.push_back(Inflight {
                 packet_id,
                 queued,
                 state,
             });
-            match send_on(&self.attached, packet) {
-                Ok(()) => {}
-                Err(SendError::Full) => {
-                    outcome.slow_consumer = true;
-                    break;
-                }
-                // The connection has gone (its close is on the way): the message was not sent,
-                // and waits as it was for the session's next channel, which sends it once
-                // rather than resending it as a duplicate.
-                Err(SendError::Closed) => {
-                    if let Some(Inflight { queued, .. }) = flow.inflight.pop_back() {
-                        if !queued.released {
-                            outcome.sent_by_qos[queued.message.qos.as_u8() as usize] -= 1;
-                        }
-                        flow.queue.push_front(queued);
-                    }
-                    break;
-                }
+            if sent == Err(SendError::Full) {
+                outcome.slow_consumer = true;
+                break;
             }
         }
         outcome
