@@ -45,8 +45,8 @@ impl Router {
     /// will) and reports how it ended; the CONNECT is taken then, or after [`TAKEOVER_WAIT`].
     pub(crate) fn handle_connect(&mut self, request: ConnectRequest) {
         let client = request.client_id.clone();
-        if let Some(old) = self.sessions.get(&client).and_then(Session::channel_ref) {
-            let request = Box::new(request);
+        if let Some(attached) = self.sessions.get(&client).and_then(|s| s.attached.as_ref()) {
+            let old = ChannelRef::new(client.clone(), attached.id);
             let due = match self.takeovers.remove(&client) {
                 // A newer CONNECT for the same id: the one that waited never became a channel.
                 // The old channel's time is not extended.
@@ -56,35 +56,36 @@ impl Router {
                         .request
                         .outbox
                         .try_send(Outgoing::Close(CloseReason::TakenOver));
-                    waiting.due
+                    Some(waiting.due)
                 }
                 None => {
                     info!(client_id = %client, old_channel = %old, new_channel = %request.channel, "client id taken over by a new connection");
-                    let asked = self
-                        .sessions
-                        .get(&client)
-                        .and_then(|s| s.attached.as_ref())
-                        .map(|a| a.outbox.try_send(Outgoing::Close(CloseReason::TakenOver)));
                     // A closed outbox: its task has ended, and its `Input::Closed` is on the
                     // way (it keeps the outbox until that is sent). A full one: it does not
-                    // read, and would not see the request soon.
-                    if matches!(asked, Some(Err(SendError::Full)) | None) {
-                        self.end_channel(&old, CloseReason::TakenOver);
-                        return self.handle_connect(*request);
+                    // read, and would not see the request soon: the channel ends now.
+                    match attached
+                        .outbox
+                        .try_send(Outgoing::Close(CloseReason::TakenOver))
+                    {
+                        Err(SendError::Full) => None,
+                        _ => Some(tokio::time::Instant::now() + TAKEOVER_WAIT),
                     }
-                    tokio::time::Instant::now() + TAKEOVER_WAIT
                 }
             };
-            self.takeovers.insert(
-                client,
-                Takeover {
-                    old: old.id,
-                    request,
-                    due,
-                    held: Vec::new(),
-                },
-            );
-            return;
+            if let Some(due) = due {
+                self.takeovers.insert(
+                    client,
+                    Takeover {
+                        old: old.id,
+                        request: Box::new(request),
+                        due,
+                        held: Vec::new(),
+                    },
+                );
+                return;
+            }
+            // Taken in at once, below, once the old channel has ended.
+            self.end_channel(&old, CloseReason::TakenOver);
         }
         let mut session_present = false;
         if request.clean_session {
