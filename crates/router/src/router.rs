@@ -462,6 +462,8 @@ impl Router {
                 _ = flush_timer.tick(), if self.settings.flush_interval.is_some() => {
                     self.persister.flush_in_background().await;
                 }
+                // A future that makes its timer only when polled: the router goes round this
+                // loop for every batch of inputs, and a takeover rarely waits.
                 _ = async {
                     match takeover_due {
                         Some(at) => tokio::time::sleep_until(at).await,
