@@ -32,23 +32,6 @@ pub(crate) async fn parked(broker: &TestBroker, want: u64) {
     panic!("{seen} connections parked, expected {want}");
 }
 
-/// A raw, signed CONNECT for `client` with `keep_alive` seconds; returns after the CONNACK.
-async fn raw_connected(broker: &TestBroker, client: &str, keep_alive: u16) -> RawClient {
-    let mut raw = RawClient::connect(broker.addr).await;
-    let mut connect = RawClient::connect_packet(
-        client,
-        Some(herald_testkit::DEMO_USER),
-        Some(&signature(client)),
-        true,
-    );
-    if let Packet::Connect(c) = &mut connect {
-        c.keep_alive = keep_alive;
-    }
-    raw.send(connect).await;
-    assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
-    raw
-}
-
 /// `DEV` connected raw with `keep_alive` seconds, its `connect` notice taken from `backend`,
 /// and parked (with the backend, two parked connections).
 async fn parked_device(
@@ -56,7 +39,7 @@ async fn parked_device(
     backend: &mut TestClient,
     keep_alive: u16,
 ) -> RawClient {
-    let raw = raw_connected(broker, DEV, keep_alive).await;
+    let raw = RawClient::signed(broker.addr, DEV, keep_alive).await;
     expect(&notice(backend, DEV).await, "connect", None);
     parked(broker, 2).await;
     raw
@@ -108,7 +91,7 @@ async fn a_parked_subscriber_gets_every_message_and_parks_again() {
 /// A raw QoS 0 subscriber of `topic` and a publisher, both parked; with the parker's write
 /// count at that point.
 async fn parked_subscriber(broker: &TestBroker, topic: &str) -> (RawClient, TestClient, u64) {
-    let mut sub = raw_connected(broker, DEV, 600).await;
+    let mut sub = RawClient::signed(broker.addr, DEV, 600).await;
     sub.send(Packet::Subscribe {
         packet_id: herald_protocol::PacketId::new(1).expect("id"),
         filters: vec![(topic.to_string(), PQoS::AtMostOnce)],
@@ -273,7 +256,7 @@ async fn a_parked_connection_is_taken_over_and_closed_at_shutdown() {
     let broker = TestBroker::demo(&config(100)).await;
     let mut backend = backend(broker.addr).await;
     let mut old = parked_device(&broker, &mut backend, 60).await;
-    let mut new = raw_connected(&broker, DEV, 60).await;
+    let mut new = RawClient::signed(broker.addr, DEV, 60).await;
     expect(
         &notice(&mut backend, DEV).await,
         "tcpclean",
@@ -295,7 +278,7 @@ async fn a_parked_connection_that_sent_disconnect_just_before_a_takeover_reports
     let mut old = parked_device(&broker, &mut backend, 60).await;
     old.send(Packet::Disconnect).await;
     let started = std::time::Instant::now();
-    let _new = raw_connected(&broker, DEV, 60).await;
+    let _new = RawClient::signed(broker.addr, DEV, 60).await;
     let waited = started.elapsed();
     assert!(
         waited < Duration::from_millis(400),
@@ -310,7 +293,7 @@ async fn a_parked_connection_that_sent_disconnect_just_before_a_takeover_reports
 #[tokio::test]
 async fn with_parking_off_idle_connections_keep_their_task() {
     let broker = TestBroker::demo(&config(0)).await;
-    let mut raw = raw_connected(&broker, DEV, 60).await;
+    let mut raw = RawClient::signed(broker.addr, DEV, 60).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(metric(&broker, "herald_connections_parked").await, 0);
     raw.send(Packet::PingReq).await;
@@ -321,7 +304,7 @@ async fn with_parking_off_idle_connections_keep_their_task() {
 #[tokio::test]
 async fn half_a_packet_at_idle_time_does_not_keep_a_connection_from_parking() {
     let broker = TestBroker::demo(&config(100)).await;
-    let mut raw = raw_connected(&broker, DEV, 60).await;
+    let mut raw = RawClient::signed(broker.addr, DEV, 60).await;
     parked(&broker, 1).await;
     // Half a PINGREQ wakes it; the idle time passes with the byte buffered; then the rest.
     raw.send_bytes(&[0xC0]).await;
@@ -340,7 +323,9 @@ async fn many_connections_park_and_resume_again_and_again() {
     for i in 0..80 {
         // Half without keepalive: parked with no deadline at all.
         let keep_alive = if i % 2 == 0 { 0 } else { 60 };
-        clients.push(raw_connected(&broker, &format!("GID_demo@@@many-{i}"), keep_alive).await);
+        clients.push(
+            RawClient::signed(broker.addr, &format!("GID_demo@@@many-{i}"), keep_alive).await,
+        );
     }
     // Each round leaves 40 stale deadlines in the parker's heap, so it is rebuilt on the way,
     // and slab slots are reused by other connections between rounds.
@@ -355,7 +340,7 @@ async fn many_connections_park_and_resume_again_and_again() {
     }
     parked(&broker, 80).await;
     // Deadlines still work after all that.
-    let mut short = raw_connected(&broker, DEV, 1).await;
+    let mut short = RawClient::signed(broker.addr, DEV, 1).await;
     parked(&broker, 81).await;
     tokio::time::timeout(Duration::from_secs(3), short.expect_closed())
         .await
@@ -367,7 +352,7 @@ async fn many_connections_park_and_resume_again_and_again() {
 #[tokio::test]
 async fn a_parked_connection_keeps_its_place_under_max_connections() {
     let broker = TestBroker::demo(&format!("{}max_connections = 1\n", config(100))).await;
-    let mut first = raw_connected(&broker, DEV, 60).await;
+    let mut first = RawClient::signed(broker.addr, DEV, 60).await;
     parked(&broker, 1).await;
     let mut second = RawClient::connect(broker.addr).await;
     second.expect_closed().await;

@@ -318,17 +318,9 @@ async fn a_channel_whose_task_has_gone_ends_with_the_reason_the_task_sent() {
     drop(rx);
     let router = broker.broker().router().clone();
     for k in 1..=1100_u16 {
-        let publish = herald_protocol::Publish {
-            dup: false,
-            qos: herald_protocol::QoS::AtLeastOnce,
-            retain: false,
-            topic: herald_protocol::Topic::from_trusted("demo/dev-1/gone"),
-            packet_id: herald_protocol::PacketId::new(k),
-            payload: bytes::Bytes::from(k.to_string()),
-        };
         let input = Input::Publish {
             channel: channel.clone(),
-            publish,
+            publish: qos1_publish("demo/dev-1/gone", k, k.to_string()),
         };
         assert!(router.inputs.send(input).await.is_ok());
     }
@@ -359,32 +351,30 @@ async fn broker_backend_watcher(topic: &str) -> (TestBroker, TestClient, TestCli
     (broker, b, watcher)
 }
 
+/// A QoS 1 PUBLISH to `topic` with packet id `id`.
+fn qos1_publish(topic: &str, id: u16, payload: String) -> herald_protocol::Publish {
+    herald_protocol::Publish {
+        dup: false,
+        qos: herald_protocol::QoS::AtLeastOnce,
+        retain: false,
+        topic: herald_protocol::Topic::from_trusted(topic),
+        packet_id: herald_protocol::PacketId::new(id),
+        payload: bytes::Bytes::from(payload),
+    }
+}
+
 /// QoS 1 PUBLISHes to `topic` with ids 1..=`count` and payloads `payload(id)`, then a
-/// DISCONNECT, encoded for one write.
+/// DISCONNECT (to send in one write).
 fn publishes_then_disconnect(
     topic: &str,
     count: u16,
     payload: impl Fn(u16) -> String,
-) -> bytes::BytesMut {
-    use herald_protocol::{Codec, Packet, PacketId, Publish, Topic};
-    use tokio_util::codec::Encoder;
-    let mut codec = Codec::new(1024);
-    let mut out = bytes::BytesMut::new();
-    for k in 1..=count {
-        let publish = Publish {
-            dup: false,
-            qos: herald_protocol::QoS::AtLeastOnce,
-            retain: false,
-            topic: Topic::from_trusted(topic),
-            packet_id: PacketId::new(k),
-            payload: bytes::Bytes::from(payload(k)),
-        };
-        codec
-            .encode(Packet::Publish(publish), &mut out)
-            .expect("encode");
-    }
-    codec.encode(Packet::Disconnect, &mut out).expect("encode");
-    out
+) -> Vec<herald_protocol::Packet> {
+    use herald_protocol::Packet;
+    (1..=count)
+        .map(|k| Packet::Publish(qos1_publish(topic, k, payload(k))))
+        .chain([Packet::Disconnect])
+        .collect()
 }
 
 /// The distinct payloads `watcher` receives until it has `wanted`, or nothing more comes for
@@ -411,26 +401,18 @@ async fn payloads(watcher: &mut TestClient, wanted: usize) -> std::collections::
 /// delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_that_finds_more_publishes_than_the_outbox_holds_ends_cleanly() {
-    use herald_protocol::Packet;
     const MESSAGES: u16 = 2000;
     let id = "GID_demo@@@many";
     let (broker, mut b, mut watcher) = broker_backend_watcher("demo/many").await;
-    let signature = signature(id);
-    let signed =
-        || RawClient::connect_packet(id, Some(herald_testkit::DEMO_USER), Some(&signature), true);
-    let mut old = RawClient::connect(broker.addr).await;
-    old.send(signed()).await;
-    assert!(matches!(old.recv().await, Some(Packet::ConnAck(_))));
+    let mut old = RawClient::signed(broker.addr, id, 60).await;
     expect(&notice(&mut b, id).await, "connect", None);
     // Idle past `limits.park_idle_ms`: parked.
     tokio::time::sleep(Duration::from_millis(250)).await;
-    old.send_bytes(&publishes_then_disconnect("demo/many", MESSAGES, |k| {
+    old.send_all(publishes_then_disconnect("demo/many", MESSAGES, |k| {
         k.to_string()
     }))
     .await;
-    let mut new = RawClient::connect(broker.addr).await;
-    new.send(signed()).await;
-    assert!(matches!(new.recv().await, Some(Packet::ConnAck(_))));
+    let _new = RawClient::signed(broker.addr, id, 60).await;
     let clean = Some("client_disconnect");
     expect(&notice(&mut b, id).await, "disconnect", clean);
     expect(&notice(&mut b, id).await, "tcpclean", clean);
@@ -449,23 +431,13 @@ async fn publishes_and_disconnect_then_gone(
     per_cycle: u16,
     abort: bool,
 ) {
-    use herald_protocol::Packet;
     let (broker, mut b, mut watcher) = broker_backend_watcher("demo/quick").await;
     let clients: Vec<String> = (0..cycles)
         .map(|i| format!("GID_demo@@@{name}-{i}"))
         .collect();
     for (i, id) in clients.iter().enumerate() {
-        let mut raw = RawClient::connect(broker.addr).await;
-        let signature = signature(id);
-        raw.send(RawClient::connect_packet(
-            id,
-            Some(herald_testkit::DEMO_USER),
-            Some(&signature),
-            true,
-        ))
-        .await;
-        assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
-        raw.send_bytes(&publishes_then_disconnect("demo/quick", per_cycle, |k| {
+        let mut raw = RawClient::signed(broker.addr, id, 60).await;
+        raw.send_all(publishes_then_disconnect("demo/quick", per_cycle, |k| {
             format!("{i}-{k}")
         }))
         .await;

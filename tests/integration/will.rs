@@ -89,13 +89,11 @@ async fn a_parked_client_s_publish_and_disconnect_just_before_a_reconnect_are_bo
 /// `cycles` times: connect with a will, wait `idle` (to park), then PUBLISH and DISCONNECT in
 /// one write and connect again at once; every message arrives, in order, and no will.
 async fn publish_disconnect_reconnect(cycles: usize, idle: Option<Duration>) {
-    use herald_protocol::{Codec, Packet, Publish, Topic, Will};
-    use tokio_util::codec::Encoder;
+    use herald_protocol::{Packet, Publish, Topic, Will};
     let broker = TestBroker::open("").await;
     let mut watcher = TestClient::connected(options(broker.addr, "watcher", true)).await;
     watcher.subscribe("wills", QoS::AtLeastOnce).await;
     watcher.subscribe("news", QoS::AtMostOnce).await;
-    let mut codec = Codec::new(1024);
     for i in 0..cycles {
         let mut client = RawClient::connect(broker.addr).await;
         let mut connect = RawClient::connect_packet("hasty", None, None, true);
@@ -112,7 +110,6 @@ async fn publish_disconnect_reconnect(cycles: usize, idle: Option<Duration>) {
         if let Some(idle) = idle {
             tokio::time::sleep(idle).await;
         }
-        let mut out = bytes::BytesMut::new();
         let publish = Publish {
             dup: false,
             qos: herald_protocol::QoS::AtMostOnce,
@@ -121,11 +118,9 @@ async fn publish_disconnect_reconnect(cycles: usize, idle: Option<Duration>) {
             packet_id: None,
             payload: bytes::Bytes::from(i.to_string()),
         };
-        codec
-            .encode(Packet::Publish(publish), &mut out)
-            .expect("encode");
-        codec.encode(Packet::Disconnect, &mut out).expect("encode");
-        client.send_bytes(&out).await;
+        client
+            .send_all([Packet::Publish(publish), Packet::Disconnect])
+            .await;
     }
     let mut got = Vec::new();
     for _ in 0..cycles {

@@ -39,9 +39,37 @@ impl RawClient {
     }
 
     pub async fn send(&mut self, packet: Packet) {
+        self.send_all([packet]).await;
+    }
+
+    /// `packets` in one write (as a client whose packets leave together).
+    pub async fn send_all(&mut self, packets: impl IntoIterator<Item = Packet>) {
         let mut out = BytesMut::new();
-        self.codec.encode(packet, &mut out).expect("encode");
+        for packet in packets {
+            self.codec.encode(packet, &mut out).expect("encode");
+        }
         self.send_bytes(&out).await;
+    }
+
+    /// Connected with the demo access key's Signature for `client_id` (clean session,
+    /// `keep_alive` seconds); returns after the CONNACK, which must accept it.
+    pub async fn signed(addr: SocketAddr, client_id: &str, keep_alive: u16) -> RawClient {
+        let mut raw = RawClient::connect(addr).await;
+        let mut connect = RawClient::connect_packet(
+            client_id,
+            Some(crate::DEMO_USER),
+            Some(&crate::signature(client_id)),
+            true,
+        );
+        if let Packet::Connect(c) = &mut connect {
+            c.keep_alive = keep_alive;
+        }
+        raw.send(connect).await;
+        assert!(
+            matches!(raw.recv().await, Some(Packet::ConnAck(ack)) if ack.code == herald_protocol::ConnectReturnCode::Accepted),
+            "{client_id} was not accepted"
+        );
+        raw
     }
 
     /// A CONNECT packet with the given fields (MQTT 3.1.1, keepalive 60).
