@@ -68,9 +68,9 @@ fn check_events(events: &[Value], clients: &[String], cycles: usize) {
     }
 }
 
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
     for _ in 0..600 {
-        if done() {
+        if done().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -100,10 +100,10 @@ sinks = ["hook"]
     let broker = TestBroker::demo(&extra).await;
     let ids = clients("hooked", 3);
     churn(&broker, &ids).await;
-    wait_for("the sink to try", || hook.refused() > 0).await;
+    wait_for("the sink to try", async || hook.refused() > 0).await;
     let broker = broker.restart().await;
     hook.set_status(200);
-    wait_for("every event", || {
+    wait_for("every event", async || {
         let ids: std::collections::HashSet<String> = hook
             .accepted()
             .iter()
@@ -314,15 +314,10 @@ async fn a_redis_that_restarts_gets_the_events_of_its_outage() {
     let failures = metric(&broker, FAILURES).await;
     let during = clients("during", 2);
     churn(&broker, &during).await;
-    let mut noticed = false;
-    for _ in 0..600 {
-        noticed = metric(&broker, FAILURES).await > failures;
-        if noticed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(noticed, "the sink noticed redis was gone");
+    wait_for("the sink to notice redis was gone", async || {
+        metric(&broker, FAILURES).await > failures
+    })
+    .await;
     let second_dir = tempfile::TempDir::new().expect("temp dir");
     let mut redis_server = start_redis(port, second_dir.path());
     let events = wait_for_stream(&broker, port, &mut redis_server, second_dir.path(), |e| {
@@ -347,7 +342,7 @@ async fn a_file_sink_whose_directory_appears_late_gets_every_event() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::create_dir_all(dir.path().join("later")).expect("mkdir");
     let mut events = Vec::new();
-    wait_for("the file", || {
+    wait_for("the file", async || {
         events = json_lines(&path);
         events.len() >= 12
     })
@@ -395,7 +390,7 @@ sinks = ["telemetry-file"]
         )
         .await;
     let mut lines: Vec<Value> = Vec::new();
-    wait_for("the outflow entry", || {
+    wait_for("the outflow entry", async || {
         lines = json_lines(&path);
         !lines.is_empty()
     })
@@ -441,7 +436,7 @@ sinks = ["small"]
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::create_dir_all(dir.path().join("later")).expect("mkdir");
     let mut events: Vec<Value> = Vec::new();
-    wait_for("the file", || {
+    wait_for("the file", async || {
         events = json_lines(&path);
         events.len() >= 3
     })
@@ -508,7 +503,7 @@ sinks = ["hanging", "file"]
             .await;
         assert_eq!(&sub.next_publish().await.payload[..], &[i]);
     }
-    wait_for("the file sink", || json_lines(&path).len() >= 18).await;
+    wait_for("the file sink", async || json_lines(&path).len() >= 18).await;
     // Far less than the webhook's 30 s timeout: nothing waited for it.
     assert!(
         started.elapsed() < Duration::from_secs(20),
