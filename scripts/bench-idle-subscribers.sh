@@ -33,31 +33,21 @@ if (($(ulimit -n) < N + 200)); then
 fi
 
 cat >"$WORK/idle.py" <<'PY'
-import asyncio, os, struct, sys, time
+import asyncio, os, sys, time
 port, pid, n, period, duration = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-def length(n):
-    out = b""
-    while True:
-        byte, n = n % 128, n // 128
-        out += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            return out
-def text(s):
-    s = s.encode()
-    return struct.pack(">H", len(s)) + s
-def packet(first, body):
-    return bytes([first]) + length(len(body)) + body
+sys.path.insert(0, sys.argv[6])  # scripts/lib
+from mqtt import connect_packet, publish_packet, subscribe_packet
 def connect(client_id):
-    return packet(0x10, text("MQTT") + bytes([4, 2]) + struct.pack(">H", 600) + text(client_id))
+    return connect_packet(client_id, keep_alive=600)
 TOPIC = "idle/t"
 PAYLOAD = b"cmd!"
-PUBLISH = packet(0x30, text(TOPIC) + PAYLOAD)
+PUBLISH = publish_packet(TOPIC, None, PAYLOAD)
 delivered = 0
 async def subscriber(i, ready):
     global delivered
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(connect(f"idle-{i}"))
-    writer.write(packet(0x82, struct.pack(">H", 1) + text(TOPIC) + bytes([0])))
+    writer.write(subscribe_packet(1, TOPIC, 0))
     await writer.drain()
     await reader.readexactly(4 + 5)  # CONNACK, SUBACK
     ready.append(i)
@@ -132,11 +122,11 @@ cargo build --release -q -p herald
 echo "$N idle QoS 0 subscribers, one message to all every ${PERIOD}s for ${DURATION}s, $ROUNDS rounds"
 for round in $(seq 1 "$ROUNDS"); do
     start_herald
-    echo "herald:    $(python3 "$WORK/idle.py" "$PORT" "$BROKER_PID" "$N" "$PERIOD" "$DURATION")"
+    echo "herald:    $(python3 "$WORK/idle.py" "$PORT" "$BROKER_PID" "$N" "$PERIOD" "$DURATION" "$ROOT/scripts/lib")"
     stop_broker
     if command -v mosquitto >/dev/null; then
         start_mosquitto
-        echo "mosquitto: $(python3 "$WORK/idle.py" "$PORT" "$BROKER_PID" "$N" "$PERIOD" "$DURATION")"
+        echo "mosquitto: $(python3 "$WORK/idle.py" "$PORT" "$BROKER_PID" "$N" "$PERIOD" "$DURATION" "$ROOT/scripts/lib")"
         stop_broker
     fi
 done

@@ -50,6 +50,9 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts", "lib"))
+from mqtt import (DISCONNECT, connect_packet, parse_publish, publish_packet,  # noqa: E402
+                  read_packet, subscribe_packet)
 BIN = os.environ.get("HERALD_BIN", os.path.join(ROOT, "target", "release", "herald"))
 IDS = int(os.environ.get("IDS", 20))
 WORKERS = int(os.environ.get("WORKERS", 4))
@@ -58,69 +61,6 @@ CRASH_SECS = float(os.environ.get("CRASH_SECS", 16))
 random.seed(int(os.environ.get("SEED", 1)))
 HOST = "127.0.0.1"
 ADMIN_SECRET = "churn-admin-secret"
-
-
-# --- MQTT 3.1.1 packets -------------------------------------------------------------------
-
-def remaining_length(n):
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def utf8(text):
-    data = text.encode()
-    return struct.pack(">H", len(data)) + data
-
-
-def connect_packet(client_id, clean, user=None, password=None, keep_alive=30):
-    flags = (0x02 if clean else 0) | (0x80 if user else 0) | (0x40 if password else 0)
-    body = utf8("MQTT") + bytes([4, flags]) + struct.pack(">H", keep_alive) + utf8(client_id)
-    if user:
-        body += utf8(user)
-    if password:
-        body += utf8(password)
-    return b"\x10" + remaining_length(len(body)) + body
-
-
-def publish_packet(topic, packet_id, payload):
-    body = utf8(topic) + struct.pack(">H", packet_id) + payload
-    return b"\x32" + remaining_length(len(body)) + body
-
-
-def subscribe_packet(packet_id, topic_filter, qos):
-    body = struct.pack(">H", packet_id) + utf8(topic_filter) + bytes([qos])
-    return b"\x82" + remaining_length(len(body)) + body
-
-
-DISCONNECT = b"\xe0\x00"
-
-
-async def read_packet(reader):
-    header = (await reader.readexactly(1))[0]
-    length, shift = 0, 0
-    while True:
-        byte = (await reader.readexactly(1))[0]
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    return header, (await reader.readexactly(length) if length else b"")
-
-
-def parse_publish(header, body):
-    """(topic, packet id bytes or None, payload)"""
-    topic_len = struct.unpack(">H", body[:2])[0]
-    topic = body[2:2 + topic_len].decode()
-    offset = 2 + topic_len
-    packet_id = None
-    if (header >> 1) & 3:
-        packet_id = body[offset:offset + 2]
-        offset += 2
-    return topic, packet_id, body[offset:]
 
 
 def reset_on_close(writer):
@@ -213,14 +153,21 @@ sinks = ["notices"]
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def metric(self, name):
-        request = urllib.request.Request(f"http://{HOST}:{self.admin_port}/metrics")
+    def admin(self, path, method="GET"):
+        """(status, body) of an admin API request with the admin key."""
+        request = urllib.request.Request(f"http://{HOST}:{self.admin_port}{path}", method=method)
         token = base64.b64encode(f"admin:{ADMIN_SECRET}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+
+    def metric(self, name):
+        for line in self.admin("/metrics")[1].splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
         return None
 
 
@@ -232,8 +179,9 @@ class Churn:
         self.stats = collections.Counter()
         self.problems = []
         self.acked = set()
-        self.bursts = []          # (client id, local port, time ms, payloads)
-        self.disconnected = []    # (client id, local port, time ms): sent DISCONNECT
+        # Connections that sent DISCONNECT: (client id, local port, time ms, the PUBLISHes sent
+        # in the same write, not waited for).
+        self.disconnected = []
         self.got = collections.Counter()
         self.notices = []
         self.connack_ms = []
@@ -283,7 +231,7 @@ class Churn:
                                 break
                     if mode == "acked+disconnect":
                         port = writer.get_extra_info("sockname")[1]
-                        self.disconnected.append((client_id, port, time.time() * 1000))
+                        self.disconnected.append((client_id, port, time.time() * 1000, []))
                         writer.write(DISCONNECT)
                         await writer.drain()
                 elif mode == "burst+disconnect":
@@ -294,8 +242,7 @@ class Churn:
                         payload = f"{client_id}/{worker}/{n}".encode()
                         payloads.append(payload)
                         data += publish_packet(f"churn/{client_id}", n % 65535 + 1, payload)
-                    self.bursts.append((client_id, port, time.time() * 1000, payloads))
-                    self.disconnected.append((client_id, port, time.time() * 1000))
+                    self.disconnected.append((client_id, port, time.time() * 1000, payloads))
                     writer.write(data + DISCONNECT)
                     await writer.drain()
                 else:
@@ -311,19 +258,9 @@ class Churn:
 
     async def kicker(self, deadline):
         """Closes a random client's connection through the admin API every 50 ms."""
-        token = base64.b64encode(f"admin:{ADMIN_SECRET}".encode()).decode()
-
-        def kick(client_id):
-            url = f"http://{HOST}:{self.broker.admin_port}/api/v1/clients/{client_id}/connection"
-            request = urllib.request.Request(url, method="DELETE")
-            request.add_header("Authorization", f"Basic {token}")
-            try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    return response.status
-            except urllib.error.HTTPError as e:
-                return e.code
         while time.monotonic() < deadline:
-            status = await asyncio.to_thread(kick, f"churn-{random.randrange(IDS)}")
+            path = f"/api/v1/clients/churn-{random.randrange(IDS)}/connection"
+            status, _ = await asyncio.to_thread(self.broker.admin, path, "DELETE")
             self.stats[f"kick answered {status}"] += 1
             await asyncio.sleep(0.05)
 
@@ -405,16 +342,15 @@ class Churn:
             return max(candidates)[1] if candidates else None
 
         lost_acked = [p for p in self.acked if not self.got[p]]
+        # A channel whose client sent DISCONNECT ends `client_disconnect` (and then every
+        # PUBLISH sent before it is delivered), or `taken_over`, `kicked` when that came first.
         lost_clean = []
-        for client_id, port, sent_ms, payloads in self.bursts:
-            if reason.get(channel_of(client_id, port, sent_ms)) == "client_disconnect":
-                lost_clean += [p for p in payloads if not self.got[p]]
-        # A channel whose client sent DISCONNECT ends `client_disconnect`, or `taken_over` when
-        # a newer connection took it over before the DISCONNECT was sent.
         wrong_end = collections.Counter()
-        for client_id, port, sent_ms in self.disconnected:
+        for client_id, port, sent_ms, payloads in self.disconnected:
             end = reason.get(channel_of(client_id, port, sent_ms))
-            if end not in ("client_disconnect", "taken_over", "kicked"):
+            if end == "client_disconnect":
+                lost_clean += [p for p in payloads if not self.got[p]]
+            elif end not in ("taken_over", "kicked"):
                 wrong_end[end] += 1
         if wrong_end:
             self.problems.append(f"channels whose client sent DISCONNECT ended otherwise: "
@@ -424,7 +360,7 @@ class Churn:
         if slow:
             self.problems.append(f"{slow} channels ended as slow consumers")
         connacks = len(self.connack_ms)
-        connect_events = sum(1 for seen in events.values() if seen and seen[0][0] == "connect")
+        connect_events = sum(1 for seen in events.values() if seen[0][0] == "connect")
         if connect_events != connacks:
             self.problems.append(f"{connacks} CONNACKs but {connect_events} connect events")
         if lost_acked:
@@ -445,8 +381,7 @@ class Churn:
         delays = sorted(self.connack_ms) or [0.0]
         return {
             "phase": "churn", "connacks": connacks, "channels": len(events),
-            "acked_publishes": len(self.acked), "tcpclean_reasons": dict(collections.Counter(
-                r for r in reason.values())),
+            "acked_publishes": len(self.acked), "tcpclean_reasons": dict(collections.Counter(reason.values())),
             "connack_p99_ms": round(delays[int(len(delays) * 0.99)], 2),
             "connack_max_ms": round(delays[-1], 2), "counts": dict(self.stats),
             "problems": self.problems,
