@@ -165,6 +165,8 @@ async fn a_device_is_seen_online_kicked_and_seen_offline() {
     assert_eq!(channels[0]["transport"], "tcp");
     assert!(channels[0]["protocol"].is_string());
     assert_eq!(view["lastEvent"]["eventType"], "connect");
+    // The channel's connect time is its connect event's.
+    assert_eq!(channels[0]["connectedAt"], view["lastEvent"]["time"]);
     let seq = view["seq"].as_u64().expect("seq");
 
     let kick = format!("/api/v1/clients/{DEV}/connection");

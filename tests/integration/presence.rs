@@ -828,10 +828,13 @@ async fn snapshots_come_back_after_sigkill_as_they_were() {
     let id = |name: &str| format!("GID_demo@@@snap-{name}");
     // gone: connected and dropped. refused: the same, then a login with a wrong password.
     // online: still connected when the broker is killed.
+    let mut online_connect = Value::Null;
     for name in ["gone", "refused", "online"] {
         let client = TestClient::connected(signed_options(broker.addr, &id(name), true)).await;
-        expect(&notice(&mut b, &id(name)).await, "connect", None);
+        let connect = notice(&mut b, &id(name)).await;
+        expect(&connect, "connect", None);
         if name == "online" {
+            online_connect = connect;
             std::mem::forget(client);
         } else {
             client.drop_connection();
@@ -859,6 +862,19 @@ async fn snapshots_come_back_after_sigkill_as_they_were() {
     assert_eq!(
         refused_state["seq"].as_u64().map(|s| s + 1),
         refused["seq"].as_u64()
+    );
+    // The open channel's snapshot is still its connect (a refused login changes no state),
+    // with that event's seq, channel, address and time.
+    let online_state: Value = serde_json::from_str(&before[&topic("online")]).expect("JSON");
+    assert_eq!(online_state["online"], true, "{online_state}");
+    assert_eq!(online_state["lastEvent"], "connect");
+    assert_eq!(online_state["seq"], online_connect["seq"]);
+    assert_eq!(online_state["channelId"], online_connect["channelId"]);
+    assert_eq!(online_state["clientIp"], online_connect["clientIp"]);
+    assert_eq!(online_state["since"], online_connect["time"]);
+    assert_eq!(
+        online_state["seq"].as_u64().map(|s| s + 1),
+        failed["seq"].as_u64()
     );
     broker.kill();
 

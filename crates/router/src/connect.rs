@@ -116,8 +116,10 @@ impl Router {
             protocol: request.protocol,
             username,
             transport: request.transport,
+            // The time of the `connect` event once there is one (`Router::emit_for`).
             connected_at_ms: now_ms(),
         });
+        session.snapshot_seq = None;
         RouterStats::add(&self.stats.connections, 1);
         let connack = Packet::ConnAck(ConnAck {
             session_present,
@@ -244,6 +246,10 @@ impl Router {
     }
 
     fn end_attached(&mut self, channel: &ChannelRef, reason: CloseReason) {
+        if self.session_of(channel).is_none() {
+            return;
+        }
+        self.keep_snapshot_apart(&channel.client);
         let Some(session) = self.session_of(channel) else {
             return;
         };

@@ -6,6 +6,7 @@
 //! that entry would not show it open: a refused connect after it, a write that failed).
 
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -242,6 +243,20 @@ impl Known {
     }
 }
 
+/// The snapshot `session` holds as its `snapshot_seq`: the `connect` of its attached channel.
+fn connect_snapshot(session: &crate::session::Session) -> Option<SnapshotState> {
+    let seq = session.snapshot_seq?;
+    let attached = session.attached.as_ref()?;
+    Some(SnapshotState {
+        since: attached.connected_at_ms,
+        channel: attached.id,
+        peer: attached.peer,
+        seq: seq.get(),
+        last_event: EventKind::Connect,
+        reason: None,
+    })
+}
+
 /// Each client's newest history entry, as the router reads it at start ([`read_newest`]).
 /// The entries' JSON is parsed as the store lends it, not kept.
 pub(crate) struct ReadBack {
@@ -362,6 +377,15 @@ impl SnapshotState {
         })
     }
 
+    /// The seq of the `connect` this state is the client's state after.
+    fn connect_seq(&self) -> Option<NonZeroU64> {
+        if self.last_event == EventKind::Connect && self.reason.is_none() {
+            NonZeroU64::new(self.seq)
+        } else {
+            None
+        }
+    }
+
     /// The retained message on `$presence/<client>` that carries this state.
     fn message(&self, client: &ClientId, node: &str) -> Option<Message> {
         Some(Message {
@@ -441,6 +465,15 @@ impl Router {
             return;
         }
         let stamp = self.stamp(client);
+        if kind == EventKind::Connect
+            && let Some(attached) = self
+                .sessions
+                .get_mut(client)
+                .and_then(|s| s.attached.as_mut())
+        {
+            // The channel's connect time, as the admin API shows it, is its event's.
+            attached.connected_at_ms = stamp.time_ms;
+        }
         let Some(attached) = self.attached(client) else {
             return;
         };
@@ -696,7 +729,9 @@ impl Router {
     /// Keeps `$presence/<clientId>` retained with the client's state after this event: in
     /// memory in its compact form (rendered for each new subscription), replacing any full
     /// copy; not in the store, where the event's history entry is what it is rebuilt from.
-    /// Rendered now only if someone subscribes to it.
+    /// Rendered now only if someone subscribes to it. The `connect` of the attached channel is
+    /// kept as the session's `snapshot_seq` (the rest of the state is the channel's), the
+    /// others in a box of their own.
     fn publish_snapshot(&mut self, client: &ClientId, state: SnapshotState) {
         if client.as_str().contains(['/', '+', '#', '\0']) {
             return;
@@ -709,15 +744,77 @@ impl Router {
         } else {
             state.message(client, &self.settings.presence.node_id)
         };
-        self.known
-            .entry(client.clone())
-            .or_default()
-            .set_snapshot(state);
+        let session = self.sessions.get_mut(client);
+        let known = self.known.entry(client.clone()).or_default();
+        match (session, state.connect_seq()) {
+            (Some(session), Some(seq))
+                if session.attached.as_ref().is_some_and(|attached| {
+                    attached.id == state.channel
+                        && attached.peer == state.peer
+                        && attached.connected_at_ms == state.since
+                }) =>
+            {
+                session.snapshot_seq = Some(seq);
+                known.snapshot = None;
+            }
+            (session, _) => {
+                if let Some(session) = session {
+                    session.snapshot_seq = None;
+                }
+                known.set_snapshot(state);
+            }
+        }
         if let Some(message) = message {
             for (subscriber, granted) in subscribers {
                 self.deliver(&subscriber, &message, granted, false);
             }
         }
+    }
+
+    /// The client's `$presence` snapshot, if it has one.
+    fn snapshot_of(&self, client: &str) -> Option<SnapshotState> {
+        self.snapshot_in(client, self.known.get(client)?)
+    }
+
+    /// The snapshot of `client`, whose entry in `known` is `known`: its box, or while it is
+    /// the `connect` of the attached channel, read from that channel.
+    fn snapshot_in(&self, client: &str, known: &Known) -> Option<SnapshotState> {
+        if let Some(snapshot) = &known.snapshot {
+            return Some((**snapshot).clone());
+        }
+        connect_snapshot(self.sessions.get(client)?)
+    }
+
+    /// Before the client's attached channel is detached: its snapshot, if read from that
+    /// channel, goes into a box of its own (the channel's end replaces it, in that box).
+    pub(crate) fn keep_snapshot_apart(&mut self, client: &ClientId) {
+        let Some(session) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let state = connect_snapshot(session);
+        session.snapshot_seq = None;
+        if let Some(state) = state {
+            self.known
+                .entry(client.clone())
+                .or_default()
+                .set_snapshot(state);
+        }
+    }
+
+    /// Drops the client's snapshot (a client allowed to publish on its `$presence` topic
+    /// replaces or clears it); whether it had one.
+    pub(crate) fn take_snapshot(&mut self, client: &str) -> bool {
+        let boxed = self
+            .known
+            .get_mut(client)
+            .and_then(|known| known.snapshot.take())
+            .is_some();
+        let read_from_channel = self
+            .sessions
+            .get_mut(client)
+            .and_then(|s| s.snapshot_seq.take())
+            .is_some();
+        boxed || read_from_channel
     }
 
     /// A `connect_failed` event leaves the client's snapshot as it was but becomes its newest
@@ -726,9 +823,8 @@ impl Router {
     fn store_snapshot(&mut self, client: &ClientId) {
         let node = &self.settings.presence.node_id;
         let Some(message) = self
-            .known
-            .get(client)
-            .and_then(|known| known.snapshot.as_ref()?.message(client, node))
+            .snapshot_of(client.as_str())
+            .and_then(|state| state.message(client, node))
         else {
             return;
         };
@@ -747,7 +843,10 @@ impl Router {
             return self
                 .known
                 .get_key_value(clients)
-                .and_then(|(client, known)| known.snapshot.as_ref()?.message(client, node))
+                .and_then(|(client, known)| {
+                    self.snapshot_in(client.as_str(), known)?
+                        .message(client, node)
+                })
                 .into_iter()
                 .collect();
         }
@@ -755,13 +854,15 @@ impl Router {
         let mut topic = String::from(SNAPSHOT_PREFIX);
         self.known
             .iter()
-            .filter_map(|(client, known)| Some((client, known.snapshot.as_ref()?)))
             .filter(|(client, _)| {
                 topic.truncate(SNAPSHOT_PREFIX.len());
                 topic.push_str(client.as_str());
                 matches(filter, &topic)
             })
-            .filter_map(|(client, state)| state.message(client, node))
+            .filter_map(|(client, known)| {
+                self.snapshot_in(client.as_str(), known)?
+                    .message(client, node)
+            })
             .collect()
     }
 

@@ -186,11 +186,7 @@ impl Router {
         let topic = message.topic.to_string();
         // A client allowed to publish on `$presence/...` replaces (or clears) the snapshot.
         if let Some(client) = topic.strip_prefix(SNAPSHOT_PREFIX)
-            && self
-                .known
-                .get_mut(client)
-                .and_then(|known| known.snapshot.take())
-                .is_some()
+            && self.take_snapshot(client)
             && message.payload.is_empty()
         {
             self.persister.stage(Op::DeleteRetained {

@@ -465,3 +465,87 @@ async fn client_pages_follow_id_order_within_a_group() {
     );
     assert_eq!(page(None, None, Some("GID_bbb@@@1"), 5).await, ["plain"]);
 }
+
+/// The `$presence` snapshots a new subscription to `filter` receives, as JSON.
+async fn snapshots_seen(h: &Harness, id: &str, filter: &str) -> Vec<serde_json::Value> {
+    let mut watcher = h.connect(id, true, 64).await;
+    h.subscribe(&watcher.channel, filter, QoS::AtLeastOnce)
+        .await;
+    assert!(matches!(
+        watcher.next().await,
+        Outgoing::Packet(Packet::SubAck { .. })
+    ));
+    // The retained snapshots follow the SUBACK, in the same router step.
+    let mut seen = Vec::new();
+    while let Ok(Some(out)) =
+        tokio::time::timeout(Duration::from_millis(100), watcher.outbox.recv()).await
+    {
+        match out {
+            Outgoing::Packet(Packet::Publish(p)) => {
+                seen.push(serde_json::from_slice(&p.payload).expect("JSON"))
+            }
+            other => panic!("expected snapshots, got {other:?}"),
+        }
+    }
+    h.close(&watcher.channel, CloseReason::SocketClosed).await;
+    seen
+}
+
+/// A connected client's snapshot is read from its channel (not kept apart); it says what the
+/// connect event said, is replaced by the channel's end, and can be cleared by a publish on
+/// its topic while the channel is open.
+#[tokio::test]
+async fn a_connected_client_s_snapshot_is_its_connect_until_the_channel_ends() {
+    let mut h = start(RouterSettings::default());
+    let dev = h.connect("dev", true, 64).await;
+    let connect = h.next_event().await;
+    let of_dev = |all: &[serde_json::Value]| {
+        all.iter()
+            .filter(|s| s["clientId"] == "dev")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    for filter in ["$presence/dev", "$presence/#"] {
+        let seen = of_dev(&snapshots_seen(&h, "watcher", filter).await);
+        assert_eq!(seen.len(), 1, "{filter}: {seen:?}");
+        let state = &seen[0];
+        assert_eq!(state["online"], true);
+        assert_eq!(state["lastEvent"], "connect");
+        assert_eq!(state["seq"], connect.seq);
+        assert_eq!(state["since"], connect.time_ms);
+        assert_eq!(state["channelId"], connect.channel.to_string());
+        assert_eq!(state["clientIp"], peer().to_string());
+        assert_eq!(state["reason"], serde_json::Value::Null);
+        // The watcher's own connect and tcpclean.
+        h.next_event().await;
+        h.next_event().await;
+    }
+
+    // An empty retained message on the topic clears it.
+    let publisher = h.connect("publisher", true, 64).await;
+    h.next_event().await;
+    let mut clear = publish("$presence/dev", QoS::AtMostOnce, 0);
+    clear.retain = true;
+    clear.payload = Bytes::new();
+    h.send(Input::Publish {
+        channel: publisher.channel.clone(),
+        publish: clear,
+    })
+    .await;
+    let seen = of_dev(&snapshots_seen(&h, "watcher", "$presence/#").await);
+    assert!(seen.is_empty(), "cleared: {seen:?}");
+    h.next_event().await;
+    h.next_event().await;
+
+    // The channel's end sets it again.
+    h.close(&dev.channel, CloseReason::SocketClosed).await;
+    let clean = h.next_event().await;
+    assert_eq!(clean.kind, EventKind::TcpClean);
+    let seen = of_dev(&snapshots_seen(&h, "watcher", "$presence/dev").await);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["online"], false);
+    assert_eq!(seen[0]["lastEvent"], "tcpclean");
+    assert_eq!(seen[0]["reason"], "socket_closed");
+    assert_eq!(seen[0]["seq"], clean.seq);
+    assert_eq!(seen[0]["since"], clean.time_ms);
+}
