@@ -19,7 +19,8 @@ to an `mqtt` sink). Checked:
     its `connect`; no `eventId` twice; each client's `seq` increases;
   - a channel whose client sent DISCONNECT ends `client_disconnect` (or `taken_over`, `kicked`
     when that came first), and none ends as a slow consumer (only the watcher subscribes);
-  - afterwards the broker reports 0 connections.
+  - afterwards the broker reports 0 connections, and each client's retained `$presence`
+    snapshot is its last event (seq, kind, reason, channel, address, time).
 Phase 2, crash (CRASH_SECS, 16 s, a SIGKILL and restart every 4 s): IDS persistent sessions
 subscribed at QoS 1, WORKERS connections per id coming and going (DISCONNECT, dropped socket,
 reset, or leaving without acknowledging), a commander publishing QoS 1 commands to them.
@@ -104,7 +105,7 @@ client_id_format = "any"
 id = "admin"
 secret = "{ADMIN_SECRET}"
 publish = ["#"]
-subscribe = ["#", "$notice/#"]
+subscribe = ["#", "$notice/#", "$presence/#"]
 admin = true
 
 [limits]
@@ -311,7 +312,36 @@ class Churn:
         await asyncio.sleep(3)
         stop.set()
         await watcher
+        self.snapshots = await self.read_snapshots()
         return self.check()
+
+    async def read_snapshots(self):
+        """Every client's retained `$presence` snapshot, by client id."""
+        client_id = "churn-snapshots"
+        password = base64.b64encode(
+            hmac.new(ADMIN_SECRET.encode(), client_id.encode(), hashlib.sha1).digest()).decode()
+        reader, writer = await asyncio.open_connection(HOST, self.broker.port)
+        writer.write(connect_packet(client_id, True, "Signature|admin|churn", password, 60))
+        writer.write(subscribe_packet(1, "$presence/+", 1))
+        await writer.drain()
+        snapshots = {}
+        while True:
+            try:
+                header, body = await asyncio.wait_for(read_packet(reader), 1.0)
+            except asyncio.TimeoutError:
+                break
+            if header == 0x90 and body[2] & 0x80:
+                raise SystemExit("the subscription to $presence/+ was refused")
+            if header >> 4 != 3:
+                continue
+            topic, packet_id, payload = parse_publish(header, body)
+            if packet_id:
+                writer.write(b"\x40\x02" + packet_id)
+            state = json.loads(payload)
+            snapshots[state["clientId"]] = state
+        writer.write(DISCONNECT)
+        writer.close()
+        return snapshots
 
     def check(self):
         events = collections.defaultdict(list)
@@ -375,12 +405,30 @@ class Churn:
         unordered = [c for c, s in seqs.items() if s != sorted(s) or len(set(s)) != len(s)]
         if unordered:
             self.problems.append(f"seq not increasing for {unordered[:3]}")
+        # Each client's `$presence` snapshot is its last event: after all left, a `tcpclean`.
+        last = {}
+        for e in self.notices:
+            if e["clientId"].startswith("churn-") and e["clientId"] != "churn-watcher" \
+                    and e["seq"] > last.get(e["clientId"], {}).get("seq", 0):
+                last[e["clientId"]] = e
+        wrong_snapshots = []
+        for client_id, e in last.items():
+            state = self.snapshots.get(client_id)
+            expected = {"seq": e["seq"], "lastEvent": e["eventType"], "channelId": e["channelId"],
+                        "clientIp": e["clientIp"], "since": e["time"], "reason": e.get("reason"),
+                        "online": e["eventType"] != "tcpclean"}
+            if state is None or any(state.get(k) != v for k, v in expected.items()):
+                wrong_snapshots.append((client_id, state, expected))
+        if wrong_snapshots:
+            self.problems.append(f"{len(wrong_snapshots)} $presence snapshots are not the "
+                                 f"client's last event, e.g. {wrong_snapshots[:2]}")
         connections = self.broker.metric("herald_connections")
         if connections != 0:
             self.problems.append(f"herald_connections is {connections} after every client left")
         delays = sorted(self.connack_ms) or [0.0]
         return {
             "phase": "churn", "connacks": connacks, "channels": len(events),
+            "snapshots_checked": len(last),
             "acked_publishes": len(self.acked), "tcpclean_reasons": dict(collections.Counter(reason.values())),
             "connack_p99_ms": round(delays[int(len(delays) * 0.99)], 2),
             "connack_max_ms": round(delays[-1], 2), "counts": dict(self.stats),
