@@ -19,8 +19,9 @@ to an `mqtt` sink). Checked:
     its `connect`; no `eventId` twice; each client's `seq` increases;
   - a channel whose client sent DISCONNECT ends `client_disconnect` (or `taken_over`, `kicked`
     when that came first), and none ends as a slow consumer (only the watcher subscribes);
-  - afterwards the broker reports 0 connections, and each client's retained `$presence`
-    snapshot is its last event (seq, kind, reason, channel, address, time).
+  - each client's retained `$presence` snapshot is its last event (seq, kind, reason, channel,
+    address, time), checked while every client id is connected once more and after all left;
+  - afterwards the broker reports 0 connections.
 Phase 2, crash (CRASH_SECS, 16 s, a SIGKILL and restart every 4 s): IDS persistent sessions
 subscribed at QoS 1, WORKERS connections per id coming and going (DISCONNECT, dropped socket,
 reset, or leaving without acknowledging), a commander publishing QoS 1 commands to them.
@@ -62,6 +63,8 @@ CRASH_SECS = float(os.environ.get("CRASH_SECS", 16))
 random.seed(int(os.environ.get("SEED", 1)))
 HOST = "127.0.0.1"
 ADMIN_SECRET = "churn-admin-secret"
+# The check's own clients, whose events are not the churn's.
+OBSERVERS = ("churn-watcher", "churn-snapshots")
 
 
 def reset_on_close(writer):
@@ -309,11 +312,50 @@ class Churn:
         await asyncio.gather(self.kicker(deadline),
                              *[self.worker(f"churn-{i}", k, deadline)
                                for i in range(IDS) for k in range(WORKERS)])
+        # Each client id connects once more and stays: while it does, its snapshot is that
+        # channel's connect.
+        holders = await asyncio.gather(*[self.open(f"churn-{i}", True) for i in range(IDS)])
+        await self.notices_caught_up()
+        self.check_snapshots(await self.read_snapshots(), "connected")
+        for holder in holders:
+            if holder:
+                holder[1].write(DISCONNECT)
+                holder[1].close()
         await asyncio.sleep(3)
         stop.set()
         await watcher
-        self.snapshots = await self.read_snapshots()
+        self.check_snapshots(await self.read_snapshots(), "after all left")
         return self.check()
+
+    async def notices_caught_up(self):
+        """Waits until the watcher has read every notice so far: none for a second (at most
+        30 s; the watcher reads the churn's tens of thousands of notices seconds behind)."""
+        seen, quiet_since, started = len(self.notices), time.monotonic(), time.monotonic()
+        while time.monotonic() - quiet_since < 1.0 and time.monotonic() - started < 30:
+            await asyncio.sleep(0.1)
+            if len(self.notices) != seen:
+                seen, quiet_since = len(self.notices), time.monotonic()
+
+    def check_snapshots(self, snapshots, when):
+        """Each client's retained `$presence` snapshot must be its last event so far."""
+        last = {}
+        for e in self.notices:
+            if e["clientId"] not in OBSERVERS \
+                    and e["seq"] > last.get(e["clientId"], {}).get("seq", 0):
+                last[e["clientId"]] = e
+        wrong = []
+        for client_id, e in last.items():
+            state = snapshots.get(client_id)
+            expected = {"seq": e["seq"], "lastEvent": e["eventType"], "channelId": e["channelId"],
+                        "clientIp": e["clientIp"], "since": e["time"], "reason": e.get("reason"),
+                        "online": e["eventType"] != "tcpclean"}
+            if state is None or any(state.get(k) != v for k, v in expected.items()):
+                wrong.append((client_id, state, expected))
+        if wrong:
+            self.problems.append(f"{when}: {len(wrong)} $presence snapshots are not the "
+                                 f"client's last event, e.g. {wrong[:2]}")
+        online = sum(1 for e in last.values() if e["eventType"] != "tcpclean")
+        self.stats[f"snapshots checked {when} (online)"] = f"{len(last)} ({online})"
 
     async def read_snapshots(self):
         """Every client's retained `$presence` snapshot, by client id."""
@@ -349,7 +391,7 @@ class Churn:
         event_ids = collections.Counter()
         connects = {}
         for e in self.notices:
-            if e["clientId"] == "churn-watcher":
+            if e["clientId"] in OBSERVERS:
                 continue
             events[e["channelId"]].append((e["eventType"], e.get("reason")))
             seqs[e["clientId"]].append(e["seq"])
@@ -405,30 +447,12 @@ class Churn:
         unordered = [c for c, s in seqs.items() if s != sorted(s) or len(set(s)) != len(s)]
         if unordered:
             self.problems.append(f"seq not increasing for {unordered[:3]}")
-        # Each client's `$presence` snapshot is its last event: after all left, a `tcpclean`.
-        last = {}
-        for e in self.notices:
-            if e["clientId"].startswith("churn-") and e["clientId"] != "churn-watcher" \
-                    and e["seq"] > last.get(e["clientId"], {}).get("seq", 0):
-                last[e["clientId"]] = e
-        wrong_snapshots = []
-        for client_id, e in last.items():
-            state = self.snapshots.get(client_id)
-            expected = {"seq": e["seq"], "lastEvent": e["eventType"], "channelId": e["channelId"],
-                        "clientIp": e["clientIp"], "since": e["time"], "reason": e.get("reason"),
-                        "online": e["eventType"] != "tcpclean"}
-            if state is None or any(state.get(k) != v for k, v in expected.items()):
-                wrong_snapshots.append((client_id, state, expected))
-        if wrong_snapshots:
-            self.problems.append(f"{len(wrong_snapshots)} $presence snapshots are not the "
-                                 f"client's last event, e.g. {wrong_snapshots[:2]}")
         connections = self.broker.metric("herald_connections")
         if connections != 0:
             self.problems.append(f"herald_connections is {connections} after every client left")
         delays = sorted(self.connack_ms) or [0.0]
         return {
             "phase": "churn", "connacks": connacks, "channels": len(events),
-            "snapshots_checked": len(last),
             "acked_publishes": len(self.acked), "tcpclean_reasons": dict(collections.Counter(reason.values())),
             "connack_p99_ms": round(delays[int(len(delays) * 0.99)], 2),
             "connack_max_ms": round(delays[-1], 2), "counts": dict(self.stats),
