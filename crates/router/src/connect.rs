@@ -116,10 +116,9 @@ impl Router {
             protocol: request.protocol,
             username,
             transport: request.transport,
-            // The time of the `connect` event once there is one (`Router::emit_for`).
+            // Also the time of its `connect` event (`Router::emit_for`).
             connected_at_ms: now_ms(),
         });
-        session.snapshot_seq = None;
         RouterStats::add(&self.stats.connections, 1);
         let connack = Packet::ConnAck(ConnAck {
             session_present,
@@ -246,20 +245,17 @@ impl Router {
     }
 
     fn end_attached(&mut self, channel: &ChannelRef, reason: CloseReason) {
-        if self.session_of(channel).is_none() {
-            return;
-        }
-        self.keep_snapshot_apart(&channel.client);
         let Some(session) = self.session_of(channel) else {
             return;
         };
         let persistent = session.persistent;
         // Detached before its events: what they set off (the client's own `$presence`
         // snapshot delivered to its full outbox) cannot end the channel a second time.
-        let Some(attached) = session.attached.take() else {
+        let Some((attached, snapshot_seq)) = session.detach() else {
             return;
         };
         let client = channel.client.clone();
+        self.keep_snapshot_apart(&client, &attached, snapshot_seq);
         if reason == CloseReason::ClientDisconnect {
             self.emit_detached(
                 &client,

@@ -243,20 +243,6 @@ impl Known {
     }
 }
 
-/// The snapshot `session` holds as its `snapshot_seq`: the `connect` of its attached channel.
-fn connect_snapshot(session: &crate::session::Session) -> Option<SnapshotState> {
-    let seq = session.snapshot_seq?;
-    let attached = session.attached.as_ref()?;
-    Some(SnapshotState {
-        since: attached.connected_at_ms,
-        channel: attached.id,
-        peer: attached.peer,
-        seq: seq.get(),
-        last_event: EventKind::Connect,
-        reason: None,
-    })
-}
-
 /// Each client's newest history entry, as the router reads it at start ([`read_newest`]).
 /// The entries' JSON is parsed as the store lends it, not kept.
 pub(crate) struct ReadBack {
@@ -377,6 +363,18 @@ impl SnapshotState {
         })
     }
 
+    /// The state after the `connect` (event `seq`) of the channel `attached`.
+    pub(crate) fn of_connect(attached: &Attached, seq: NonZeroU64) -> SnapshotState {
+        SnapshotState {
+            since: attached.connected_at_ms,
+            channel: attached.id,
+            peer: attached.peer,
+            seq: seq.get(),
+            last_event: EventKind::Connect,
+            reason: None,
+        }
+    }
+
     /// The seq of the `connect` this state is the client's state after.
     fn connect_seq(&self) -> Option<NonZeroU64> {
         if self.last_event == EventKind::Connect && self.reason.is_none() {
@@ -461,19 +459,16 @@ impl Router {
         clean_session: bool,
     ) {
         let client = &channel.client;
-        if self.attached(client).is_none_or(|a| a.id != channel.id) {
+        let Some(attached) = self.attached(client).filter(|a| a.id == channel.id) else {
             return;
-        }
-        let stamp = self.stamp(client);
-        if kind == EventKind::Connect
-            && let Some(attached) = self
-                .sessions
-                .get_mut(client)
-                .and_then(|s| s.attached.as_mut())
-        {
-            // The channel's connect time, as the admin API shows it, is its event's.
-            attached.connected_at_ms = stamp.time_ms;
-        }
+        };
+        // A `connect` happens when the channel is attached: its time is the channel's connect
+        // time, as the admin API and the `$presence` snapshot show it.
+        let time_ms = match kind {
+            EventKind::Connect => attached.connected_at_ms,
+            _ => now_ms(),
+        };
+        let stamp = self.stamp(client, time_ms);
         let Some(attached) = self.attached(client) else {
             return;
         };
@@ -499,7 +494,7 @@ impl Router {
         reason: Option<CloseReason>,
         clean_session: bool,
     ) {
-        let stamp = self.stamp(client);
+        let stamp = self.stamp(client, now_ms());
         let (json, peer) = self.encode_event(client, attached, kind, reason, clean_session, stamp);
         self.record(
             json,
@@ -556,14 +551,14 @@ impl Router {
         self.sessions.get(client)?.attached.as_ref()
     }
 
-    /// The client's next seq (kept, like the event, in the batch the event is staged in) and
-    /// the time of its event.
-    fn stamp(&mut self, client: &ClientId) -> Stamp {
+    /// The client's next seq (kept, like the event, in the batch the event is staged in),
+    /// for an event at `time_ms`.
+    fn stamp(&mut self, client: &ClientId, time_ms: u64) -> Stamp {
         let known = self.known.entry(client.clone()).or_default();
         known.seq += 1;
         Stamp {
             seq: known.seq,
-            time_ms: now_ms(),
+            time_ms,
         }
     }
 
@@ -575,7 +570,7 @@ impl Router {
         }
         let client = failed.client_id.clone();
         let channel = ChannelId::random();
-        let stamp = self.stamp(&client);
+        let stamp = self.stamp(&client, now_ms());
         let json = Facts {
             client_ip: Ok(failed.peer),
             clean_session: failed.clean_session,
@@ -782,22 +777,26 @@ impl Router {
         if let Some(snapshot) = &known.snapshot {
             return Some((**snapshot).clone());
         }
-        connect_snapshot(self.sessions.get(client)?)
+        let session = self.sessions.get(client)?;
+        Some(SnapshotState::of_connect(
+            session.attached.as_ref()?,
+            session.snapshot_seq?,
+        ))
     }
 
-    /// Before the client's attached channel is detached: its snapshot, if read from that
-    /// channel, goes into a box of its own (the channel's end replaces it, in that box).
-    pub(crate) fn keep_snapshot_apart(&mut self, client: &ClientId) {
-        let Some(session) = self.sessions.get_mut(client) else {
-            return;
-        };
-        let state = connect_snapshot(session);
-        session.snapshot_seq = None;
-        if let Some(state) = state {
+    /// A channel just detached (`Session::detach`): its snapshot, if it was read from the
+    /// channel (`snapshot_seq`), goes into a box of its own, which the channel's end replaces.
+    pub(crate) fn keep_snapshot_apart(
+        &mut self,
+        client: &ClientId,
+        attached: &Attached,
+        snapshot_seq: Option<NonZeroU64>,
+    ) {
+        if let Some(seq) = snapshot_seq {
             self.known
                 .entry(client.clone())
                 .or_default()
-                .set_snapshot(state);
+                .set_snapshot(SnapshotState::of_connect(attached, seq));
         }
     }
 
@@ -895,7 +894,7 @@ impl Router {
                     let kind = EventKind::TcpClean;
                     let reason = Some(CloseReason::BrokerRestart);
                     let peer = facts.ip.parse().map_err(|_| facts.ip.as_str());
-                    let stamp = self.stamp(&client);
+                    let stamp = self.stamp(&client, now_ms());
                     let json = Facts {
                         client_ip: peer,
                         clean_session: facts.cs,

@@ -97,7 +97,7 @@ pub struct Session {
     /// The seq of the attached channel's `connect` event while the client's `$presence`
     /// snapshot is that event: the snapshot is then read from the channel (its id, peer and
     /// connect time) instead of kept in a box of its own, 64 bytes per connected client
-    /// (`Router::snapshot_of`). Taken when the channel is detached.
+    /// (`Router::snapshot_of`). Taken with the channel by [`Session::detach`].
     pub(crate) snapshot_seq: Option<NonZeroU64>,
 }
 
@@ -145,6 +145,14 @@ impl Session {
         self.attached
             .as_ref()
             .map(|a| ChannelRef::new(self.client_id.clone(), a.id))
+    }
+
+    /// Detaches the attached channel, if any, with the seq of its `connect` when that is the
+    /// client's `$presence` snapshot (`snapshot_seq`, which holds only while the channel is
+    /// attached).
+    pub(crate) fn detach(&mut self) -> Option<(Attached, Option<NonZeroU64>)> {
+        let attached = self.attached.take()?;
+        Some((attached, self.snapshot_seq.take()))
     }
 
     /// Queues a packet on the attached channel's outbox. `Err(Full)`: the client does not read

@@ -384,10 +384,9 @@ impl<S: Stream> Stream for crate::ws::WsIo<S> {}
 /// room twice in the future of `run` (rustc does not overlap a moved-from local).
 async fn drive<S: Stream>(channel: Box<Channel<S>>, mut deadline: Option<Instant>) {
     let mut serving = Serving(Some(channel));
-    loop {
-        let Some(channel) = serving.0.as_mut() else {
-            return;
-        };
+    // The channel is in `serving` while it is served, and taken out (then put back, or the
+    // task ends) to finish or park.
+    while let Some(channel) = serving.0.as_mut() {
         let served = channel.serve(deadline).await;
         let Some(channel) = serving.0.take() else {
             return;
