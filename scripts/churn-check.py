@@ -168,6 +168,15 @@ sinks = ["notices"]
         except urllib.error.HTTPError as e:
             return e.code, ""
 
+    async def observer(self, client_id):
+        """A connection with the admin key's Signature for `client_id`, its CONNECT written
+        (clean session): one of the check's own clients, which read notices and snapshots."""
+        password = base64.b64encode(
+            hmac.new(ADMIN_SECRET.encode(), client_id.encode(), hashlib.sha1).digest()).decode()
+        reader, writer = await asyncio.open_connection(HOST, self.port)
+        writer.write(connect_packet(client_id, True, "Signature|admin|churn", password, 60))
+        return reader, writer
+
     def metric(self, name):
         for line in self.admin("/metrics")[1].splitlines():
             if line.startswith(name + " "):
@@ -269,11 +278,7 @@ class Churn:
             await asyncio.sleep(0.05)
 
     async def watcher(self, ready, stop):
-        client_id = "churn-watcher"
-        password = base64.b64encode(
-            hmac.new(ADMIN_SECRET.encode(), client_id.encode(), hashlib.sha1).digest()).decode()
-        reader, writer = await asyncio.open_connection(HOST, self.broker.port)
-        writer.write(connect_packet(client_id, True, "Signature|admin|churn", password, 60))
+        reader, writer = await self.broker.observer("churn-watcher")
         writer.write(subscribe_packet(1, "churn/#", 1) + subscribe_packet(2, "$notice/#", 1))
         await writer.drain()
         subacks = 0
@@ -359,11 +364,7 @@ class Churn:
 
     async def read_snapshots(self):
         """Every client's retained `$presence` snapshot, by client id."""
-        client_id = "churn-snapshots"
-        password = base64.b64encode(
-            hmac.new(ADMIN_SECRET.encode(), client_id.encode(), hashlib.sha1).digest()).decode()
-        reader, writer = await asyncio.open_connection(HOST, self.broker.port)
-        writer.write(connect_packet(client_id, True, "Signature|admin|churn", password, 60))
+        reader, writer = await self.broker.observer("churn-snapshots")
         writer.write(subscribe_packet(1, "$presence/+", 1))
         await writer.drain()
         snapshots = {}
